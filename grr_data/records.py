@@ -140,10 +140,20 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, b
                 key = sample_key
                 f = tar.extractfile(info)
                 members[ext] = f.read() if f is not None else b""
+            _check_tail(tar)
     except (tarfile.ReadError, EOFError, OSError) as err:
         raise tarfile.ReadError(f"{path}: damaged tar ({err}); samples after the damage were lost") from err
     if key is not None:
         yield key, members
+
+
+def _check_tail(tar: tarfile.TarFile) -> None:
+    """tarfile stops quietly at a cut header; what follows the last member must be zeros."""
+    f = tar.fileobj
+    f.seek(tar.offset)
+    while block := f.read(1 << 16):
+        if block.count(0) != len(block):
+            raise tarfile.ReadError(f"cut or garbled header at byte {tar.offset}")
 
 
 def read_index(path: str | os.PathLike) -> list[dict[str, tuple[int, int]]]:
