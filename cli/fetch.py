@@ -1,1 +1,48 @@
-"""Placeholder: commands are being written."""
+"""`grr data fetch NAME`: dataset sources to img2dataset-format folders (grr_data.fetch does the work)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from cli.groups import data_app
+from grr_data.fetch import DATASETS, FetchError, FetchOptions, fetch, summary_lines
+
+Dataset = Enum("Dataset", {name: name for name in DATASETS}, type=str)
+
+
+class Distributor(str, Enum):
+    multiprocessing = "multiprocessing"
+    pyspark = "pyspark"
+    ray = "ray"
+
+
+@data_app.command("fetch")
+def fetch_command(
+    name: Dataset = typer.Argument(..., help="Dataset to fetch."),
+    out: Path = typer.Option(None, "--out", help="Output folder (default: data/fetched/NAME)."),
+    source: Path = typer.Option(None, "--from", help="Local source: TSV (cc12m), annotations folder or zip "
+                                "(mscoco), archives folder (roco), images archive or folder (flickr30k)."),
+    workers: int = typer.Option(2, help="img2dataset processes."),
+    threads: int = typer.Option(16, help="Download threads per process."),
+    distributor: Distributor = typer.Option(Distributor.multiprocessing, help="img2dataset distributor."),
+    timeout: int = typer.Option(10, help="Seconds per download before it counts as failed."),
+    retries: int = typer.Option(2, help="Download retries per image."),
+    shard_size: int = typer.Option(10_000, help="Samples per output tar."),
+    paper_split: bool = typer.Option(False, "--paper-split", help="roco: the paper's leaky split (val inside train)."),
+    karpathy: Path = typer.Option(None, help="flickr30k: dataset_flickr30k.json (default: beside --from)."),
+) -> None:
+    """Fetch a dataset into 288-px JPEG shards with captions; resumable: rerun to continue."""
+    options = FetchOptions(out=out or Path("data/fetched") / name.value, source=source, workers=workers,
+                           threads=threads, distributor=distributor.value, timeout=timeout, retries=retries,
+                           shard_size=shard_size, paper_split=paper_split, karpathy=karpathy)
+    try:
+        data = fetch(name.value, options)
+    except FetchError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from err
+    for line in summary_lines(data):
+        typer.echo(line)
+    typer.echo(f"  wrote {options.out / 'fetch_manifest.json'}")

@@ -1,1 +1,41 @@
-"""Placeholder: commands are being written."""
+"""`grr model list` and `grr model summary`: presets, parameter counts and FLOPs."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from cli.groups import model_app
+from grr_train.model import PRESETS
+from grr_train.model.summary import differences, parameter_table, summarize
+
+
+@model_app.command("list")
+def list_presets() -> None:
+    """All presets: name, trainable parameters, what differs from baseline-coca."""
+    reference = PRESETS["baseline-coca"]
+    for name, cfg in PRESETS.items():
+        total = sum(parameter_table(cfg).values())
+        diff = ", ".join(f"{k}={v}" for k, v in differences(cfg, reference).items()) or "(reference)"
+        typer.echo(f"{name:<18} {total:>13,}  {diff}")
+
+
+@model_app.command("summary")
+def summary(
+    preset: str = typer.Argument(..., help="a preset name (see `grr model list`)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Parameter table per component and training FLOPs per sample of a preset."""
+    if preset not in PRESETS:
+        typer.echo(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}", err=True)
+        raise typer.Exit(2)
+    info = summarize(preset)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"preset {preset}")
+    for label, count in info["components"].items():
+        typer.echo(f"  {label:<20} {count:>13,}")
+    typer.echo(f"  {'total':<20} {info['total_params']:>13,}")
+    typer.echo(f"training FLOPs per sample {info['flops_per_sample']:.4e}  ({info['flops_counting']})")

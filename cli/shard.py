@@ -1,1 +1,64 @@
-"""Placeholder: commands are being written."""
+"""`grr data shard` and `grr data check`: thin wrappers over grr_data.shard and grr_data.check."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from cli.groups import data_app
+
+
+@data_app.command("shard")
+def shard(
+    input: Path = typer.Option(..., "--input", help="Fetch output folder (img2dataset format)."),
+    out: Path = typer.Option(..., "--out", help="Output folder for the sharded set."),
+    split: str = typer.Option(None, help="`95/5` (or 90/5/5) by image hash, or `source`. Default: `source` "
+                                         "when the input has train/ val/ test/ subfolders, else 95/5."),
+    tokenizer: str = typer.Option(None, help="Local directory holding spiece.model, or a hub name such as "
+                                             "google-t5/t5-base. Default: the small bundled test tokenizer."),
+    shard_size: int = typer.Option(10_000, help="Samples per output shard."),
+    workers: int = typer.Option(None, help="Processes over input tars (default: CPU count)."),
+) -> None:
+    """Tokenize captions, split, and write train/val[/test] shards with DALI indexes and manifest.json."""
+    from grr_data.shard import shard_dataset
+    from grr_data.shard_input import InputError
+    from grr_data.tokenizer import TokenizerError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if tokenizer is None:
+        typer.echo("note: using the bundled grr-sample-tokenizer (tests only); pass --tokenizer for real runs")
+    try:
+        manifest, stats = shard_dataset(input, out, split=split, tokenizer=tokenizer, shard_size=shard_size,
+                                        workers=workers)
+    except (InputError, TokenizerError, FileExistsError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {out} in {stats['seconds']:.1f} s ({manifest['split_rule']}; tokenizer "
+               f"{manifest['tokenizer']['name']}, vocab {manifest['tokenizer']['vocab_size']})")
+    for name, info in manifest["splits"].items():
+        typer.echo(f"  {name:5s} {info['num_samples']:>10,} samples in {len(info['shards'])} shards")
+    skipped = ", ".join(f"{k} {v:,}" for k, v in manifest["skipped"].items()) or "none"
+    typer.echo(f"  skipped: {skipped}")
+    typer.echo(f"  truncated captions {manifest['truncated_captions']:,}; duplicate images "
+               f"{manifest['duplicate_images']:,}; resized images {manifest['resized_images']:,}")
+    if stats["kept_shards"]:
+        typer.echo(f"  resumed: kept {stats['kept_shards']} shards from the interrupted run")
+
+
+@data_app.command("check")
+def check(data_dir: Path = typer.Argument(..., help="A sharded set (the folder holding manifest.json).")) -> None:
+    """Verify a sharded set against its manifest; exits 1 naming each file that does not match."""
+    from grr_data.check import check_dataset
+
+    report = check_dataset(data_dir)
+    for name, count in report.num_samples.items():
+        typer.echo(f"  {name:5s} {count:>10,} samples")
+    if report.ok:
+        typer.echo(f"ok: {data_dir}: {report.num_shards} shards match manifest.json")
+        return
+    for problem in report.problems:
+        typer.echo(f"FAIL {problem}", err=True)
+    typer.echo(f"{len(report.problems)} problem(s) in {data_dir}", err=True)
+    raise typer.Exit(1)

@@ -1,1 +1,104 @@
-"""Placeholder: commands are being written."""
+"""`grr train pretrain|finetune` and `grr bench train`: parse, call grr_train, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from cli.groups import bench_app, train_app
+
+NPROC_HELP = "Processes on this node; starts torchrun itself (for several nodes run torchrun directly)."
+
+
+def _run(recipe: str, out: Path, resume: bool, config: Path | None, sets: list[str], nproc: int, **flags) -> None:
+    from grr_train.config import resolve_config, resume_config
+    from grr_train.parallel import relaunch_with_torchrun, strip_nproc_option, under_torchrun
+    from grr_train.trainer import NonFiniteLoss, run_training
+
+    if nproc > 1 and not under_torchrun():
+        raise typer.Exit(relaunch_with_torchrun(nproc, strip_nproc_option(sys.argv[1:])))
+    try:
+        if resume:
+            if config is not None:
+                raise ValueError("--config cannot be combined with --resume: the run keeps its config.json")
+            cfg = resume_config(out, sets, **flags)
+        else:
+            cfg = resolve_config(recipe, str(config) if config else None, sets, **flags)
+        summary = run_training(cfg, out, resume=resume)
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if summary is not None and _is_main():
+        typer.echo(json.dumps(summary))
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+SET_HELP = "Override a setting: --set key=value (repeatable; see grr_train/config.py for the names)."
+
+
+@train_app.command()
+def pretrain(
+    preset: str = typer.Option(None, help="Model preset (default grr-coca)."),
+    data: Path = typer.Option(None, help="Sharded set (default data/cc12m/shards)."),
+    out: Path = typer.Option(None, help="Run folder (default runs/pretrain-PRESET)."),
+    config: Path = typer.Option(None, help="JSON file of settings."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    max_steps: int = typer.Option(None, help="Stop after this many optimizer steps in total."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),
+    nproc_per_node: int = typer.Option(1, help=NPROC_HELP),
+) -> None:
+    """Pretrain CoCa with the paper's recipe (DDP; see README for several nodes)."""
+    out = out or Path(f"runs/pretrain-{preset or 'grr-coca'}")
+    _run("pretrain", out, resume, config, set_, nproc_per_node, preset=preset,
+         data=str(data) if data else None, max_steps=max_steps)
+
+
+@train_app.command()
+def finetune(
+    dataset: str = typer.Argument(..., help="Dataset name: its shards default to data/DATASET/shards."),
+    from_: Path = typer.Option(None, "--from", help="Pretrained run folder or checkpoint."),
+    data: Path = typer.Option(None, help="Sharded set (default data/DATASET/shards)."),
+    out: Path = typer.Option(None, help="Run folder (default runs/finetune-DATASET)."),
+    config: Path = typer.Option(None, help="JSON file of settings."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    max_steps: int = typer.Option(None, help="Stop after this many optimizer steps in total."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),
+    nproc_per_node: int = typer.Option(1, help=NPROC_HELP),
+) -> None:
+    """Fine-tune a pretrained model with the paper's recipe (early stopping with soft reset)."""
+    out = out or Path(f"runs/finetune-{dataset}")
+    flags = {"max_steps": max_steps}
+    if not resume:
+        if from_ is None:
+            typer.echo("error: fine-tuning needs --from RUN_OR_CHECKPOINT", err=True)
+            raise typer.Exit(2)
+        flags.update(dataset=dataset, init_from=str(from_), data=str(data or f"data/{dataset}/shards"))
+    elif data:
+        flags["data"] = str(data)
+    _run("finetune", out, resume, config, set_, nproc_per_node, **flags)
+
+
+@bench_app.command("train")
+def bench_train(
+    preset: str = typer.Option("grr-coca", help="Model preset."),
+    batch_size: int = typer.Option(8, help="Samples per step."),
+    steps: int = typer.Option(10, help="Timed steps (after 2 warm-up steps)."),
+    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."),
+    compile: bool = typer.Option(False, help="torch.compile each transformer block."),
+) -> None:
+    """Training throughput on synthetic inputs: samples/s and, on a known GPU, MFU."""
+    from grr_train.bench import bench_train as run_bench
+
+    r = run_bench(preset, batch_size, steps, precision=precision, compile=compile)
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no known bf16 peak for this device)"
+    typer.echo(f"{r['preset']} on {r['device']} ({r['precision']}, batch {r['batch_size']}, synthetic inputs, "
+               f"model step only): {r['samples_per_s']:.2f} samples/s, {1000 * r['seconds_per_step']:.0f} ms/step, "
+               f"MFU {mfu}")

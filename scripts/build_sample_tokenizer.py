@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import string
 import sys
 import tempfile
 from pathlib import Path
@@ -21,22 +22,40 @@ import sentencepiece as spm
 VOCAB_SIZE = 800
 OUT_DIR = Path(__file__).resolve().parents[1] / "grr_data" / "assets" / "sample-tokenizer"
 
-ADJECTIVES = ["red", "blue", "green", "small", "large", "old", "young", "wooden", "bright", "dark",
-              "happy", "quiet", "busy", "empty", "white", "black", "yellow", "tall", "sunny", "snowy"]
-SUBJECTS = ["dog", "cat", "man", "woman", "child", "horse", "bird", "car", "bus", "train", "boat",
-            "bicycle", "house", "tree", "flower", "table", "chair", "kitchen", "street", "bridge",
-            "mountain", "river", "beach", "city", "field", "building", "plate of food", "cup of coffee",
-            "group of people", "pair of shoes", "chest x-ray", "ct scan", "mri image", "ultrasound"]
+ADJECTIVES = """red blue green small large old young wooden bright dark happy quiet busy empty white black
+yellow tall sunny snowy orange purple pink brown grey golden silver colorful tiny huge ancient modern
+rustic elegant cozy crowded lonely shiny dusty wet dry frozen cloudy foggy stormy calm wild cute funny
+beautiful famous vintage classic traditional narrow wide deep shallow round square striped spotted
+fluffy furry smooth rough soft hard heavy light fresh ripe delicious healthy sick broken clean dirty
+abnormal normal enlarged bilateral left right upper lower chronic acute mild severe""".split()
+SUBJECTS = """dog cat man woman child boy girl baby horse cow sheep goat pig bird duck eagle owl fish
+elephant giraffe zebra lion tiger bear monkey rabbit squirrel deer car bus train boat ship airplane
+truck motorcycle bicycle skateboard surfboard kite umbrella house cottage castle church tower tree
+flower garden table chair sofa bed lamp window door kitchen bathroom bedroom street bridge road
+mountain river lake waterfall beach island forest desert city village field farm building skyscraper
+pizza sandwich cake salad soup bread apple banana orange laptop phone camera book clock vase bottle
+guitar piano painting poster logo sign map chart diagram dress shirt jacket hat shoes bag wedding
+festival concert football tennis player team soldier doctor nurse chef farmer teacher student crowd
+radiograph scan image lesion nodule fracture tumor mass cyst kidney liver lung heart brain spine
+chest abdomen pelvis knee shoulder vessel artery vein""".split()
 ACTIONS = ["sitting on", "standing near", "walking along", "running across", "lying on", "parked by",
-           "flying over", "floating on", "looking at", "leaning against", "next to", "in front of"]
+           "flying over", "floating on", "looking at", "leaning against", "next to", "in front of",
+           "playing with", "eating", "holding", "riding", "jumping over", "swimming in", "climbing",
+           "waiting at", "covered with", "surrounded by", "reflected in", "hanging above", "seen in",
+           "showing", "located in", "decorated with", "made of", "painted on", "crossing"]
 PLACES = ["the grass", "a park", "the road", "the sea", "a wooden table", "the snow", "a city street",
           "the kitchen counter", "a sandy beach", "the river bank", "a dining room", "the mountains",
-          "a train station", "the living room", "a busy market", "the left lung", "the abdomen"]
+          "a train station", "the living room", "a busy market", "the left lung", "the abdomen",
+          "an airport", "a stadium", "a museum", "a restaurant", "a classroom", "a hospital", "the office",
+          "a playground", "the harbor", "a supermarket", "the desert", "the jungle", "a frozen lake",
+          "the right kidney", "the liver", "the spinal canal", "the chest wall", "the brain"]
 EXTRAS = ["at sunset", "on a rainy day", "in the morning", "at night", "during winter", "in summer",
-          "with a blue sky", "under a tree", "showing no abnormality", "with a small lesion", ""]
+          "with a blue sky", "under a tree", "showing no abnormality", "with a small lesion", "",
+          "in black and white", "from above", "with friends", "for sale", "on vacation", "in autumn",
+          "after surgery", "with contrast enhancement", "on axial view", "in the background", ""]
 
 
-def caption_sentences(count: int = 900, seed: int = 0) -> list[str]:
+def caption_sentences(count: int = 3000, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     out = []
     for _ in range(count):
@@ -48,6 +67,8 @@ def caption_sentences(count: int = 900, seed: int = 0) -> list[str]:
     # every word list entry at least once, plus digits and punctuation seen in real captions
     out += [" ".join(group) for group in itertools.zip_longest(ADJECTIVES, SUBJECTS, fillvalue="")]
     out += ["Photo 1 of 2024, size 3x5, (cropped) - 67% zoom; 8 9 0?", "Victorian dining room: \"classic\""]
+    # every printable ASCII character, so no caption character decodes to <unk>
+    out += [" ".join(string.ascii_uppercase), " ".join(string.ascii_lowercase), " ".join(string.punctuation)]
     return out
 
 

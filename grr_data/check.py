@@ -1,0 +1,147 @@
+"""`grr data check`: verify a sharded set against its `manifest.json`.
+
+Checks that every listed shard exists with the recorded sha256 and sample count, that its DALI
+index matches the tar member by member, that each sample has all four members and a valid token
+layout, that no key is stored twice and no image (sha256 of the stored JPEG) is in two splits,
+and that no shard on disk is missing from the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from grr_data.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds, check_layout
+from grr_data.records import EXTENSIONS, decode_ids, index_path, read_index, sha256_file
+
+MAX_PROBLEMS_PER_SHARD = 20
+
+
+@dataclass
+class CheckReport:
+    problems: list[str] = field(default_factory=list)
+    num_samples: dict[str, int] = field(default_factory=dict)
+    num_shards: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _tar_samples(path: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], dict[str, bytes], dict[str, bytes]]:
+    """Per sample (key, {ext: (offset, size)}) in tar order, plus ids and jpg bytes by key."""
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    ids, jpgs = {}, {}
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][ext] = (info.offset_data, info.size)
+            if ext in ("ids", "jpg"):
+                data = tar.extractfile(info).read()
+                (ids if ext == "ids" else jpgs)[key] = data
+    return samples, ids, jpgs
+
+
+def _check_shard(root: Path, entry: dict, special: SpecialIds, problems: list[str]) -> tuple[list[str], list[str]]:
+    """Check one listed shard; returns its keys and image hashes (for the disjointness check)."""
+    path = root / entry["path"]
+    start = len(problems)
+
+    def problem(text: str) -> None:
+        if len(problems) - start < MAX_PROBLEMS_PER_SHARD:
+            problems.append(f"{path}: {text}")
+
+    if not path.is_file():
+        problem("missing (listed in manifest.json)")
+        return [], []
+    if sha256_file(path) != entry.get("sha256"):
+        problem("sha256 differs from manifest.json (the file changed or is damaged)")
+    try:
+        samples, ids, jpgs = _tar_samples(path)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        problem(f"unreadable tar ({err})")
+        return [], []
+    if len(samples) != entry.get("num_samples"):
+        problem(f"holds {len(samples)} samples, manifest.json says {entry.get('num_samples')}")
+    idx = index_path(path)
+    try:
+        if [dict(members) for _, members in samples] != read_index(idx):
+            problem(f"index {idx.name} does not match the tar (offsets, sizes or members differ)")
+    except (OSError, ValueError, IndexError) as err:
+        problem(f"index {idx.name} missing or unreadable ({err})")
+    for key, members in samples:
+        if sorted(members) != sorted(EXTENSIONS):
+            problem(f"sample {key} has members {sorted(members)}, expected {sorted(EXTENSIONS)}")
+        if key in ids:
+            try:
+                reason = check_layout(decode_ids(ids[key]).tolist(), special)
+            except ValueError as err:
+                reason = str(err)
+            if reason is not None:
+                problem(f"sample {key}: token ids {reason}")
+    hashes = [hashlib.sha256(jpgs[key]).hexdigest() for key, _ in samples if key in jpgs]
+    return [key for key, _ in samples], hashes
+
+
+def _read_manifest(path: Path) -> tuple[dict, SpecialIds]:
+    manifest = json.loads(path.read_text())
+    tok = manifest["tokenizer"]
+    special = SpecialIds(pad=tok["pad"], eos=tok["eos"], bos=tok["bos"], cls=tok["cls"], vocab_size=tok["vocab_size"])
+    if not isinstance(manifest["splits"], dict):
+        raise TypeError("splits is not a mapping")
+    return manifest, special
+
+
+def check_dataset(data_dir: str | os.PathLike, progress: bool = True) -> CheckReport:
+    root = Path(data_dir)
+    report = CheckReport()
+    manifest_path = root / "manifest.json"
+    try:
+        manifest, special = _read_manifest(manifest_path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        report.problems.append(f"{manifest_path}: missing or not a grr manifest ({err}); did the shard run finish?")
+        return report
+    splits = manifest["splits"]
+    if special != SpecialIds.for_vocab(special.vocab_size):
+        report.problems.append(f"{manifest_path}: special ids {special} do not follow the layout rule")
+    if manifest.get("layout_version") != LAYOUT_VERSION or manifest.get("seq_len") != SEQ_LEN:
+        report.problems.append(f"{manifest_path}: layout version/seq_len {manifest.get('layout_version')}/"
+                               f"{manifest.get('seq_len')}, this code reads {LAYOUT_VERSION}/{SEQ_LEN}")
+    for name, split in splits.items():
+        listed = sum(e.get("num_samples", 0) for e in split["shards"])
+        if listed != split.get("num_samples"):
+            report.problems.append(f"{manifest_path}: split {name} says {split.get('num_samples')} samples, "
+                                   f"its shards list {listed}")
+        listed_paths = {root / e["path"] for e in split["shards"]}
+        for tar in sorted((root / name).glob("*.tar")):
+            if tar not in listed_paths:
+                report.problems.append(f"{tar}: on disk but not listed in manifest.json")
+
+    owner_of_key: dict[str, str] = {}
+    owner_of_image: dict[str, tuple[str, str]] = {}  # image sha256 -> (split, shard path)
+    reported_images: set[str] = set()
+    entries = [(name, entry) for name, split in splits.items() for entry in split["shards"]]
+    for name, entry in tqdm(entries, desc="check", unit="shard", disable=not progress):
+        keys, hashes = _check_shard(root, entry, special, report.problems)
+        report.num_samples[name] = report.num_samples.get(name, 0) + len(keys)
+        report.num_shards += 1
+        for key in keys:
+            if key in owner_of_key:
+                report.problems.append(f"{root / entry['path']}: key {key} is stored twice "
+                                       f"({owner_of_key[key]} and {name})")
+            owner_of_key[key] = name
+        for digest in hashes:
+            other_split, other_path = owner_of_image.setdefault(digest, (name, entry["path"]))
+            if other_split != name and digest not in reported_images:
+                reported_images.add(digest)
+                report.problems.append(f"{root / entry['path']}: image {digest[:16]} is in splits {other_split} "
+                                       f"({other_path}) and {name}")
+    return report

@@ -1,0 +1,30 @@
+"""`grr data fetch`: dataset sources to img2dataset-format folders of 288-px JPEGs (CONTRACTS.md "Fetch output")."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+
+from grr_data.fetch.common import FETCH_MANIFEST, WORK_DIR, FetchError, FetchOptions, summary_lines
+
+DATASETS = ("cc12m", "mscoco", "roco", "flickr30k", "sample")
+
+__all__ = ["DATASETS", "FetchError", "FetchOptions", "fetch", "summary_lines"]
+
+
+def fetch(name: str, options: FetchOptions) -> dict:
+    """Fetch dataset `name` into `options.out`; returns what was written to `fetch_manifest.json`."""
+    if name not in DATASETS:
+        raise FetchError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    module = importlib.import_module(f"grr_data.fetch.{name}")
+    done = options.out / FETCH_MANIFEST
+    if done.exists():
+        # The manifest is written last, so its presence means the fetch finished.
+        data = json.loads(done.read_text())
+        data.setdefault("warnings", []).append(f"already complete ({done}); delete the folder to fetch again")
+        return data
+    options.out.mkdir(parents=True, exist_ok=True)
+    data = module.fetch(options)
+    shutil.rmtree(options.out / WORK_DIR / "download", ignore_errors=True)  # staged images, now in the splits
+    return data

@@ -1,0 +1,65 @@
+"""The loaders: `make_loader` gives a DALI or a CPU loader with one output contract (CONTRACTS.md).
+
+Both follow the same per-rank plan (`plan.py`: sharding, padding, shuffling, resume) and the
+same output (`base.py`); `dali.py` decodes on the GPU, `cpu.py` with Pillow in workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from grr_data.loader.base import IMAGE_SIZE, LoaderBase
+from grr_data.loader.plan import Plan
+from grr_data.loader.source import ShardSet
+
+__all__ = ["IMAGE_SIZE", "LoaderBase", "Plan", "ShardSet", "make_loader", "pick_kind"]
+log = logging.getLogger("grr.loader")
+
+
+def pick_kind(kind: str, device: str) -> str:
+    """Resolve "auto": DALI when the target is a CUDA device and DALI imports, else the CPU loader."""
+    from grr_data.loader.dali import dali_available
+
+    if kind == "auto":
+        gpu = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        kind = "dali" if gpu and dali_available() else "cpu"
+        why = "GPU target and DALI present" if kind == "dali" else "no CUDA target or no DALI"
+        log.info("loader: picked %s (%s)", kind, why)
+    elif kind == "dali" and not dali_available():
+        raise ImportError("kind='dali' but nvidia.dali does not import: pip install nvidia-dali-cuda120")
+    elif kind not in ("cpu", "dali"):
+        raise ValueError(f"loader kind must be auto, dali or cpu, got {kind!r}")
+    return kind
+
+
+def make_loader(
+    data_dir: str | os.PathLike,
+    split: str = "train",
+    batch_size: int = 8,
+    kind: str = "auto",
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_workers: int = 2,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    with_keys: bool = False,
+    **options,
+) -> LoaderBase:
+    """A loader over one split; `options` go to the chosen loader (cpu: draft, prefetch_factor;
+    dali: num_threads (default max(num_workers, 1)), prefetch, hw_decoder_load)."""
+    kind = pick_kind(kind, device)
+    shards = ShardSet(data_dir, split, keep_keys=with_keys)
+    plan = Plan(shards.num_samples, batch_size, world_size, rank, seed, shuffle)
+    if kind == "dali":
+        from grr_data.loader.dali import DaliLoader
+
+        options.setdefault("num_threads", max(num_workers, 1))
+        return DaliLoader(shards, plan, device, dtype, with_keys, **options)
+    from grr_data.loader.cpu import CpuLoader
+
+    return CpuLoader(shards, plan, device, dtype, with_keys, num_workers=num_workers, **options)

@@ -1,0 +1,144 @@
+"""What both loaders share: the output contract, the epoch position, skip accounting.
+
+Output (CONTRACTS.md "Loader"): `images` (B, 3, 288, 288) in the requested float dtype,
+resized bilinearly to 288x288 (aspect not kept, paper 3.2), scaled to [0, 1] and normalised
+with the ImageNet mean and std; `ids` (B, 65) int64; `keys` when asked for.
+
+Position: `epoch` and `batches_done` (batches of this epoch already handed out). Iterating
+yields the epoch's batches from `batches_done` on and then moves to the next epoch, so a
+loader restored with `load_state_dict` yields exactly what an uninterrupted one would have.
+`set_epoch(e)` starts epoch e from its first batch unless e is already the current epoch
+(so a trainer that calls it after restoring keeps the restored position).
+
+A sample that cannot be used is replaced, inside its batch, by the next usable sample of the
+same batch (cyclically); when no sample of a batch is usable, by the first usable sample after
+it in the rank's plan. Batches keep their shape and ranks stay in step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+from grr_data.loader.plan import Plan
+
+IMAGE_SIZE = 288
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+log = logging.getLogger("grr.loader")
+T = TypeVar("T")
+
+
+def normalize(images_u8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) `dtype`, ImageNet-normalised; runs where the input lives."""
+    mean = torch.tensor(MEAN, device=images_u8.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=images_u8.device).view(1, 3, 1, 1) * 255
+    x = images_u8.permute(0, 3, 1, 2).float()
+    return ((x - mean) / std).to(dtype).contiguous()
+
+
+def fill_batch(slots: Sequence[T | None], fallback: Callable[[], T]) -> list[T]:
+    """Replace each None by the next non-None slot (cyclically); all None: fallback() for all."""
+    good = [i for i, s in enumerate(slots) if s is not None]
+    if not good:
+        sub = fallback()
+        return [sub] * len(slots)
+    out = []
+    for i, s in enumerate(slots):
+        if s is None:
+            s = slots[next((j for j in good if j > i), good[0])]
+        out.append(s)
+    return out
+
+
+class SkipLog:
+    """Counts unusable samples by reason; logs the first few in full, then one summary a minute."""
+
+    def __init__(self, first: int = 10, interval_s: float = 60.0):
+        self.counts: Counter[str] = Counter()
+        self.first, self.interval_s = first, interval_s
+        self._logged, self._last = 0, 0.0
+
+    def add(self, reason: str, where: Callable[[], str], message: str) -> None:
+        """`where()` names the shard and key; it is called only when a line is logged."""
+        self.counts[reason] += 1
+        now = time.monotonic()
+        if self._logged < self.first:
+            self._logged += 1
+            log.warning("skipped sample %s (%s): %s", where(), reason, message)
+        elif now - self._last >= self.interval_s:
+            log.warning("skipped samples so far: %s (latest: %s, %s)", dict(self.counts), where(), reason)
+        else:
+            return
+        self._last = now
+
+
+class LoaderBase:
+    """Position, state and bookkeeping; subclasses implement `_iter_batches(batches, start)`."""
+
+    name = "base"
+
+    def __init__(self, shards, plan: Plan, device: str, dtype: torch.dtype, with_keys: bool):
+        self.shards, self.plan = shards, plan
+        self.device, self.dtype, self.with_keys = torch.device(device), dtype, with_keys
+        self.special = shards.special
+        self.epoch, self.batches_done = 0, 0
+        self._skips = SkipLog()
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(self._skips.counts)
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def state_dict(self) -> dict:
+        p = self.plan
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "seed": p.seed,
+            "shuffle": p.shuffle,
+            "batch_size": p.batch_size,
+            "world_size": p.world_size,
+            "num_samples": p.num_samples,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        p = self.plan
+        mine = {
+            "seed": p.seed,
+            "shuffle": p.shuffle,
+            "batch_size": p.batch_size,
+            "world_size": p.world_size,
+            "num_samples": p.num_samples,
+        }
+        changed = {k: (state[k], v) for k, v in mine.items() if k in state and state[k] != v}
+        if changed:
+            raise ValueError(
+                f"loader state was saved with a different plan {changed} (saved, now): the remaining "
+                "batches cannot be reproduced; start the epoch afresh with set_epoch instead"
+            )
+        if not 0 <= state["batches_done"] <= p.num_batches:
+            raise ValueError(f"batches_done {state['batches_done']} is outside 0..{p.num_batches}")
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+
+    def __iter__(self):
+        batches = self.plan.rank_batches(self.epoch)
+        for batch in self._iter_batches(batches, self.batches_done):
+            self.batches_done += 1
+            yield batch
+        self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def _iter_batches(self, batches, start: int):
+        raise NotImplementedError

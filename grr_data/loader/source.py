@@ -1,0 +1,169 @@
+"""Random access to the samples of one split of a sharded set (CONTRACTS.md "Sharded set").
+
+Reads `manifest.json`, checks every shard and its DALI index are there and agree on sample
+counts, and reads one sample's members by global number with `os.pread` at the offsets the
+`.idx` file gives (no shared file position, so it is safe in forked workers). Index files are
+parsed lazily, once per shard and process, into small int64 arrays; keys are kept only when
+asked for, so a 12M-sample set costs ~40 bytes a sample per process, not a Python dict each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from grr_data.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds
+from grr_data.records import INDEX_VERSION, decode_ids, index_path
+
+
+class SampleError(Exception):
+    """A sample that cannot be used; `reason` is the key it is counted under in `skipped`."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class ShardIndex:
+    offsets: np.ndarray  # (n, 2) int64: jpg offset, ids offset (-1 when the member is missing)
+    sizes: np.ndarray  # (n, 2) int64
+    keys: list[str] | None
+
+
+def _parse_index(path: Path, keep_keys: bool) -> ShardIndex:
+    lines = path.read_text().splitlines()
+    count = int(lines[0].split()[1])
+    offsets = np.full((count, 2), -1, dtype=np.int64)
+    sizes = np.zeros((count, 2), dtype=np.int64)
+    keys = [] if keep_keys else None
+    for i, line in enumerate(lines[1 : 1 + count]):
+        parts = line.split()
+        key = None
+        for j in range(0, len(parts), 4):
+            ext, off, size, name = parts[j], int(parts[j + 1]), int(parts[j + 2]), parts[j + 3]
+            col = {"jpg": 0, "ids": 1}.get(ext)
+            if col is not None:
+                offsets[i, col], sizes[i, col] = off, size
+            key = key or name.rsplit(".", 1)[0]
+        if keys is not None:
+            keys.append(key or f"#{i}")
+    return ShardIndex(offsets, sizes, keys)
+
+
+class ShardSet:
+    """One split of a sharded set: `num_samples`, `special`, `read(g)`, `key(g)`."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str = "train", keep_keys: bool = False):
+        self.root = Path(data_dir)
+        manifest_path = self.root / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"{manifest_path} not found: is {self.root} a set made by `grr data shard`?"
+            )
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("layout_version") != LAYOUT_VERSION or manifest.get("seq_len") != SEQ_LEN:
+            raise ValueError(
+                f"{manifest_path}: layout_version {manifest.get('layout_version')}, seq_len "
+                f"{manifest.get('seq_len')}; this grr reads {LAYOUT_VERSION}/{SEQ_LEN}: re-shard the set"
+            )
+        tok = manifest["tokenizer"]
+        self.special = SpecialIds(
+            pad=tok["pad"], eos=tok["eos"], bos=tok["bos"], cls=tok["cls"], vocab_size=tok["vocab_size"]
+        )
+        splits = manifest.get("splits", {})
+        if split not in splits:
+            raise KeyError(f"{manifest_path} has no split {split!r} (it has {sorted(splits)})")
+        shards = splits[split]["shards"]
+        self.paths = [self.root / s["path"] for s in shards]
+        counts = np.array([s["num_samples"] for s in shards], dtype=np.int64)
+        for path, count in zip(self.paths, counts, strict=True):
+            self._check_shard(path, int(count))
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_samples = int(self.starts[-1])
+        if self.num_samples != splits[split].get("num_samples", self.num_samples):
+            raise ValueError(
+                f"{manifest_path}: split {split!r} says {splits[split]['num_samples']} samples but its "
+                f"shards add up to {self.num_samples}: the manifest is inconsistent, re-shard the set"
+            )
+        self.keep_keys = keep_keys
+        self._indexes: dict[int, ShardIndex] = {}
+        self._fds: dict[int, int] = {}
+
+    @staticmethod
+    def _check_shard(path: Path, count: int) -> None:
+        idx = index_path(path)
+        if not path.is_file() or not idx.is_file():
+            raise FileNotFoundError(f"{path} or its index {idx.name} is missing: re-shard or restore the set")
+        with open(idx) as f:
+            head = f.readline().split()
+        if len(head) != 2 or head[0] != INDEX_VERSION or int(head[1]) != count:
+            raise ValueError(
+                f"{idx}: header {' '.join(head)!r}, but manifest.json says {count} samples "
+                f"(index {INDEX_VERSION}): the shard and manifest disagree, re-shard the set"
+            )
+
+    def locate(self, g: int) -> tuple[int, int]:
+        shard = int(np.searchsorted(self.starts, g, side="right")) - 1
+        return shard, int(g - self.starts[shard])
+
+    def _index(self, shard: int) -> ShardIndex:
+        if shard not in self._indexes:
+            self._indexes[shard] = _parse_index(index_path(self.paths[shard]), self.keep_keys)
+        return self._indexes[shard]
+
+    def _fd(self, shard: int) -> int:
+        # One descriptor per shard and process; workers are forked after the parent's reads,
+        # which is safe because pread never moves a shared file position.
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return self._fds[shard]
+
+    def describe(self, g: int) -> str:
+        """'shard-000001.tar key' for log lines."""
+        shard, local = self.locate(g)
+        index = self._index(shard) if self.keep_keys else _parse_index(index_path(self.paths[shard]), True)
+        return f"{self.paths[shard].name} {index.keys[local]}"
+
+    def key(self, g: int) -> str:
+        if not self.keep_keys:
+            raise RuntimeError("keys were not kept: open the ShardSet with keep_keys=True")
+        shard, local = self.locate(g)
+        return self._index(shard).keys[local]
+
+    def read(self, g: int) -> tuple[bytes, np.ndarray]:
+        """(jpeg bytes, ids (65,) int64) of sample g; raises SampleError when it is unusable."""
+        shard, local = self.locate(g)
+        index = self._index(shard)
+        out = []
+        for col, ext in enumerate(("jpg", "ids")):
+            off, size = int(index.offsets[local, col]), int(index.sizes[local, col])
+            if off < 0:
+                raise SampleError("missing_member", f"no .{ext} member")
+            try:
+                data = os.pread(self._fd(shard), size, off)
+            except OSError as err:
+                raise SampleError("read_error", f"reading .{ext}: {err}") from err
+            if len(data) != size:
+                raise SampleError("truncated_shard", f".{ext} cut short ({len(data)} of {size} bytes)")
+            out.append(data)
+        try:
+            ids = decode_ids(out[1])
+        except ValueError as err:
+            raise SampleError("bad_ids", str(err)) from err
+        return out[0], ids
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __getstate__(self):
+        # Descriptors do not travel to spawned workers; each process opens its own.
+        state = dict(self.__dict__)
+        state["_fds"] = {}
+        return state

@@ -1,0 +1,243 @@
+"""`grr data shard`: fetch output -> tokenized, split shards and `manifest.json` (CONTRACTS.md).
+
+Input tars are processed in sorted order (in parallel, results merged in order); a single
+`SplitAssigner` decides each sample's split, and each split is cut into shards of `shard_size`
+samples in input order. So the output is the same for any worker count.
+
+Resume rule: the arguments of a run are kept in `OUT/.work/params.json`. A rerun with the same
+arguments redoes the work but keeps every shard whose tar and index both exist and whose index
+lists exactly the keys planned for it (a tar appears only on a clean close, its index last);
+other shards are rewritten. `manifest.json` is written last, atomically: it means complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from grr_data.layout import LAYOUT_VERSION, SEQ_LEN
+from grr_data.records import ShardWriter, index_path, sample_members, sha256_file
+from grr_data.shard_input import InputError, TarJob, TarResult, find_inputs, process_tar
+from grr_data.split import SplitAssigner, SplitRule
+from grr_data.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+WORK_DIR = ".work"
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _indexed_keys(tar: Path) -> list[str] | None:
+    """The sample keys a complete shard's index lists, or None when tar or index is missing."""
+    idx = index_path(tar)
+    if not (tar.is_file() and idx.is_file()):
+        return None
+    lines = idx.read_text().splitlines()[1:]
+    return [line.split()[3].rsplit(".", 1)[0] for line in lines if line.strip()]
+
+
+class _SplitSink:
+    """Cuts one split's samples into shards, keeping shards a killed run already completed."""
+
+    def __init__(self, out_dir: Path, split: str, shard_size: int, on_shard: Callable[[Path], None] | None):
+        self.dir, self.split, self.shard_size, self.on_shard = out_dir / split, split, shard_size, on_shard
+        self.num_samples = 0
+        self.shards: list[dict] = []
+        self.num_kept = 0
+        self._writer: ShardWriter | None = None
+        self._path: Path | None = None
+        self._keys: list[str] = []
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        if self.num_samples % self.shard_size == 0:
+            self.finish_shard()
+            self._path = self.dir / f"shard-{self.num_samples // self.shard_size:06d}.tar"
+            # the plan is deterministic, so a complete shard on disk holds exactly these samples
+            self._writer = None if _indexed_keys(self._path) is not None else ShardWriter(self._path)
+        self._keys.append(key)
+        if self._writer is not None:
+            self._writer.write(key, members)
+        self.num_samples += 1
+
+    def finish_shard(self) -> None:
+        if self._path is None:
+            return
+        if self._writer is not None:
+            self._writer.close()
+        elif _indexed_keys(self._path) != self._keys:
+            raise RuntimeError(f"{self._path}: an existing shard does not hold the samples planned for it; "
+                               "the input changed since the interrupted run; delete the output folder")
+        else:
+            self.num_kept += 1
+        self.shards.append({"path": f"{self.split}/{self._path.name}", "num_samples": len(self._keys)})
+        if self.on_shard is not None:
+            self.on_shard(self._path)
+        self._writer, self._path, self._keys = None, None, []
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+
+
+def _results(jobs: list[TarJob], workers: int) -> Iterator[TarResult]:
+    """process_tar over the jobs, in order; at most 2 x workers tars in flight to bound memory."""
+    if workers <= 1:
+        yield from map(process_tar, jobs)
+        return
+    # workers tokenize one tar each; Rust threads inside them would only contend for the cores
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.submit(process_tar, job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _ProblemLog:
+    """Logs bad samples at a bounded rate: the first 5 of each reason, then every power of ten."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+
+    def __call__(self, reason: str, where: str, detail: str) -> None:
+        self.counts[reason] += 1
+        n = self.counts[reason]
+        if n <= 5 or (n >= 10 and str(n).rstrip("0") == "1"):
+            log.warning("skipped %s (%s #%d): %s", where, reason, n, detail)
+
+
+def _read_fetch_manifest(input_dir: Path) -> dict | None:
+    candidates = [input_dir / "fetch_manifest.json"] + sorted(input_dir.glob("*/fetch_manifest.json"))
+    found = {}
+    for path in candidates:
+        if path.is_file():
+            try:
+                found[path.parent.name if path.parent != input_dir else ""] = json.loads(path.read_text())
+            except ValueError as err:
+                raise InputError(f"{path}: not valid JSON ({err}); fix or remove it") from err
+    if "" in found:
+        return found[""]
+    return found or None
+
+
+def shard_dataset(
+    input_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    split: str | None = None,
+    tokenizer: str | None = None,
+    shard_size: int = 10_000,
+    workers: int | None = None,
+    progress: bool = True,
+    on_shard: Callable[[Path], None] | None = None,
+) -> tuple[dict, dict]:
+    """Shard fetch output into `out_dir`; returns (manifest, run stats: seconds, kept shards).
+
+    `split` None means `source` when the input has split subfolders, else 95/5.
+    `on_shard(path)` is called after each shard is complete on disk."""
+    started = time.time()
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    inputs = find_inputs(input_dir)
+    has_folders = inputs[0][1] is not None
+    rule = SplitRule.parse(split or ("source" if has_folders else "95/5"))
+    tok = load_tokenizer(tokenizer)
+    fetch_manifest = _read_fetch_manifest(input_dir)
+    source = str((fetch_manifest or {}).get("dataset") or (fetch_manifest or {}).get("name") or input_dir.name)
+
+    if (out_dir / MANIFEST).exists():
+        raise FileExistsError(f"{out_dir} already holds a complete sharded set ({MANIFEST}); "
+                              "choose another --out or delete it")
+    params = {"input": str(input_dir.resolve()), "split_rule": rule.describe(), "tokenizer": tok.name,
+              "shard_size": shard_size, "layout_version": LAYOUT_VERSION,
+              "inputs": [[str(p.relative_to(input_dir)), p.stat().st_size] for p, _ in inputs]}
+    work = out_dir / WORK_DIR
+    params_path = work / "params.json"
+    if params_path.is_file():
+        if json.loads(params_path.read_text()) != params:
+            raise FileExistsError(f"{out_dir}: an interrupted run with other arguments or input is here "
+                                  f"({params_path}); rerun it with the same arguments or delete the folder")
+        log.warning("resuming the interrupted run in %s", out_dir)
+        for stale in out_dir.glob("*/*.tmp"):  # half-written shards of the killed run
+            stale.unlink()
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: not empty and not an interrupted `grr data shard` run; "
+                              "choose an empty or new --out")
+    work.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(params_path, params)
+
+    jobs = [TarJob(str(p), folder, tokenizer, source, rule.source) for p, folder in inputs]
+    sinks = {name: _SplitSink(out_dir, name, shard_size, on_shard) for name in rule.splits}
+    assigner = SplitAssigner(rule)
+    skipped: Counter = Counter()
+    problem_log = _ProblemLog()
+    num_truncated = num_resized = 0
+    bar = tqdm(total=len(jobs), unit="tar", desc="shard", disable=not progress)
+    try:
+        for result in _results(jobs, workers if workers is not None else (os.cpu_count() or 1)):
+            skipped.update(result.skipped)
+            for problem in result.problems:
+                problem_log(*problem)
+            num_truncated += result.num_truncated
+            num_resized += result.num_resized
+            for sample in result.samples:
+                name = assigner.assign(sample.identity)
+                if name is None:
+                    skipped["duplicate_across_splits"] += 1
+                    problem_log("duplicate_across_splits", sample.meta["source_key"],
+                                f"the same image is already in another split ({sample.identity.source_split})")
+                    continue
+                meta = dict(sample.meta, split=name)
+                sinks[name].add(sample.key, sample_members(sample.jpg, sample.caption, sample.ids, meta))
+            bar.update(1)
+            bar.set_postfix({n: s.num_samples for n, s in sinks.items()} | {"skipped": sum(skipped.values())})
+        for sink in sinks.values():
+            sink.finish_shard()
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
+    finally:
+        bar.close()
+
+    shards = [shard for sink in sinks.values() for shard in sink.shards]
+    for shard in tqdm(shards, desc="sha256", unit="shard", disable=not progress):
+        shard["sha256"] = sha256_file(out_dir / shard["path"])
+    manifest = {
+        "layout_version": LAYOUT_VERSION,
+        "seq_len": SEQ_LEN,
+        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "pad": tok.special.pad,
+                      "eos": tok.special.eos, "bos": tok.special.bos, "cls": tok.special.cls},
+        # a test split appears under the `source` rule only when the source has one
+        "splits": {name: {"num_samples": sink.num_samples, "shards": sink.shards} for name, sink in sinks.items()
+                   if not rule.source or name != "test" or sink.num_samples},
+        "skipped": dict(sorted(skipped.items())),
+        "truncated_captions": num_truncated,
+        "duplicate_images": assigner.num_duplicate_images,
+        "resized_images": num_resized,
+        "shard_size": shard_size,
+        "fetch_manifest": fetch_manifest,
+        "split_rule": rule.describe(),
+    }
+    _write_json_atomic(out_dir / MANIFEST, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    stats = {"seconds": round(time.time() - started, 1), "kept_shards": sum(s.num_kept for s in sinks.values())}
+    return manifest, stats

@@ -1,0 +1,201 @@
+"""Reading fetch output for `grr data shard`: finding the input tars and turning one of them
+into validated, tokenized samples (the per-tar work a process pool runs in parallel).
+
+Input is img2dataset's format (`key.jpg`, `key.txt`, `key.json` per sample), either as tars
+directly in the input folder or in split subfolders (`train/`, `val/`, `test/`). Every image is
+fully decoded, since a truncated JPEG is only caught that way; an image whose shorter side is
+not 288 (or that is not an RGB/greyscale JPEG) is resized and re-encoded as DESIGN.md says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from grr_data.records import iter_tar_samples
+from grr_data.split import SampleIdentity, normalize_split
+from grr_data.tokenizer import load_tokenizer
+
+SHORT_SIDE = 288
+JPEG_QUALITY = 95
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Split subfolders are read test, val, train, so that under the `source` rule the first copy of
+# an image seen twice is the evaluation one (see grr_data.split).
+FOLDER_ORDER = ("test", "val", "train")
+
+
+class InputError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TarJob:
+    """One input tar and what the worker needs to process it."""
+
+    path: str
+    folder_split: str | None  # the split subfolder it sits in, if any
+    tokenizer: str | None
+    source: str  # dataset name written into each sample's json
+    need_source_split: bool  # the `source` rule: a sample without a known split is skipped
+
+
+@dataclass
+class Sample:
+    key: str
+    jpg: bytes
+    caption: str
+    ids: np.ndarray  # (65,) int64
+    meta: dict
+    identity: SampleIdentity
+
+
+@dataclass
+class TarResult:
+    samples: list[Sample] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, tar/key, detail)
+    num_truncated: int = 0
+    num_resized: int = 0
+
+
+def find_inputs(input_dir: Path) -> list[tuple[Path, str | None]]:
+    """(tar path, split subfolder or None) in processing order."""
+    if not input_dir.is_dir():
+        raise InputError(f"{input_dir}: not a directory; pass the folder `grr data fetch` wrote")
+    found = []
+    for sub in sorted(p for p in input_dir.iterdir() if p.is_dir()):
+        split = normalize_split(sub.name)
+        if split is not None and any(sub.glob("*.tar")):
+            found.append((FOLDER_ORDER.index(split), sub, split))
+    if found:
+        if any(input_dir.glob("*.tar")):
+            raise InputError(f"{input_dir}: holds both tars and split subfolders; shard one or the other")
+        return [(tar, split) for _, sub, split in sorted(found) for tar in sorted(sub.glob("*.tar"))]
+    tars = sorted(input_dir.glob("*.tar"))
+    if not tars:
+        raise InputError(f"{input_dir}: no .tar files (nor train/ val/ test/ subfolders holding them); "
+                         "expected img2dataset/`grr data fetch` output")
+    return [(tar, None) for tar in tars]
+
+
+def _expected_count(tar: Path) -> int | None:
+    """How many samples img2dataset says it wrote into this tar (its NNNNN_stats.json)."""
+    stats = tar.with_name(tar.stem + "_stats.json")
+    try:
+        return int(json.loads(stats.read_text())["successes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prepare_image(data: bytes) -> tuple[bytes, tuple[int, int], bool]:
+    """(JPEG bytes with shorter side 288, decoded size, whether it was re-encoded).
+
+    Raises ValueError("truncated_image" | "corrupt_image", detail) when it does not decode fully.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as err:  # PIL raises many types for bad data
+        # PIL says this only when the data ended mid-image; garbage headers read as corrupt
+        reason = "truncated_image" if "image file is truncated" in str(err) else "corrupt_image"
+        raise ValueError(reason, f"{type(err).__name__}: {err}") from err
+    width, height = image.size
+    if image.format == "JPEG" and image.mode in ("RGB", "L") and min(width, height) == SHORT_SIDE:
+        return data, (width, height), False
+    scale = SHORT_SIDE / min(width, height)
+    size = (SHORT_SIDE, max(1, round(height * scale))) if width <= height else (max(1, round(width * scale)), SHORT_SIDE)
+    resized = image.convert("RGB").resize(size, Image.BICUBIC, reducing_gap=3.0)
+    out = io.BytesIO()
+    resized.save(out, format="JPEG", quality=JPEG_QUALITY)
+    return out.getvalue(), (width, height), True
+
+
+def _read_caption(members: dict[str, bytes]) -> str:
+    if "txt" not in members:
+        raise ValueError("missing_caption", "no .txt member")
+    try:
+        caption = members["txt"].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError("invalid_utf8_caption", str(err)) from err
+    caption = caption.strip()
+    if not caption:
+        raise ValueError("empty_caption", "caption is empty or whitespace")
+    return caption
+
+
+def _output_key(job: TarJob, key: str) -> str:
+    prefix = f"{job.folder_split}_" if job.folder_split else ""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{prefix}{Path(job.path).stem}_{key}")
+
+
+def process_tar(job: TarJob) -> TarResult:
+    """Validate, resize and tokenize every sample of one input tar (runs in a worker)."""
+    result = TarResult()
+    tar_name = f"{job.folder_split}/{Path(job.path).name}" if job.folder_split else Path(job.path).name
+    pending: list[tuple[str, bytes, str, dict, SampleIdentity, tuple, bool]] = []
+    seen_keys: set[str] = set()
+    num_groups = 0
+
+    def skip(reason: str, key: str, detail: str) -> None:
+        result.skipped[reason] += 1
+        result.problems.append((reason, f"{tar_name}:{key}", detail))
+
+    try:
+        for key, members in iter_tar_samples(job.path):
+            num_groups += 1
+            if key in seen_keys:
+                skip("duplicate_key", key, "key appears twice in the tar")
+                continue
+            seen_keys.add(key)
+            try:
+                caption = _read_caption(members)
+                image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+                if image_ext is None:
+                    raise ValueError("missing_image", "no image member")
+                jpg, orig_size, resized = prepare_image(members[image_ext])
+            except ValueError as err:
+                skip(err.args[0], key, err.args[1])
+                continue
+            try:
+                info = json.loads(members.get("json", b"{}") or b"{}")
+                info = info if isinstance(info, dict) else {}
+            except ValueError:
+                info = {}
+            split = job.folder_split or normalize_split(info.get("source_split"))
+            if job.need_source_split and split is None:
+                skip("no_source_split", key, f"no split folder and source_split={info.get('source_split')!r}")
+                continue
+            digest = hashlib.sha256(members[image_ext]).digest()
+            image_id = str(info["image_id"]) if info.get("image_id") is not None else None
+            meta = {"source": job.source, "source_key": f"{tar_name}:{key}", "image_sha256": digest.hex(),
+                    "original_size": [info.get("original_width") or orig_size[0],
+                                      info.get("original_height") or orig_size[1]]}
+            for name in ("image_id", "url"):
+                if info.get(name) is not None:
+                    meta[name] = info[name]
+            identity = SampleIdentity(digest, image_id, split)
+            pending.append((_output_key(job, key), jpg, caption, meta, identity, orig_size, resized))
+    except tarfile.ReadError as err:
+        expected = _expected_count(Path(job.path))
+        # the group being read when the damage hit is lost too, so count it when stats are missing
+        lost = max(expected - num_groups, 0) if expected is not None else 1
+        result.skipped["damaged_tar"] += 1
+        result.skipped["lost_in_damaged_tar"] += lost
+        result.problems.append(("damaged_tar", tar_name, f"{err}; {lost} sample(s) lost"))
+
+    ids, truncated = load_tokenizer(job.tokenizer).encode_batch([p[2] for p in pending])
+    for row, (key, jpg, caption, meta, identity, _, resized) in enumerate(pending):
+        meta["caption_truncated"] = bool(truncated[row])
+        result.samples.append(Sample(key, jpg, caption, ids[row], meta, identity))
+        result.num_resized += resized
+    result.num_truncated = int(truncated.sum())
+    return result

@@ -1,0 +1,109 @@
+"""Which split each sample goes to: a stable image hash (`95/5`) or the source's own split.
+
+The rule is applied in input order by one `SplitAssigner`, so the result does not depend on
+worker counts. An image never lands in two splits: the first copy of an image (by content hash)
+or of a source image id fixes its split, and later copies follow it. Under `95/5` a duplicate
+image is kept (in its first copy's split) and counted. Under `source` a copy whose source split
+differs from its first copy's is dropped (`duplicate_across_splits`); inputs are read test, val,
+train, so the evaluation splits stay whole and train loses the copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+SPLITS = ("train", "val", "test")
+SOURCE_SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                      "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+_BUCKETS = 10_000
+
+
+def normalize_split(name: str | None) -> str | None:
+    return SOURCE_SPLIT_NAMES.get(str(name).strip().lower()) if name is not None else None
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """`source`, or percentages for train/val[/test] summing to 100 (e.g. 95/5, 90/5/5)."""
+
+    source: bool
+    percents: tuple[float, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> SplitRule:
+        if text.strip().lower() == "source":
+            return cls(source=True)
+        try:
+            percents = tuple(float(p) for p in text.split("/"))
+        except ValueError:
+            percents = ()
+        if not 2 <= len(percents) <= 3 or any(p < 0 for p in percents) or abs(sum(percents) - 100) > 1e-6:
+            raise ValueError(f"--split {text!r}: use `source` or percentages summing to 100, e.g. 95/5 or 90/5/5")
+        return cls(source=False, percents=percents)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS if self.source else SPLITS[: len(self.percents)]
+
+    def describe(self) -> str:
+        if self.source:
+            return "source splits"
+        return "/".join(f"{p:g}" for p in self.percents) + " by image hash (source image id, else image sha256)"
+
+    def split_of_hash(self, digest: bytes) -> str:
+        bucket = int.from_bytes(digest[:8], "little") % _BUCKETS
+        edge = 0.0
+        for name, percent in zip(self.splits, self.percents, strict=True):
+            edge += percent * _BUCKETS / 100
+            if bucket < edge:
+                return name
+        return self.splits[-1]
+
+
+@dataclass
+class SampleIdentity:
+    """What the split decision reads about a sample."""
+
+    image_sha256: bytes  # digest of the input image bytes
+    image_id: str | None = None  # the source's image id, shared by all captions of one image
+    source_split: str | None = None  # normalised source split, when the rule is `source`
+
+
+class SplitAssigner:
+    """Assigns splits in input order; counts duplicates. Keeps two maps (image hash and image id
+    to split), about 100 bytes per distinct image: ~1.2 GB for CC12M."""
+
+    def __init__(self, rule: SplitRule):
+        self.rule = rule
+        self._by_hash: dict[int, str] = {}  # first 8 bytes of the image sha256 -> split
+        self._id_of_hash: dict[int, str] = {}  # the image id that first showed this content
+        self._by_id: dict[str, str] = {}
+        self.num_duplicate_images = 0
+
+    def assign(self, sample: SampleIdentity) -> str | None:
+        """The sample's split, or None when it must be dropped (a duplicate across source splits)."""
+        content = int.from_bytes(sample.image_sha256[:8], "little")
+        seen = self._by_hash.get(content)
+        # another caption of the same source image is not a duplicate; a copy under another id is
+        if seen is not None and (sample.image_id is None or self._id_of_hash.get(content) != sample.image_id):
+            self.num_duplicate_images += 1
+        if self.rule.source:
+            split = sample.source_split
+            if seen is not None and seen != split:
+                return None
+        elif seen is not None:
+            split = seen
+        elif sample.image_id is not None and sample.image_id in self._by_id:
+            split = self._by_id[sample.image_id]
+        elif sample.image_id is not None:
+            split = self.rule.split_of_hash(hashlib.sha256(f"image_id:{sample.image_id}".encode()).digest())
+        else:
+            split = self.rule.split_of_hash(sample.image_sha256)
+        if seen is None:
+            self._by_hash[content] = split
+            if sample.image_id is not None:
+                self._id_of_hash[content] = sample.image_id
+        if sample.image_id is not None:
+            self._by_id.setdefault(sample.image_id, split)
+        return split

@@ -1,0 +1,250 @@
+"""Training settings: the typed `TrainConfig`, the paper's two recipes, and how overrides apply.
+
+Every setting has one flat name, so `--set name=value` reaches all of them and a run's
+`config.json` records every value it ran with. Overrides apply in this order: recipe
+defaults, then `--config FILE` (a JSON object of settings), then `--set`, then the few
+dedicated command-line flags (`--data`, `--preset`, `--max-steps`).
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+RECIPES = ("pretrain", "finetune")
+PRECISIONS = ("auto", "fp32", "bf16")
+LOADERS = ("auto", "dali", "cpu")
+
+# Settings a resumed run may change: they do not alter what the run computes.
+RESUMABLE_KEYS = frozenset(
+    {"data", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "loader", "compile",
+     "val_every", "tensorboard"}
+)
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "pretrain"
+    preset: str = "grr-coca"
+    data: str = "data/cc12m/shards"
+    dataset: str | None = None  # fine-tuning: the dataset name given on the command line
+    init_from: str | None = None  # fine-tuning: the run or checkpoint the weights come from
+    seed: int = 0
+
+    # Batch: accumulation = global / (per_device * world_size), derived at start.
+    global_batch_size: int = 768
+    per_device_batch_size: int = 48
+    epochs: int = 21
+    max_steps: int | None = None  # optimizer steps in total, across resumes
+
+    # Loss weights (eq. 6) and model dropout.
+    lambda_con: float = 2.0
+    lambda_cap: float = 1.0
+    dropout: float = 0.15
+
+    # AdamW and the learning-rate schedule (see grr_train/schedule.py).
+    lr_max: float = 1e-4
+    lr_min: float = 1e-6
+    warmup_steps: int = 2000
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.001
+    grad_clip: float = 1.0
+
+    # Early stopping with soft reset (see grr_train/early_stop.py); fine-tuning only by default.
+    early_stop: bool = False
+    patience_per_level: int = 3
+    num_lr_levels: int = 3
+    lr_reduction: float = 100.0
+
+    # Validation: at every epoch end, and every `val_every` optimizer steps when > 0.
+    val_every: int = 0
+    val_split: str = "val"
+    val_batch_size: int = 48
+    # 192 = 48 per GPU x 4 GPUs: the contrastive batch of the paper's training setup.
+    val_contrastive_batch_size: int = 192
+
+    # Checkpoints.
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+
+    # Runtime.
+    loader: str = "auto"
+    num_workers: int = 4
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile each transformer block
+    skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient is NaN/Inf
+    tensorboard: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        cfg = cls()
+        for key, value in d.items():
+            setattr(cfg, key, _check_type(key, value))
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ValueError on settings that cannot work together."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.loader not in LOADERS:
+            raise ValueError(f"loader must be one of {LOADERS}, got {self.loader!r}")
+        for name in ("global_batch_size", "per_device_batch_size", "epochs", "val_batch_size",
+                     "val_contrastive_batch_size", "checkpoint_every", "keep_checkpoints",
+                     "patience_per_level", "num_lr_levels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if not 0 <= self.lr_min <= self.lr_max:
+            raise ValueError(f"need 0 <= lr_min <= lr_max, got {self.lr_min} and {self.lr_max}")
+        if self.recipe == "finetune" and not self.init_from:
+            raise ValueError("fine-tuning needs the weights to start from (--from RUN_OR_CHECKPOINT)")
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each process."""
+        per_step = self.per_device_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of "
+                f"per_device_batch_size {self.per_device_batch_size} x {world_size} processes; "
+                "change one of them with --set"
+            )
+        return self.global_batch_size // per_step
+
+
+def recipe(name: str) -> TrainConfig:
+    """The paper's settings (section 3.6) for `pretrain` or `finetune`."""
+    if name == "pretrain":
+        return TrainConfig()
+    if name == "finetune":
+        return replace(
+            TrainConfig(), recipe="finetune", lambda_con=1.0, lambda_cap=2.0, dropout=0.1,
+            lr_max=1e-5, lr_min=1e-7, warmup_steps=0, early_stop=True,
+            # The paper trains "to convergence": the early stopper ends the run, this is a cap.
+            epochs=100, checkpoint_every=1000,
+        )
+    raise ValueError(f"unknown recipe {name!r}; choose one of {RECIPES}")
+
+
+def parse_set(items: list[str]) -> dict:
+    """`["key=value", ...]` -> {key: typed value}; the type comes from TrainConfig's field."""
+    known = {f.name for f in fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        if key not in known:
+            raise ValueError(f"--set {item!r}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        out[key] = _parse_value(key, text.strip())
+    return out
+
+
+def load_config_file(path: str | Path) -> dict:
+    """A `--config` JSON file: an object of settings, checked like `--set`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config {path}: cannot read a JSON object ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of settings")
+    data = data.get("train", data)  # a run's config.json works too
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown settings {', '.join(unknown)}")
+    return {k: _check_type(k, v) for k, v in data.items()}
+
+
+def _field_type(key: str):
+    hints = typing.get_type_hints(TrainConfig)
+    return hints[key]
+
+
+def _base_types(tp) -> tuple[list[type], bool]:
+    """(non-None types, whether None is allowed) of a field annotation."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = typing.get_args(tp)
+        return [a for a in args if a is not type(None)], type(None) in args
+    return [tp], False
+
+
+def _parse_value(key: str, text: str):
+    kinds, optional = _base_types(_field_type(key))
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    kind = kinds[0]
+    try:
+        if kind is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise ValueError(f"--set {key}={text}: expected a {kind.__name__}") from None
+
+
+def _check_type(key: str, value):
+    kinds, optional = _base_types(_field_type(key))
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"setting {key} cannot be null")
+    kind = kinds[0]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ValueError(f"setting {key}: expected a {kind.__name__}, got {value!r}")
+    return value
+
+
+def resolve_config(recipe_name: str, config_file: str | None = None, sets: list[str] | None = None,
+                   **flags) -> TrainConfig:
+    """Recipe defaults, then the config file, then `--set`, then flags that are not None."""
+    cfg = recipe(recipe_name)
+    if config_file:
+        cfg = replace(cfg, **load_config_file(config_file))
+    cfg = replace(cfg, **parse_set(sets or []))
+    cfg = replace(cfg, **{k: _check_type(k, v) for k, v in flags.items() if v is not None})
+    if cfg.recipe != recipe_name:
+        raise ValueError(f"the settings say recipe={cfg.recipe!r} but the command is {recipe_name!r}")
+    cfg.validate()
+    return cfg
+
+
+def resume_config(run_dir: str | Path, sets: list[str] | None = None, **flags) -> TrainConfig:
+    """The config a run was started with, changed only in RESUMABLE_KEYS by `--set` and flags."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} not found; is {run_dir} a run folder?")
+    cfg = TrainConfig.from_dict(json.loads(path.read_text())["train"])
+    changes = {**parse_set(sets or []), **{k: _check_type(k, v) for k, v in flags.items() if v is not None}}
+    changes = {k: v for k, v in changes.items() if getattr(cfg, k) != v}
+    refused = sorted(set(changes) - RESUMABLE_KEYS)
+    if refused:
+        raise ValueError(f"a resumed run keeps its settings; cannot change {', '.join(refused)} "
+                         f"(changeable on resume: {', '.join(sorted(RESUMABLE_KEYS))})")
+    cfg = replace(cfg, **changes)
+    cfg.validate()
+    return cfg

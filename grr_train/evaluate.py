@@ -1,0 +1,212 @@
+"""`grr eval`: a checkpoint's Table 2 metrics on a split, plus retrieval and caption quality.
+
+Two passes over the split, each sample counted once (the loader repeats a few samples to
+fill its last batch; they are dropped here by key):
+
+1. `grr_train.validate.validate`: CoCa loss with the run's own lambdas, perplexity over the
+   split, and contrastive loss over chunks of a stated batch size (the paper's metrics).
+2. Retrieval and captioning. Samples are grouped by image through a SHA-1 of the decoded,
+   normalised image tensor: captions of one image share its JPEG, hence its decoded pixels,
+   so this needs nothing beyond the loader contract and also merges exact duplicate images
+   (which are, for retrieval, the same image). Image-to-text and text-to-image recall@1/5/10
+   run over unique images (`grr_train.retrieval`). One caption is generated per unique image
+   (greedy by default, over the KV cache) and scored with BLEU-4 and CIDEr-D against all of
+   that image's reference captions (`grr_train.caption_metrics`).
+
+Captions need the set's tokenizer to become text; the caller passes its `decode_words`
+(grr_train may not import the tokenizer), and without one captioning is left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from grr_data.layout import caption_word_ids
+from grr_data.loader import make_loader
+from grr_train.caption_metrics import caption_scores
+from grr_train.checkpoint import load_model
+from grr_train.generate import DecodeOptions, generate_from_tokens
+from grr_train.retrieval import group_by_image, recall_at_k
+from grr_train.validate import validate
+
+NUM_EXAMPLES = 5
+
+
+class OncePerSample:
+    """Iterates a loader made `with_keys`, dropping repeated keys and stopping at `max_samples`."""
+
+    def __init__(self, loader, max_samples: int | None = None, desc: str = "eval"):
+        self.loader, self.max_samples, self.desc = loader, max_samples, desc
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        seen: set[str] = set()
+        total = self.max_samples if self.max_samples is not None else None
+        with tqdm(total=len(self.loader), desc=self.desc, unit="batch", leave=False) as bar:
+            for batch in self.loader:
+                bar.update(1)
+                keep = []
+                for i, key in enumerate(batch["keys"]):
+                    if key not in seen and (total is None or len(seen) < total):
+                        seen.add(key)
+                        keep.append(i)
+                if keep:
+                    index = torch.tensor(keep)
+                    yield {
+                        "images": batch["images"].index_select(0, index.to(batch["images"].device)),
+                        "ids": batch["ids"].index_select(0, index.to(batch["ids"].device)),
+                        "keys": [batch["keys"][i] for i in keep],
+                    }
+                if total is not None and len(seen) >= total:
+                    break
+
+
+def image_hash(image: torch.Tensor) -> str:
+    return hashlib.sha1(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def split_size(data_dir: str | os.PathLike, split: str) -> int:
+    """Samples in a split, from the set's manifest.json."""
+    path = Path(data_dir) / "manifest.json"
+    try:
+        splits = json.loads(path.read_text())["splits"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: cannot read the split sizes ({err}); is {data_dir} a sharded set?") from err
+    if split not in splits:
+        raise ValueError(f"{path}: no split {split!r}; the set has {', '.join(splits)}")
+    return int(splits[split]["num_samples"])
+
+
+@torch.no_grad()
+def retrieval_and_captions(model, batches, special, decode_words: Callable | None,
+                           options: DecodeOptions | None) -> tuple[dict, dict | None]:
+    """Recall@k over unique images and caption scores of one generated caption per image."""
+    image_embeds, text_embeds, image_keys = [], [], []
+    references: dict[str, list[str]] = {}
+    generated: dict[str, str] = {}
+    first_key: dict[str, str] = {}
+    device = next(model.parameters()).device
+    for batch in batches:
+        images, ids = batch["images"].to(device), batch["ids"].to(device)
+        hashes = [image_hash(img) for img in batch["images"]]
+        new = [i for i, h in enumerate(hashes) if h not in first_key and h not in hashes[:i]]
+        text_embeds.append(model.encode_text(ids).float().cpu())
+        image_keys.extend(hashes)
+        if new:
+            embed, tokens = model.encode_image(images[new])
+            image_embeds.append(embed.float().cpu())
+            for i in new:
+                first_key[hashes[i]] = batch["keys"][i]
+            if decode_words is not None and options is not None:
+                for i, words in zip(new, generate_from_tokens(model, tokens, special, options)):
+                    generated[hashes[i]] = decode_words(words)
+        if decode_words is not None:
+            for h, row in zip(hashes, ids.tolist()):
+                references.setdefault(h, []).append(decode_words(caption_word_ids(row, special)))
+    text_to_image, _ = group_by_image(image_keys)
+    retrieval = recall_at_k(torch.cat(image_embeds), torch.cat(text_embeds), text_to_image)
+    if not generated:
+        return retrieval, None
+    order = list(generated)
+    captioning = caption_scores([generated[h] for h in order], [references[h] for h in order])
+    captioning["decoding"] = options.describe()
+    captioning["tokenization"] = "lower case, COCO punctuation removed, whitespace split"
+    captioning["examples"] = [
+        {"key": first_key[h], "generated": generated[h], "references": references[h]} for h in order[:NUM_EXAMPLES]
+    ]
+    return retrieval, captioning
+
+
+def evaluate_run(
+    run_or_ckpt: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    split: str = "val",
+    batch_size: int = 32,
+    contrastive_batch_size: int | None = None,
+    max_samples: int | None = None,
+    decode_words: Callable | None = None,
+    decode_options: DecodeOptions | None = None,
+    device: str = "cpu",
+    loader_kind: str = "auto",
+    num_workers: int = 2,
+) -> dict:
+    """Every number `grr eval` reports, as one JSON-ready dict."""
+    model, info = load_model(run_or_ckpt, device=device)
+    train_cfg = info["train_config"]
+    size = split_size(data_dir, split)
+    num_samples = min(size, max_samples) if max_samples is not None else size
+    if contrastive_batch_size is None:
+        contrastive_batch_size = int(train_cfg.get("val_contrastive_batch_size", 192))
+    if not 1 <= contrastive_batch_size <= num_samples:
+        raise ValueError(
+            f"contrastive batch size {contrastive_batch_size} does not fit the {num_samples} samples "
+            f"evaluated from split {split!r} of {data_dir}; pass --contrastive-batch-size {num_samples} or less"
+        )
+    decode_options = decode_options or DecodeOptions()
+
+    def loader():
+        return make_loader(data_dir, split=split, batch_size=batch_size, kind=loader_kind, shuffle=False,
+                           num_workers=num_workers, device=device, with_keys=True)
+
+    lambda_con, lambda_cap = float(train_cfg["lambda_con"]), float(train_cfg["lambda_cap"])
+    temperature = float(info["model_config"].temperature)
+    paper = validate(model, OncePerSample(loader(), max_samples, f"{split}: losses"), special=info["special"],
+                     lambda_con=lambda_con, lambda_cap=lambda_cap, temperature=temperature,
+                     contrastive_batch_size=contrastive_batch_size)
+    second = loader()
+    retrieval, captioning = retrieval_and_captions(
+        model, OncePerSample(second, max_samples, f"{split}: retrieval and captions"), info["special"],
+        decode_words, decode_options,
+    )
+    return {
+        "run": str(run_or_ckpt),
+        "checkpoint": str(info["checkpoint"]),
+        "checkpoint_step": info["step"],
+        "data": str(data_dir),
+        "split": split,
+        "batch_size": batch_size,
+        "max_samples": max_samples,
+        "lambda_con": lambda_con,
+        "lambda_cap": lambda_cap,
+        "temperature": temperature,
+        **paper,
+        "retrieval": retrieval,
+        "captioning": captioning,
+        "skipped": dict(second.skipped),
+    }
+
+
+def format_eval(result: dict) -> str:
+    """A readable table of an eval result."""
+    cap = result.get("captioning")
+    ret = result["retrieval"]
+    rows = [
+        ("checkpoint", f"{result['checkpoint']} (step {result['checkpoint_step']})"),
+        ("data", f"{result['data']} split {result['split']}: {result['num_samples']} samples, "
+                 f"{ret['num_images']} unique images"),
+        ("CoCa loss", f"{result['loss']:.4f}  (lambda_con {result['lambda_con']:g}, lambda_cap {result['lambda_cap']:g})"),
+        ("perplexity", f"{result['perplexity']:.4f}  ({result['num_tokens']} tokens)"),
+        ("caption loss", f"{result['caption']:.4f}"),
+        ("contrastive loss", f"{result['contrastive']:.4f}  (batch {result['contrastive_batch_size']}, "
+                             f"{result['num_contrastive_dropped']} samples in a short last chunk left out)"),
+        ("image->text R@1/5/10", f"{ret['i2t_r1']:.2f} / {ret['i2t_r5']:.2f} / {ret['i2t_r10']:.2f} %"),
+        ("text->image R@1/5/10", f"{ret['t2i_r1']:.2f} / {ret['t2i_r5']:.2f} / {ret['t2i_r10']:.2f} %"),
+    ]
+    if cap:
+        rows += [("BLEU-4", f"{cap['bleu4']:.4f}  ({cap['decoding']})"), ("CIDEr-D", f"{cap['cider']:.4f}")]
+    else:
+        rows.append(("captions", "not scored (no tokenizer given)"))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    for ex in (cap or {}).get("examples", [])[:3]:
+        lines.append(f"  {ex['key']}: {ex['generated']!r}  (reference: {ex['references'][0]!r})")
+    return "\n".join(lines)

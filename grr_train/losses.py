@@ -1,0 +1,103 @@
+"""The CoCa losses (paper 3.5): contrastive (eq. 2), captioning (eq. 3-4), their sum (eq. 6)
+and perplexity (eq. 5)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from grr_train.gather import all_gather_with_grad, distributed_world
+
+
+def contrastive_loss(
+    image_embed: torch.Tensor, text_embed: torch.Tensor, temperature: float, gather: bool = True
+) -> torch.Tensor:
+    """Paper eq. 2, exactly: -(1/N) [sum_i log softmax_j(x_i.y_j / s)_i + sum_i log softmax_j(y_i.x_j / s)_i].
+
+    That is the SUM of the image-to-text and text-to-image mean cross-entropies (CLIP and CoCa
+    take their average, half this value); we keep the paper's definition so figures compare.
+    Embeddings (B, D) are expected L2-normalised. Under DDP with `gather`, every rank's samples
+    are negatives: local row i of rank r is matched with column r * B + i of the gathered batch.
+    Each rank returns the mean over its own rows; DDP's gradient averaging makes that the
+    gradient of the full-batch loss, and the mean of the ranks' values is the full-batch value.
+    """
+    rank, world = distributed_world()
+    if gather and world > 1:
+        all_images = all_gather_with_grad(image_embed)
+        all_texts = all_gather_with_grad(text_embed)
+        offset = rank * image_embed.shape[0]
+    else:
+        all_images, all_texts, offset = image_embed, text_embed, 0
+    labels = torch.arange(image_embed.shape[0], device=image_embed.device) + offset
+    image_to_text = image_embed.float() @ all_texts.float().T / temperature  # (B, world * B)
+    text_to_image = text_embed.float() @ all_images.float().T / temperature
+    return F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)
+
+
+def counted_targets(targets: torch.Tensor, ignore_ids: Iterable[int]) -> torch.Tensor:
+    """Bool mask (B, T): the targets the caption loss counts."""
+    valid = torch.ones_like(targets, dtype=torch.bool)
+    for token in ignore_ids:
+        valid &= targets != token
+    return valid
+
+
+def caption_loss(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_ids: Iterable[int], reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of logits (B, T, V) against targets (B, T) = ids[:, 1:], eq. 3-4.
+
+    Targets equal to any of `ignore_ids` (BOS, PAD, CLS) count nothing. 'sum' is eq. 4's summed
+    loss; 'mean' divides by the number of counted targets (0 when there is none).
+    """
+    if logits.shape[:2] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
+    valid = counted_targets(targets, ignore_ids)
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    total = (per_token * valid.flatten()).sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / valid.sum().clamp(min=1)
+    raise ValueError(f"reduction {reduction!r}; expected 'mean' or 'sum'")
+
+
+def coca_loss(
+    out,
+    ids: torch.Tensor,
+    special,
+    lambda_con: float,
+    lambda_cap: float,
+    temperature: float,
+    gather: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Eq. 6: lambda_con * contrastive + lambda_cap * caption (the per-token mean on this rank).
+
+    `out` has image_embed, text_embed, logits (B, 64, V); ids are the laid-out (B, 65) ids;
+    `special` gives `ignored_targets` (SpecialIds). caption_sum and num_tokens are detached, for
+    accumulating perplexity over a set.
+    """
+    targets = ids[:, 1:]
+    ignored = special.ignored_targets
+    contrastive = contrastive_loss(out.image_embed, out.text_embed, temperature, gather=gather)
+    caption_sum = caption_loss(out.logits, targets, ignored, reduction="sum")
+    num_tokens = counted_targets(targets, ignored).sum()
+    caption = caption_sum / num_tokens.clamp(min=1)
+    return {
+        "loss": lambda_con * contrastive + lambda_cap * caption,
+        "contrastive": contrastive,
+        "caption": caption,
+        "caption_sum": caption_sum.detach(),
+        "num_tokens": num_tokens,
+    }
+
+
+def perplexity(caption_sum_total: float | torch.Tensor, num_tokens_total: int | torch.Tensor) -> float:
+    """Eq. 5 over a whole set: exp(summed token loss / number of counted tokens)."""
+    num = float(num_tokens_total)
+    if num <= 0:
+        raise ValueError("perplexity over zero caption tokens: the set has no countable targets")
+    return math.exp(float(caption_sum_total) / num)

@@ -1,0 +1,160 @@
+"""The Contrastive Captioner: ViT -> cascaded poolers -> image embedding and image tokens;
+unimodal decoder -> text embedding at CLS; multimodal decoder -> caption logits (paper 3.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grr_train.model.config import ModelConfig
+from grr_train.model.norms import RMSNorm
+from grr_train.model.poolers import CascadedPoolers
+from grr_train.model.text import TextDecoder
+from grr_train.model.vit import VisionTransformer
+
+
+@dataclass
+class CocaOutput:
+    image_embed: torch.Tensor  # (B, D) L2-normalised
+    text_embed: torch.Tensor  # (B, D) L2-normalised
+    logits: torch.Tensor  # (B, T, V) caption logits for targets ids[:, 1:]
+
+
+@dataclass
+class DecodeCache:
+    """What `CoCa.decode` keeps between steps."""
+
+    key_valid: torch.Tensor  # (B, L) False at PAD positions of the L tokens seen so far
+    eos_seen: torch.Tensor  # (B,) whether an EOS is among them
+    cross_kv: list  # per multimodal block: image-token keys and values, computed once
+    unimodal: list[dict] = field(default_factory=list)  # per block: self-attention "k", "v" (B, H, L, hd)
+    multimodal: list[dict] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.key_valid.shape[1]
+
+
+class CoCa(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.vit = VisionTransformer(cfg)
+        self.poolers = CascadedPoolers(d, cfg.heads, cfg.num_image_queries, cfg.dropout)
+        self.image_proj = nn.Linear(d, d)
+        self.text_proj = nn.Linear(d, d)
+        self.token_embed = nn.Embedding(cfg.vocab_size, d)
+        self.unimodal = TextDecoder(
+            d, cfg.heads, cfg.text_depth, cfg.text_hidden, cfg.dropout, False, cfg.rope_theta
+        )
+        self.multimodal = TextDecoder(
+            d, cfg.heads, cfg.multimodal_depth, cfg.text_hidden, cfg.dropout, True, cfg.rope_theta
+        )
+        # The one 768-vector the paper's totals leave (DESIGN.md) is this norm before the LM head;
+        # the unimodal CLS output is therefore normalised without parameters.
+        self.final_norm = RMSNorm(d)
+        self.text_norm = RMSNorm(d, affine=False)
+        # Untied, with a bias: the totals count a second 32,102 x 768 matrix plus 32,102 biases.
+        self.lm_head = nn.Linear(d, cfg.vocab_size)
+        self.apply(_init_weights)
+        nn.init.normal_(self.poolers.queries, std=0.02)
+
+    def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The 64 model inputs from laid-out ids (B, 65) (or the inputs themselves, (B, 64))."""
+        n = self.cfg.context_length
+        if ids.ndim != 2 or ids.shape[1] not in (n, n + 1):
+            raise ValueError(f"ids have shape {tuple(ids.shape)}; expected (B, {n + 1}) laid-out ids")
+        return ids[:, :n]
+
+    def _key_valid(
+        self, inputs: torch.Tensor, offset: int = 0, eos_seen: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which inputs (B, T) are keys the text may attend to, and whether each row has seen an EOS.
+
+        PAD positions are those the layout makes padding: after the first EOS, except CLS (and any
+        PAD id). Judging by position, not only by id, means whatever id stands at a PAD position
+        cannot change an output the losses read (DESIGN.md); for a valid layout both agree.
+        """
+        cfg = self.cfg
+        is_eos = inputs == cfg.eos_id
+        after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after an EOS of this chunk
+        if eos_seen is None:
+            eos_seen = torch.zeros(inputs.shape[0], dtype=torch.bool, device=inputs.device)
+        after_eos |= eos_seen[:, None]
+        positions = torch.arange(offset, offset + inputs.shape[1], device=inputs.device)
+        valid = (inputs != cfg.pad_id) & (~after_eos | (positions == cfg.cls_index))
+        return valid, eos_seen | is_eos.any(dim=1)
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, S, S) -> (image_embed (B, D) L2-normalised, image_tokens (B, Q, D))."""
+        contrastive, image_tokens = self.poolers(self.vit(images))
+        return F.normalize(self.image_proj(contrastive), dim=-1), image_tokens
+
+    def _text_embed(self, hidden: torch.Tensor) -> torch.Tensor:
+        cls = self.text_norm(hidden[:, self.cfg.cls_index])  # (B, D)
+        return F.normalize(self.text_proj(cls), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """Laid-out ids (B, 65) -> text_embed (B, D) L2-normalised: the unimodal output at CLS."""
+        inputs = self._check_ids(ids)
+        hidden = self.unimodal(self.token_embed(inputs), self._key_valid(inputs)[0])
+        return self._text_embed(hidden)
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor) -> CocaOutput:
+        """images (B, 3, S, S), ids (B, 65): embeddings for eq. 2 and logits (B, 64, V) for eq. 3."""
+        inputs = self._check_ids(ids)
+        image_embed, image_tokens = self.encode_image(images)
+        key_valid, _ = self._key_valid(inputs)
+        hidden = self.unimodal(self.token_embed(inputs), key_valid)  # (B, 64, D)
+        text_embed = self._text_embed(hidden)
+        hidden = self.multimodal(hidden, key_valid, context=image_tokens)
+        logits = self.lm_head(self.final_norm(hidden))
+        return CocaOutput(image_embed=image_embed, text_embed=text_embed, logits=logits)
+
+    @torch.no_grad()
+    def decode(
+        self, image_tokens: torch.Tensor, ids_prefix: torch.Tensor, cache: DecodeCache | None = None
+    ) -> tuple[torch.Tensor, DecodeCache]:
+        """Caption logits (B, T, V) for ids_prefix (B, T), reusing and extending `cache`.
+
+        Without a cache ids_prefix starts at BOS; with one it holds only the new tokens, whose
+        RoPE positions continue from `cache.length`. The cache is updated in place and returned.
+        For generation only: runs without gradients (training uses `forward`).
+        """
+        if cache is None:
+            b, device = ids_prefix.shape[0], ids_prefix.device
+            cache = DecodeCache(
+                key_valid=torch.zeros(b, 0, dtype=torch.bool, device=device),
+                eos_seen=torch.zeros(b, dtype=torch.bool, device=device),
+                cross_kv=self.multimodal.context_keys_values(image_tokens),
+                unimodal=[{} for _ in self.unimodal.blocks],
+                multimodal=[{} for _ in self.multimodal.blocks],
+            )
+        new_valid, cache.eos_seen = self._key_valid(ids_prefix, cache.length, cache.eos_seen)
+        cache.key_valid = torch.cat([cache.key_valid, new_valid], dim=1)
+        hidden = self.unimodal(self.token_embed(ids_prefix), cache.key_valid, caches=cache.unimodal)
+        hidden = self.multimodal(hidden, cache.key_valid, context_kv=cache.cross_kv, caches=cache.multimodal)
+        return self.lm_head(self.final_norm(hidden)), cache
+
+
+def _init_weights(module: nn.Module) -> None:
+    # GPT-2/ViT-style small normal init; PyTorch's Linear default suits deep transformers poorly.
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> CoCa:
+    """A freshly initialised CoCa; `device="meta"` builds it without memory (for counting)."""
+    if device is None:
+        return CoCa(cfg)
+    with torch.device(device):
+        return CoCa(cfg)

@@ -1,0 +1,35 @@
+"""Normalisation layers: RMSNorm (weight only) and the norm factory the ViT and decoders use."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019): a weight and no bias, as the paper's counts need.
+
+    Computed in float32 whatever the input dtype, so bf16 autocast does not lose the statistic.
+    `affine=False` gives the parameter-free form used where the counts leave no room for a weight.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, affine: bool = True) -> nn.Module:
+    """'layernorm' (weight and bias) or 'rmsnorm' (weight only); neither has parameters if not affine."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, affine=affine)
+    raise ValueError(f"unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'")

@@ -1,0 +1,112 @@
+"""The text decoders (paper 3.3): a causal unimodal decoder and a multimodal decoder that also
+cross-attends to the generative pooler's image tokens. Both use RMSNorm, RoPE and GEGLU 4x.
+
+PAD keys are masked (DESIGN.md; the caller says which keys are valid, see `CoCa._key_valid`), so
+what stands at a PAD position never changes an output the losses read. Every query may always see its own position, so no attention row is empty (no NaN)
+even for a PAD query; outputs at PAD positions are never read. With a layer cache the decoder
+processes only the new tokens and RoPE positions continue from the cache length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from grr_train.model.attention import Attention, Rope
+from grr_train.model.ffn import GEGLU
+from grr_train.model.norms import RMSNorm
+from grr_train.model.rope import rope_1d
+
+
+def decoder_mask(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """(B, 1, T, S) True where the last T of S positions may attend: causal, PAD keys out, self always in.
+
+    key_valid (B, S) is False at PAD positions; the queries are positions S-T .. S-1.
+    """
+    num_keys = key_valid.shape[1]
+    q_pos = torch.arange(num_keys - num_queries, num_keys, device=key_valid.device)[:, None]
+    k_pos = torch.arange(num_keys, device=key_valid.device)[None, :]
+    allowed = (k_pos <= q_pos) & key_valid[:, None, :]  # (B, T, S)
+    allowed = allowed | (k_pos == q_pos)
+    return allowed[:, None]
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int, dropout: float, cross: bool) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.self_attn = Attention(dim, heads, dropout)
+        self.norm_cross = RMSNorm(dim) if cross else None
+        self.cross_attn = Attention(dim, heads, dropout) if cross else None
+        self.norm2 = RMSNorm(dim)
+        self.ffn = GEGLU(dim, hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope,
+        mask: torch.Tensor,
+        context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: dict | None = None,
+    ) -> torch.Tensor:
+        h = self.norm1(x)
+        k, v = self.self_attn.keys_values(h, rope)
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        x = x + self.drop(self.self_attn.attend(h, k, v, rope, mask))
+        if self.cross_attn is not None:
+            x = x + self.drop(self.cross_attn.attend(self.norm_cross(x), *context_kv))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class TextDecoder(nn.Module):
+    """A stack of decoder blocks; `cross=True` makes it the multimodal decoder."""
+
+    def __init__(
+        self, dim: int, heads: int, depth: int, hidden: int, dropout: float, cross: bool, rope_theta: float
+    ) -> None:
+        super().__init__()
+        self.cross = cross
+        self.rope_theta = rope_theta
+        self.head_dim = dim // heads
+        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, hidden, dropout, cross) for _ in range(depth))
+
+    def context_keys_values(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys and values of the image tokens, per block (computed once per image)."""
+        return [block.cross_attn.keys_values(context) for block in self.blocks]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_valid: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_kv: list | None = None,
+        caches: list[dict] | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). key_valid (B, S) covers cached and new positions (S = cache + T).
+
+        The multimodal decoder takes `context` (B, M, D) or its precomputed `context_kv`.
+        """
+        num_new = x.shape[1]
+        offset = key_valid.shape[1] - num_new
+        rope = rope_1d(
+            torch.arange(offset, offset + num_new, device=x.device), self.head_dim, self.rope_theta
+        )
+        mask = decoder_mask(key_valid, num_new)
+        if self.cross and context_kv is None:
+            if context is None:
+                raise ValueError("the multimodal decoder needs the image tokens as context")
+            context_kv = self.context_keys_values(context)
+        for i, block in enumerate(self.blocks):
+            x = block(
+                x,
+                rope,
+                mask,
+                context_kv[i] if self.cross else None,
+                caches[i] if caches is not None else None,
+            )
+        return x

@@ -1,0 +1,384 @@
+"""The training loop: `Trainer.train -> train_step -> forward_backward_step`, read top to bottom.
+
+One optimizer step takes `accumulation` micro-batches of `per_device_batch_size` on each of
+`world_size` processes (global batch = their product). Two loss choices a reader should know:
+
+- The contrastive loss is computed per micro-batch (over `per_device_batch_size x world_size`
+  pairs, negatives gathered across ranks) and averaged over micro-batches, as the paper did
+  with gradient accumulation; it is not the loss of the whole global batch.
+- The caption loss of a step is the mean over every valid target token of the global batch:
+  each micro-batch's token-loss sum is divided by the step's total token count (one small
+  all-reduce before the forward passes), so accumulation and DDP give the same caption loss
+  as one big batch would.
+
+Resuming is exact: the checkpoint holds the loader's position and every rank's RNG states,
+and loader iterators are created inside `fork_rng`, so dropout draws the same numbers whether
+or not a run was interrupted. Parallelism lives in `grr_train/parallel.py`, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from grr_data.layout import SpecialIds
+from grr_data.loader import make_loader
+from grr_train import checkpoint as ckpt
+from grr_train.config import TrainConfig
+from grr_train.early_stop import IMPROVED, RESET, STOP, SoftResetEarlyStopper
+from grr_train.losses import coca_loss
+from grr_train.metrics_log import MetricsLog, truncate_metrics
+from grr_train.model import ModelConfig, build_model, get_config
+from grr_train.model.summary import flops_per_sample
+from grr_train.parallel import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+    parallelize,
+    peak_flops,
+    unwrap,
+)
+from grr_train.schedule import lr_at, set_lr
+from grr_train.validate import validate
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def run_training(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> dict:
+    """Entry point for every process: join the group, train, leave. Returns the run summary."""
+    info = init_distributed()
+    try:
+        return Trainer(cfg, Path(run_dir), info, resume=resume).train()
+    finally:
+        destroy_distributed()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, info: DistInfo, resume: bool = False):
+        self.run_dir, self.info = run_dir, info
+        latest = ckpt.latest_checkpoint(run_dir) if run_dir.exists() else None
+        if resume and latest is None:
+            raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
+        if not resume and latest is not None:
+            raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume, or choose another --out")
+        self.cfg = cfg
+        self.device = info.device
+        self.autocast_dtype = self._autocast_dtype(cfg.precision)
+        self.accumulation = cfg.accumulation_steps(info.world_size)
+        self._seed_everything(cfg.seed + info.rank)  # ranks differ so their dropout masks differ
+
+        self.train_loader = self._make_loader(cfg.data, "train", cfg.per_device_batch_size, shuffle=True)
+        self.special: SpecialIds = self.train_loader.special
+        self.val_loader = self._make_val_loader()
+        self.steps_per_epoch = len(self.train_loader) // self.accumulation
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{cfg.data}: {len(self.train_loader)} batches per process per epoch is fewer than one "
+                f"optimizer step ({self.accumulation} micro-batches); lower global_batch_size"
+            )
+
+        model = self._build_model(resume)
+        self.model = parallelize(model, info, compile=cfg.compile)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2),
+            weight_decay=cfg.weight_decay, fused=self.device.type == "cuda",
+        )
+        self.stopper = SoftResetEarlyStopper(cfg.patience_per_level, cfg.num_lr_levels, cfg.lr_reduction)
+        self.step = self.epoch = self.step_in_epoch = self.num_skipped = 0
+        self.last_saved_step = -1
+        self.stop_reason: str | None = None
+        self._signal: int | None = None
+        self._loader_state: dict | None = None
+        self.peak = peak_flops(self.device)
+        self.flops_per_sample = flops_per_sample(self._model_config)
+
+        if resume:
+            self._restore(latest)
+        elif info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_run_config(run_dir, self._model_config.to_dict(), cfg.to_dict(), self.special)
+        barrier()
+        self.log = MetricsLog(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        total = self.cfg.epochs * self.steps_per_epoch
+        if self.cfg.max_steps is not None:
+            total = min(total, self.cfg.max_steps)
+        self.progress = tqdm(total=total, initial=min(self.step, total), disable=not self.info.is_main,
+                             desc=f"{self.cfg.recipe} x{self.info.world_size}", unit="step", dynamic_ncols=True)
+        try:
+            while self.stop_reason is None and self.epoch < self.cfg.epochs:
+                self.run_epoch()
+            self.stop_reason = self.stop_reason or "epochs"
+            if self.last_saved_step != self.step:
+                self.save()
+            self.log.log({"kind": "event", "step": self.step, "what": "stop", "reason": self.stop_reason,
+                          "epoch": self.epoch, "num_skipped": self.num_skipped, "time": time.time()})
+        finally:
+            self.progress.close()
+            self.log.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return {"step": self.step, "epoch": self.epoch, "stop_reason": self.stop_reason,
+                "num_skipped": self.num_skipped, "run_dir": str(self.run_dir),
+                "best_loss": self.stopper.best if self.cfg.early_stop else None}
+
+    def run_epoch(self) -> None:
+        batches = self._epoch_batches()
+        last_time = time.perf_counter()
+        while self.step_in_epoch < self.steps_per_epoch:
+            if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
+                self.stop_reason = "max_steps"
+                return
+            micro_batches = [self._next_batch(batches) for _ in range(self.accumulation)]
+            metrics = self.train_step(micro_batches)
+            self.step += 1
+            self.step_in_epoch += 1
+            now = time.perf_counter()
+            self._log_train(metrics, now - last_time)
+            last_time = now
+            if metrics["stop_requested"]:
+                self.stop_reason = "signal"
+                return
+            if self.step_in_epoch < self.steps_per_epoch:
+                if self.cfg.val_every and self.step % self.cfg.val_every == 0:
+                    self.run_validation()
+                if self.step % self.cfg.checkpoint_every == 0:
+                    self.save()
+        self.end_epoch()
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this rank's micro-batches; returns the step's global metrics."""
+        self.model.train()
+        ignored = torch.tensor(self.special.ignored_targets, device=self.device)
+        local_tokens = sum((~torch.isin(b["ids"][:, 1:].to(self.device), ignored)).sum() for b in micro_batches)
+        global_tokens = all_reduce_sum(local_tokens.double().reshape(1)).item()
+
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # contrastive, caption_sum
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # DDP all-reduces gradients on the last micro-batch only.
+            sync = nullcontext() if last or not self.info.distributed else self.model.no_sync()
+            with sync:
+                sums += self.forward_backward_step(batch["images"], batch["ids"], global_tokens)
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        lr = lr_at(self.step, lr_max=self.cfg.lr_max, lr_min=self.cfg.lr_min, warmup_steps=self.cfg.warmup_steps,
+                   cycle_steps=self.steps_per_epoch, scale=self.stopper.lr_scale)
+        set_lr(self.optimizer, lr)
+        flags = torch.tensor([float(self._signal is not None)], dtype=torch.float64, device=self.device)
+        totals = all_reduce_sum(torch.cat([sums, flags])).tolist()
+        contrastive = totals[0] / (len(micro_batches) * self.info.world_size)
+        caption = totals[1] / global_tokens
+        loss = self.cfg.lambda_con * contrastive + self.cfg.lambda_cap * caption
+        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+        elif self.cfg.skip_nonfinite:
+            self.num_skipped += 1
+            self.log.log({"kind": "event", "step": self.step + 1, "what": "skip_nonfinite", "loss": loss,
+                          "grad_norm": float(grad_norm), "num_skipped": self.num_skipped, "time": time.time()})
+        else:
+            raise NonFiniteLoss(
+                f"step {self.step + 1}: loss {loss} / gradient norm {float(grad_norm)} is not finite; "
+                f"the last good checkpoint is in {self.run_dir / 'checkpoints'} (set skip_nonfinite=true "
+                "to skip such steps instead)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "contrastive": contrastive, "caption": caption, "lr": lr,
+                "grad_norm": float(grad_norm), "stop_requested": totals[2] > 0}
+
+    def forward_backward_step(self, images: torch.Tensor, ids: torch.Tensor, global_tokens: float) -> torch.Tensor:
+        """Forward and backward one micro-batch; returns (contrastive, caption token-loss sum), detached."""
+        images = images.to(self.device, non_blocking=True)
+        ids = ids.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            out = self.model(images, ids)
+        parts = coca_loss(out, ids, self.special, 0.0, 0.0, self._model_config.temperature, gather=True)
+        # DDP averages gradients over ranks, hence x world_size on the token-normalised caption sum.
+        caption = parts["caption_sum"] * (self.info.world_size / global_tokens)
+        contrastive = parts["contrastive"] / self.accumulation
+        loss = self.cfg.lambda_con * contrastive + self.cfg.lambda_cap * caption
+        loss.backward()
+        return torch.stack([parts["contrastive"].detach(), parts["caption_sum"].detach()]).double()
+
+    def end_epoch(self) -> None:
+        result = self.run_validation() if self.val_loader is not None else None
+        self.epoch += 1
+        self.step_in_epoch = 0
+        if self.cfg.early_stop:
+            action = self.stopper.update(result["loss"], self.step)
+            self.log.log({"kind": "event", "step": self.step, "what": f"early_stop_{action}", "epoch": self.epoch,
+                          "best": self.stopper.best, "level": self.stopper.level,
+                          "num_bad_epochs": self.stopper.num_bad_epochs, "time": time.time()})
+            if action == IMPROVED:
+                if self.info.is_main:
+                    ckpt.save_best(self.run_dir, unwrap(self.model), self._state([]), self._meta())
+                barrier()
+            elif action == RESET:
+                best = self.run_dir / "best"
+                ckpt.load_weights(unwrap(self.model), best)
+                self.optimizer.load_state_dict(ckpt.load_state(best, self.device)["optimizer"])
+            elif action == STOP:
+                self.stop_reason = "early_stop"
+        self.save()
+
+    def run_validation(self) -> dict:
+        self.val_loader.set_epoch(0)
+        with torch.random.fork_rng(devices=[]):
+            bar = tqdm(total=len(self.val_loader), desc="validate", leave=False, disable=not self.info.is_main)
+            result = validate(unwrap(self.model), self.val_loader, self.special, self.cfg.lambda_con,
+                              self.cfg.lambda_cap, self._model_config.temperature,
+                              self.cfg.val_contrastive_batch_size, self.autocast_dtype, progress=bar)
+            bar.close()
+        self.log.log({"kind": "val", "step": self.step, "epoch": self.epoch, "split": self.cfg.val_split,
+                      **result, "time": time.time()})
+        if self.info.is_main:
+            tqdm.write(f"step {self.step} {self.cfg.val_split}: loss {result['loss']:.4f} "
+                       f"contrastive {result['contrastive']:.4f} (batch {result['contrastive_batch_size']}) "
+                       f"perplexity {result['perplexity']:.2f}")
+        return result
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def save(self) -> None:
+        ranks = all_gather_objects({"rng": ckpt.rng_state(), "loader": self.train_loader.state_dict()})
+        if self.info.is_main:
+            ckpt.save_checkpoint(self.run_dir, unwrap(self.model), self._state(ranks), self._meta(),
+                                 keep=self.cfg.keep_checkpoints)
+        barrier()
+        self.last_saved_step = self.step
+
+    def _state(self, ranks: list[dict]) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "early_stop": self.stopper.state_dict(),
+                "schedule": {"steps_per_epoch": self.steps_per_epoch, "lr_scale": self.stopper.lr_scale},
+                "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "num_skipped": self.num_skipped, "ranks": ranks}
+
+    def _meta(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "world_size": self.info.world_size,
+                "model_config": self._model_config.to_dict(), "train_config": self.cfg.to_dict(),
+                "special": self.special.to_dict(), "time": time.time()}
+
+    def _restore(self, latest: Path) -> None:
+        meta = ckpt.read_meta(latest)
+        if meta["world_size"] != self.info.world_size:
+            raise ValueError(f"{latest} was saved by {meta['world_size']} processes; resume with the same "
+                             f"number (--nproc-per-node {meta['world_size']}), not {self.info.world_size}")
+        state = ckpt.load_state(latest, self.device)
+        if state["schedule"]["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(f"{latest}: the data now gives {self.steps_per_epoch} steps per epoch, the run "
+                             f"had {state['schedule']['steps_per_epoch']}; resume on the same data")
+        ckpt.load_weights(unwrap(self.model), latest)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stopper.load_state_dict(state["early_stop"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.step_in_epoch, self.num_skipped = state["step_in_epoch"], state["num_skipped"]
+        mine = state["ranks"][self.info.rank]
+        self._loader_state = mine["loader"]
+        ckpt.set_rng_state(mine["rng"])
+        self.last_saved_step = self.step
+        if self.info.is_main:
+            dropped = truncate_metrics(self.run_dir, self.step)
+            tqdm.write(f"resumed {self.run_dir} at step {self.step} (epoch {self.epoch}); "
+                       f"dropped {dropped} metric records logged after that checkpoint")
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _epoch_batches(self):
+        if self.step_in_epoch > 0 and self._loader_state is not None:
+            self.train_loader.load_state_dict(self._loader_state)  # resume mid-epoch
+        else:
+            self.train_loader.set_epoch(self.epoch)
+        self._loader_state = None
+        # Creating an iterator may draw from the global RNG; keep that off the dropout stream.
+        with torch.random.fork_rng(devices=[]):
+            return iter(self.train_loader)
+
+    def _next_batch(self, batches) -> dict:
+        try:
+            return next(batches)
+        except StopIteration:
+            raise RuntimeError(f"{self.cfg.data}: the train loader ran out before its stated "
+                               f"{len(self.train_loader)} batches (epoch {self.epoch})") from None
+
+    def _log_train(self, m: dict, seconds: float) -> None:
+        samples_per_s = self.cfg.global_batch_size / max(seconds, 1e-9)
+        record = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": m["loss"],
+                  "contrastive": m["contrastive"], "caption": m["caption"], "lr": m["lr"],
+                  "grad_norm": m["grad_norm"], "samples_per_s": samples_per_s}
+        if self.peak is not None:
+            record["mfu"] = samples_per_s * self.flops_per_sample / (self.peak * self.info.world_size)
+        record["time"] = time.time()
+        self.log.log(record)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", sps=f"{samples_per_s:.1f}")
+
+    def _make_loader(self, data: str, split: str, batch_size: int, shuffle: bool):
+        return make_loader(data, split=split, batch_size=batch_size, kind=self.cfg.loader, rank=self.info.rank,
+                           world_size=self.info.world_size, seed=self.cfg.seed, shuffle=shuffle,
+                           num_workers=self.cfg.num_workers, device=str(self.device))
+
+    def _make_val_loader(self):
+        manifest = Path(self.cfg.data) / "manifest.json"
+        splits = json.loads(manifest.read_text()).get("splits", {})
+        if splits.get(self.cfg.val_split, {}).get("num_samples", 0) > 0:
+            return self._make_loader(self.cfg.data, self.cfg.val_split, self.cfg.val_batch_size, shuffle=False)
+        if self.cfg.early_stop:
+            raise ValueError(f"{manifest}: no {self.cfg.val_split!r} split, which early stopping needs")
+        if self.info.is_main:
+            tqdm.write(f"warning: {manifest} has no {self.cfg.val_split!r} split; training without validation")
+        return None
+
+    def _build_model(self, resume: bool) -> torch.nn.Module:
+        cfg = self.cfg
+        if resume:
+            model_config = ModelConfig.from_dict(json.loads((self.run_dir / "config.json").read_text())["model"])
+            model = build_model(model_config)
+        elif cfg.recipe == "finetune":
+            model, info = ckpt.load_model(cfg.init_from, dropout=cfg.dropout)
+            model_config = info["model_config"]
+            if info["special"] != self.special:
+                raise ValueError(f"--from {cfg.init_from}: its vocabulary {info['special']} differs from "
+                                 f"the data's {self.special} ({cfg.data}/manifest.json)")
+        else:
+            model_config = get_config(cfg.preset, dropout=cfg.dropout, vocab_size=self.special.vocab_size)
+            model = build_model(model_config)
+        if model_config.vocab_size != self.special.vocab_size:
+            raise ValueError(f"model vocabulary {model_config.vocab_size} != data vocabulary "
+                             f"{self.special.vocab_size} ({cfg.data}/manifest.json)")
+        self._model_config = model_config
+        return model
+
+    def _autocast_dtype(self, precision: str) -> torch.dtype | None:
+        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    def _on_signal(self, signum, _frame) -> None:
+        # Only a flag: the loop saves at the next step boundary, on every rank together.
+        self._signal = signum

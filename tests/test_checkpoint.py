@@ -1,0 +1,88 @@
+"""Checkpoint folders: atomic layout, `latest`, pruning, safe loading, RNG round trips, load_model."""
+
+import json
+import random
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from grr_data.layout import SpecialIds
+from grr_train import checkpoint as ckpt
+from grr_train.model import build_model, get_config
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = get_config("grr-tiny", vocab_size=100, dropout=0.0)
+    return cfg, build_model(cfg)
+
+
+def meta(cfg, step):
+    return {"step": step, "epoch": 0, "world_size": 1, "model_config": cfg.to_dict(),
+            "train_config": {"recipe": "pretrain"}, "special": SpecialIds.for_vocab(100).to_dict()}
+
+
+def test_save_prune_latest_and_load_model(tmp_path):
+    cfg, model = tiny_model()
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, model, {"step": step, "x": torch.ones(2)}, meta(cfg, step), keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step-0000002", "step-0000003"]  # no temporaries left behind
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000003"
+    assert ckpt.load_state(ckpt.latest_checkpoint(tmp_path))["step"] == 3
+
+    loaded, info = ckpt.load_model(tmp_path)
+    assert info["step"] == 3 and info["special"] == SpecialIds.for_vocab(100)
+    assert info["model_config"] == cfg
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # a checkpoint folder or its weights file work as well as the run folder
+    assert ckpt.resolve_checkpoint(tmp_path / "checkpoints" / "step-0000002" / "model.safetensors").name == \
+        "step-0000002"
+
+
+def test_best_is_preferred_and_missing_runs_are_explained(tmp_path):
+    cfg, model = tiny_model()
+    ckpt.save_checkpoint(tmp_path, model, {}, meta(cfg, 5), keep=1)
+    ckpt.save_best(tmp_path, model, {}, meta(cfg, 4))
+    assert ckpt.resolve_checkpoint(tmp_path) == tmp_path / "best"
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        ckpt.resolve_checkpoint(tmp_path / "nothing")
+
+
+def test_state_refuses_arbitrary_objects(tmp_path):
+    cfg, model = tiny_model()
+    ckpt.save_checkpoint(tmp_path, model, {"obj": Fraction(1, 3)}, meta(cfg, 1), keep=1)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
+        ckpt.load_state(ckpt.latest_checkpoint(tmp_path))
+
+
+def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    torch.save(ckpt.rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+def test_run_config_is_plain_json(tmp_path):
+    cfg, _ = tiny_model()
+    ckpt.write_run_config(tmp_path, cfg.to_dict(), {"seed": 0}, SpecialIds.for_vocab(100))
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["model"]["vocab_size"] == 100 and data["special"]["cls"] == 99
+
+
+def test_failed_save_leaves_no_partial_folder(tmp_path):
+    cfg, model = tiny_model()
+    ckpt.save_checkpoint(tmp_path, model, {}, meta(cfg, 1), keep=3)
+    with pytest.raises(Exception):  # noqa: B017  (whatever pickle raises for a lambda)
+        ckpt.save_checkpoint(tmp_path, model, {"bad": lambda: 0}, meta(cfg, 2), keep=3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000001"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000001"

@@ -1,0 +1,135 @@
+"""The trainer end to end on a tiny preset and a small sharded set (CPU, fp32).
+
+Fits the data, resumes exactly (per-step losses equal an uninterrupted run's, dropout on,
+gradient accumulation, an epoch boundary with validation in between), saves on SIGTERM, and
+fine-tunes with the soft-reset early stopper.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from grr_train.config import TrainConfig, resume_config
+from grr_train.metrics_log import read_metrics
+from grr_train.trainer import run_training
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shardset import make_shardset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_data(root: Path, train_sizes, val_sizes=None) -> Path:
+    """A set with a train split and, if asked, a val split (shardset writes one split at a time)."""
+    val = None
+    if val_sizes:
+        make_shardset(root, shard_sizes=val_sizes, split="val", seed=1)
+        val = json.loads((root / "manifest.json").read_text())["splits"]["val"]
+    make_shardset(root, shard_sizes=train_sizes, split="train", seed=0)
+    if val:
+        manifest = json.loads((root / "manifest.json").read_text())
+        manifest["splits"]["val"] = val
+        (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"), (6, 6), (4,))
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("small"), (4,), (4,))
+
+
+def tiny(data: Path, **kw) -> TrainConfig:
+    base = dict(preset="grr-tiny", data=str(data), per_device_batch_size=2, global_batch_size=4,
+                warmup_steps=2, lr_max=1e-3, lr_min=1e-4, num_workers=0, loader="cpu", val_batch_size=4,
+                val_contrastive_batch_size=2, checkpoint_every=2, keep_checkpoints=2, epochs=2, tensorboard=False)
+    return replace(TrainConfig(), **{**base, **kw})
+
+
+def train_losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run, "train")]
+
+
+def test_small_preset_fits_the_data(tmp_path, small_data):
+    # 4 samples, one step per epoch, constant lr: the CoCa loss (about 14 at the start) must fall clearly.
+    cfg = tiny(small_data, per_device_batch_size=4, epochs=12, warmup_steps=0, lr_min=1e-3, dropout=0.0,
+               val_split="none")
+    summary = run_training(cfg, tmp_path / "run")
+    losses = [loss for _, loss in train_losses(tmp_path / "run")]
+    assert summary["step"] == 12 and summary["stop_reason"] == "epochs"
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_resume_gives_the_same_losses(tmp_path, data):
+    # 12 samples, 2 per micro-batch, 2 micro-batches per step: 3 steps per epoch, 6 in all.
+    cfg = tiny(data, dropout=0.15)
+    full = run_training(cfg, tmp_path / "full")
+    assert full["step"] == 6
+    run_training(replace(cfg, max_steps=4), tmp_path / "part")  # stops inside the second epoch
+    resumed = run_training(resume_config(tmp_path / "part", max_steps=6), tmp_path / "part", resume=True)
+    assert resumed["step"] == 6
+    assert train_losses(tmp_path / "part") == train_losses(tmp_path / "full")  # exact, not approximate
+    vals = [r for r in read_metrics(tmp_path / "part", "val")]
+    assert [v["step"] for v in vals] == [3, 6] and vals == [
+        {**v, "time": w["time"]} for v, w in zip(read_metrics(tmp_path / "full", "val"), vals, strict=True)]
+    ckpts = sorted(p.name for p in (tmp_path / "part" / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-0000004", "step-0000006"]  # keep_checkpoints=2
+
+
+def test_fresh_run_refuses_a_used_folder(tmp_path, data):
+    cfg = tiny(data, max_steps=1)
+    run_training(cfg, tmp_path / "run")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_training(cfg, tmp_path / "run")
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cli.main", "train", "pretrain", "--preset", "grr-tiny", "--data", str(data),
+           "--out", str(run), "--set", "per_device_batch_size=2", "--set", "global_batch_size=2",
+           "--set", "num_workers=0", "--set", "loader=cpu", "--set", "epochs=50", "--set", "checkpoint_every=1000",
+           "--set", "tensorboard=false", "--set", "val_contrastive_batch_size=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len(read_metrics(run, "train")) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stop_reason"] == "signal"
+    step = summary["step"]
+    assert (run / "checkpoints" / f"step-{step:07d}" / "model.safetensors").exists()
+    resumed = run_training(resume_config(run, max_steps=step + 1), run, resume=True)
+    assert resumed["step"] == step + 1
+    assert [s for s, _ in train_losses(run)] == list(range(1, step + 2))
+
+
+def test_finetune_soft_reset_then_stop(tmp_path, small_data):
+    pre = tmp_path / "pre"
+    run_training(tiny(small_data, max_steps=1, val_split="none"), pre)
+    # lr 0: the validation loss never improves after the first epoch, so the rule plays out exactly.
+    cfg = tiny(small_data, recipe="finetune", init_from=str(pre), dataset="test", lr_max=0.0, lr_min=0.0,
+               per_device_batch_size=4, warmup_steps=0, early_stop=True, patience_per_level=1, num_lr_levels=2, epochs=10, dropout=0.1)
+    summary = run_training(cfg, tmp_path / "fine")
+    events = [r["what"] for r in read_metrics(tmp_path / "fine", "event")]
+    assert events == ["early_stop_improved", "early_stop_reset", "early_stop_stop", "stop"]
+    assert summary["stop_reason"] == "early_stop" and summary["epoch"] == 3
+    assert (tmp_path / "fine" / "best" / "model.safetensors").exists()
+    saved = json.loads((tmp_path / "fine" / "config.json").read_text())
+    assert saved["model"]["dropout"] == 0.1 and saved["train"]["init_from"] == str(pre)
+    assert os.path.exists(tmp_path / "fine" / "checkpoints" / "latest")
