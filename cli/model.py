@@ -7,13 +7,14 @@ import json
 import typer
 
 from cli.groups import model_app
-from grr_train.model import PRESETS
-from grr_train.model.summary import differences, parameter_table, summarize
 
 
 @model_app.command("list")
 def list_presets() -> None:
     """All presets: name, trainable parameters, what differs from baseline-coca."""
+    from grr_train.model import PRESETS  # torch loads only for the commands that need it
+    from grr_train.model.summary import differences, parameter_table
+
     reference = PRESETS["baseline-coca"]
     for name, cfg in PRESETS.items():
         total = sum(parameter_table(cfg).values())
@@ -27,6 +28,9 @@ def summary(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Parameter table per component and training FLOPs per sample of a preset."""
+    from grr_train.model import PRESETS
+    from grr_train.model.summary import summarize
+
     if preset not in PRESETS:
         typer.echo(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}", err=True)
         raise typer.Exit(2)

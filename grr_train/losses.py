@@ -78,7 +78,9 @@ def coca_loss(
 
     `out` has image_embed, text_embed, logits (B, 64, V); ids are the laid-out (B, 65) ids;
     `special` gives `ignored_targets` (SpecialIds). caption_sum and num_tokens are detached, for
-    accumulating perplexity over a set.
+    accumulating perplexity over a set. Under DDP the caption term is this rank's token mean and
+    DDP averages ranks, which differs slightly from a global token mean when ranks hold different
+    token counts; set-level perplexity uses the summed values instead.
     """
     targets = ids[:, 1:]
     ignored = special.ignored_targets

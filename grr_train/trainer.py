@@ -309,13 +309,14 @@ class Trainer:
         else:
             self.train_loader.set_epoch(self.epoch)
         self._loader_state = None
-        # Creating an iterator may draw from the global RNG; keep that off the dropout stream.
-        with torch.random.fork_rng(devices=[]):
-            return iter(self.train_loader)
+        return iter(self.train_loader)
 
     def _next_batch(self, batches) -> dict:
         try:
-            return next(batches)
+            # A loader may draw from the global RNG (a DataLoader seeds its workers at the first
+            # batch); keep that off the dropout stream so a resumed run draws what an unbroken one does.
+            with torch.random.fork_rng(devices=[]):
+                return next(batches)
         except StopIteration:
             raise RuntimeError(f"{self.cfg.data}: the train loader ran out before its stated "
                                f"{len(self.train_loader)} batches (epoch {self.epoch})") from None
