@@ -1,5 +1,164 @@
-"""Placeholder: commands are being written."""
+"""`grr eval`, `grr caption`, `grr compare` and `grr demo`: parse, call grr_train, print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto (a GPU when there is one)."
 
 
-def register(app) -> None:
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(1)
+
+
+def decode_words_for(data_dir: Path, vocab_size: int | None = None):
+    """The `decode_words` of the tokenizer a sharded set was made with (named in its manifest)."""
+    from grr_data.tokenizer import load_tokenizer
+
+    path = Path(data_dir) / "manifest.json"
+    try:
+        name = json.loads(path.read_text())["tokenizer"]["name"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: cannot read the tokenizer name ({err}); is {data_dir} a sharded set?") from err
+    tok = load_tokenizer(name)
+    if vocab_size is not None and tok.vocab_size != vocab_size:
+        raise ValueError(f"tokenizer {name!r} has {tok.vocab_size} ids but the model {vocab_size}; pass --tokenizer")
+    return tok.decode_words
+
+
+def _load_images(paths: list[Path]):
+    """Images through the same steps as the data pipeline: shorter side 288 as fetch stores them,
+    then the loader's 288x288 bilinear resize and ImageNet normalisation."""
+    import numpy as np
+    import torch
+
+    from grr_data.fetch.convert import resize_to_jpeg
+    from grr_data.loader.base import normalize
+    from grr_data.loader.cpu import decode_image
+
+    arrays = []
+    for path in paths:
+        try:
+            jpg, _ = resize_to_jpeg(path.read_bytes())
+            arrays.append(decode_image(jpg))
+        except Exception as err:  # unreadable file, not an image, damaged image
+            raise ValueError(f"{path}: cannot read this image ({type(err).__name__}: {err})") from err
+    return normalize(torch.from_numpy(np.stack(arrays)), torch.float32)
+
+
+def register(app: typer.Typer) -> None:
     """Add eval, caption, compare and demo to the root app."""
+    from cli import demo
+
+    app.command(name="eval")(eval_)
+    app.command()(caption)
+    app.command()(compare)
+    app.command(name="demo")(demo.demo)
+
+
+def eval_(
+    run_or_ckpt: Path = typer.Argument(..., help="Run folder or checkpoint folder."),
+    data: Path = typer.Option(..., help="Sharded set to evaluate on."),
+    split: str = typer.Option("val", help="Split of the set."),
+    batch_size: int = typer.Option(32, help="Loader batch size (does not change any number)."),
+    contrastive_batch_size: int = typer.Option(None, help="Contrastive loss batch (default: the run's validation one)."),
+    max_samples: int = typer.Option(None, help="Evaluate only the first N samples of the split."),
+    beams: int = typer.Option(1, help="Beams for the scored captions (1: greedy)."),
+    max_len: int = typer.Option(30, help="Longest generated caption, in tokens."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    json_: bool = typer.Option(False, "--json", help="Print every number as JSON."),
+) -> None:
+    """Table 2 metrics (CoCa loss, perplexity, contrastive loss), recall@k, BLEU-4 and CIDEr-D."""
+    from grr_train.checkpoint import load_model
+    from grr_train.evaluate import evaluate_run, format_eval
+    from grr_train.generate import DecodeOptions
+
+    try:
+        _, info = load_model(run_or_ckpt)
+        decode_words = decode_words_for(data, info["special"].vocab_size)
+        result = evaluate_run(run_or_ckpt, data, split, batch_size, contrastive_batch_size, max_samples,
+                              decode_words, DecodeOptions(beams=beams, max_len=max_len), _device(device))
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(json.dumps(result, indent=2) if json_ else format_eval(result))
+
+
+def caption(
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    ckpt: Path = typer.Option(..., help="Run folder or checkpoint folder."),
+    beams: int = typer.Option(1, help="Beam search with this many beams (1: greedy)."),
+    top_p: float = typer.Option(None, help="Sample from the smallest token set holding this probability."),
+    top_k: int = typer.Option(None, help="Sample from the k most likely tokens."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    max_len: int = typer.Option(30, help="Longest caption, in tokens."),
+    min_len: int = typer.Option(1, help="Shortest caption, in tokens (EOS is suppressed before)."),
+    seed: int = typer.Option(None, help="Sampling seed."),
+    tokenizer: Path = typer.Option(None, help="Tokenizer folder (default: the one of the run's training data)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """Caption images: greedy by default, beam search or top-k / top-p sampling."""
+    from grr_data.tokenizer import load_tokenizer
+    from grr_train.checkpoint import load_model
+    from grr_train.generate import DecodeOptions, generate
+
+    try:
+        options = DecodeOptions(beams=beams, top_k=top_k, top_p=top_p, temperature=temperature,
+                                min_len=min_len, max_len=max_len, seed=seed)
+        options.check()
+        dev = _device(device)
+        model, info = load_model(ckpt, device=dev)
+        if tokenizer is not None:
+            decode_words = load_tokenizer(tokenizer).decode_words
+        else:
+            decode_words = decode_words_for(Path(info["train_config"]["data"]), info["special"].vocab_size)
+        words = generate(model, _load_images(images).to(dev), info["special"], options)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    for path, w in zip(images, words, strict=True):
+        typer.echo(f"{path}: {decode_words(w)}")
+
+
+def compare(
+    run_a: Path = typer.Argument(..., help="First run (the reference, e.g. Baseline CoCa)."),
+    run_b: Path = typer.Argument(..., help="Second run (e.g. GRR-CoCa)."),
+    data: Path = typer.Option(..., help="Sharded set both runs are evaluated on."),
+    out: Path = typer.Option(Path("reports/compare"), help="Folder for the report and plots."),
+    split: str = typer.Option("val", help="Split of the set."),
+    title: str = typer.Option(None, help="Section title (default: the set and split)."),
+    name_a: str = typer.Option(None, help="Column name of the first run (default: its folder name)."),
+    name_b: str = typer.Option(None, help="Column name of the second run (default: its folder name)."),
+    contrastive_batch_size: int = typer.Option(None, help="Contrastive loss batch (default: run A's validation one)."),
+    max_samples: int = typer.Option(None, help="Evaluate only the first N samples of the split."),
+    batch_size: int = typer.Option(32, help="Loader batch size (does not change any number)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """Evaluate two runs on the same data; write the Table 2 layout (Markdown, JSON) and plots."""
+    from grr_train.checkpoint import load_model
+    from grr_train.compare import compare_runs
+
+    try:
+        _, info = load_model(run_a)
+        paths = compare_runs(
+            run_a, run_b, data, out, split=split, title=title,
+            names=(name_a or run_a.resolve().name, name_b or run_b.resolve().name),
+            decode_words=decode_words_for(data, info["special"].vocab_size),
+            contrastive_batch_size=contrastive_batch_size, max_samples=max_samples, batch_size=batch_size,
+            device=_device(device),
+        )
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(Path(paths["markdown"]).read_text())
+    for what, path in paths.items():
+        typer.echo(f"{what}: {path}")

@@ -43,8 +43,12 @@ def shard(
     typer.echo(f"  skipped: {skipped}")
     typer.echo(f"  truncated captions {manifest['truncated_captions']:,}; duplicate images "
                f"{manifest['duplicate_images']:,}; resized images {manifest['resized_images']:,}")
-    if stats["kept_shards"]:
-        typer.echo(f"  resumed: kept {stats['kept_shards']} shards from the interrupted run")
+    if stats["reused_tars"] or stats["kept_shards"]:
+        typer.echo(f"  resumed: kept {stats['kept_shards']} shards and reused {stats['reused_tars']} input tars "
+                   "from the interrupted run")
+    for pair, count in manifest.get("overlapping_splits", {}).items():
+        typer.echo(f"WARNING: {count:,} images are in both {pair} (split_mode {manifest['split_mode']!r}, as "
+                   "fetched): validation on this set measures fitting, not generalisation", err=True)
 
 
 @data_app.command("check")
@@ -55,6 +59,8 @@ def check(data_dir: Path = typer.Argument(..., help="A sharded set (the folder h
     report = check_dataset(data_dir)
     for name, count in report.num_samples.items():
         typer.echo(f"  {name:5s} {count:>10,} samples")
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}")
     if report.ok:
         typer.echo(f"ok: {data_dir}: {report.num_shards} shards match manifest.json")
         return

@@ -3,7 +3,9 @@
 Checks that every listed shard exists with the recorded sha256 and sample count, that its DALI
 index matches the tar member by member, that each sample has all four members and a valid token
 layout, that no key is stored twice and no image (sha256 of the stored JPEG) is in two splits,
-and that no shard on disk is missing from the manifest.
+and that no shard on disk is missing from the manifest. The one allowed overlap is one the
+manifest declares (`overlapping_splits`, from ROCO's paper split): it is reported as a warning
+when exactly the declared number of images is shared, and as a problem otherwise.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import os
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from tqdm import tqdm
 
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds, check_layout
 from grr_data.records import EXTENSIONS, decode_ids, index_path, read_index, sha256_file
+from grr_data.split import pair_name
 
 MAX_PROBLEMS_PER_SHARD = 20
 
@@ -26,6 +30,7 @@ MAX_PROBLEMS_PER_SHARD = 20
 @dataclass
 class CheckReport:
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # expected findings, e.g. a declared overlap
     num_samples: dict[str, int] = field(default_factory=dict)
     num_shards: int = 0
 
@@ -128,6 +133,8 @@ def check_dataset(data_dir: str | os.PathLike, progress: bool = True) -> CheckRe
     owner_of_key: dict[str, str] = {}
     owner_of_image: dict[str, tuple[str, str]] = {}  # image sha256 -> (split, shard path)
     reported_images: set[str] = set()
+    declared = manifest.get("overlapping_splits") or {}
+    shared: dict[str, set[str]] = {pair: set() for pair in declared}  # declared pair -> image sha256s in both
     entries = [(name, entry) for name, split in splits.items() for entry in split["shards"]]
     for name, entry in tqdm(entries, desc="check", unit="shard", disable=not progress):
         keys, hashes = _check_shard(root, entry, special, report.problems)
@@ -140,8 +147,24 @@ def check_dataset(data_dir: str | os.PathLike, progress: bool = True) -> CheckRe
             owner_of_key[key] = name
         for digest in hashes:
             other_split, other_path = owner_of_image.setdefault(digest, (name, entry["path"]))
-            if other_split != name and digest not in reported_images:
+            if other_split != name and pair_name(other_split, name) in declared:
+                shared[pair_name(other_split, name)].add(digest)
+            elif other_split != name and digest not in reported_images:
                 reported_images.add(digest)
                 report.problems.append(f"{root / entry['path']}: image {digest[:16]} is in splits {other_split} "
                                        f"({other_path}) and {name}")
+    _compare_overlaps(manifest_path, manifest, declared, shared, report)
     return report
+
+
+def _compare_overlaps(manifest_path: Path, manifest: dict, declared: dict, shared: dict[str, set[str]],
+                      report: CheckReport) -> None:
+    found = Counter({pair: len(digests) for pair, digests in shared.items()})
+    for pair, count in declared.items():
+        if found[pair] != count:
+            report.problems.append(f"{manifest_path}: declares {count} images shared by {pair}, the shards share "
+                                   f"{found[pair]}; the overlap is not the one the shard run recorded")
+        else:
+            report.warnings.append(f"{pair}: {count} images are in both splits, as declared (split_mode "
+                                   f"{manifest.get('split_mode')!r}): validation on this set measures fitting, "
+                                   "not generalisation")

@@ -4,10 +4,16 @@ Input tars are processed in sorted order (in parallel, results merged in order);
 `SplitAssigner` decides each sample's split, and each split is cut into shards of `shard_size`
 samples in input order. So the output is the same for any worker count.
 
-Resume rule: the arguments of a run are kept in `OUT/.work/params.json`. A rerun with the same
-arguments redoes the work but keeps every shard whose tar and index both exist and whose index
-lists exactly the keys planned for it (a tar appears only on a clean close, its index last);
-other shards are rewritten. `manifest.json` is written last, atomically: it means complete.
+Resume rule: the arguments of a run are kept in `OUT/.work/params.json`. Each processed input
+tar leaves a completion record in `OUT/.work/tars/` (grr_data.shard_resume), so a rerun with the
+same arguments decodes only the tars without one. It rebuilds the same plan, keeps every shard
+whose tar and index both exist and whose index lists exactly the keys planned for it (a tar
+appears only on a clean close, its index last) and rewrites the others. `manifest.json` is written
+last, atomically: it means complete.
+
+A fetch output whose `fetch_manifest.json` says `"split_mode": "paper"` (ROCO's paper split)
+deliberately puts the same images in train and val; under `--split source` those copies are kept,
+declared in manifest.json (`split_mode`, `overlapping_splits`) and warned about.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from tqdm import tqdm
 
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN
 from grr_data.records import ShardWriter, index_path, sample_members, sha256_file
-from grr_data.shard_input import InputError, TarJob, TarResult, find_inputs, process_tar
-from grr_data.split import SplitAssigner, SplitRule
+from grr_data.shard_input import InputError, TarJob, TarResult, find_inputs
+from grr_data.shard_resume import InputImages, record_path, run_job
+from grr_data.split import SplitAssigner, SplitRule, declared_overlaps
 from grr_data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,7 +70,8 @@ class _SplitSink:
         self._path: Path | None = None
         self._keys: list[str] = []
 
-    def add(self, key: str, members: dict[str, bytes]) -> None:
+    def add(self, key: str, make_members: Callable[[], dict[str, bytes]]) -> None:
+        """Plan `key` next; `make_members()` is called only when its shard is still to be written."""
         if self.num_samples % self.shard_size == 0:
             self.finish_shard()
             self._path = self.dir / f"shard-{self.num_samples // self.shard_size:06d}.tar"
@@ -71,7 +79,7 @@ class _SplitSink:
             self._writer = None if _indexed_keys(self._path) is not None else ShardWriter(self._path)
         self._keys.append(key)
         if self._writer is not None:
-            self._writer.write(key, members)
+            self._writer.write(key, make_members())
         self.num_samples += 1
 
     def finish_shard(self) -> None:
@@ -95,16 +103,16 @@ class _SplitSink:
 
 
 def _results(jobs: list[TarJob], workers: int) -> Iterator[TarResult]:
-    """process_tar over the jobs, in order; at most 2 x workers tars in flight to bound memory."""
+    """run_job over the jobs, in order; at most 2 x workers tars in flight to bound memory."""
     if workers <= 1:
-        yield from map(process_tar, jobs)
+        yield from map(run_job, jobs)
         return
     # workers tokenize one tar each; Rust threads inside them would only contend for the cores
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         pending: deque = deque()
         for job in jobs:
-            pending.append(pool.submit(process_tar, job))
+            pending.append(pool.submit(run_job, job))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
@@ -161,6 +169,14 @@ def shard_dataset(
     rule = SplitRule.parse(split or ("source" if has_folders else "95/5"))
     tok = load_tokenizer(tokenizer)
     fetch_manifest = _read_fetch_manifest(input_dir)
+    overlaps = declared_overlaps(fetch_manifest)
+    if overlaps and not rule.source:
+        log.warning("%s was fetched with the paper split (overlapping %s); --split %s re-splits it by image "
+                    "hash, so the overlap is not kept", input_dir, ", ".join(sorted(overlaps)), split)
+    elif overlaps:
+        log.warning("PAPER SPLIT: %s declares overlapping splits %s (split_mode paper); images in both are "
+                    "kept in both, so validation on this set measures fitting, not generalisation",
+                    input_dir, ", ".join(sorted(overlaps)))
     source = str((fetch_manifest or {}).get("dataset") or (fetch_manifest or {}).get("name") or input_dir.name)
 
     if (out_dir / MANIFEST).exists():
@@ -184,15 +200,21 @@ def shard_dataset(
     work.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(params_path, params)
 
-    jobs = [TarJob(str(p), folder, tokenizer, source, rule.source) for p, folder in inputs]
+    jobs = [TarJob(str(p), folder, tokenizer, source, rule.source, str(record_path(work, i)))
+            for i, (p, folder) in enumerate(inputs)]
     sinks = {name: _SplitSink(out_dir, name, shard_size, on_shard) for name in rule.splits}
-    assigner = SplitAssigner(rule)
+    assigner = SplitAssigner(rule, overlaps)
+    images = InputImages()
+    num_decoded = num_reused = 0
     skipped: Counter = Counter()
     problem_log = _ProblemLog()
     num_truncated = num_resized = 0
     bar = tqdm(total=len(jobs), unit="tar", desc="shard", disable=not progress)
     try:
-        for result in _results(jobs, workers if workers is not None else (os.cpu_count() or 1)):
+        results = _results(jobs, workers if workers is not None else (os.cpu_count() or 1))
+        for job, result in zip(jobs, results, strict=True):
+            num_decoded += result.num_decoded
+            num_reused += result.from_record
             skipped.update(result.skipped)
             for problem in result.problems:
                 problem_log(*problem)
@@ -205,8 +227,8 @@ def shard_dataset(
                     problem_log("duplicate_across_splits", sample.meta["source_key"],
                                 f"the same image is already in another split ({sample.identity.source_split})")
                     continue
-                meta = dict(sample.meta, split=name)
-                sinks[name].add(sample.key, sample_members(sample.jpg, sample.caption, sample.ids, meta))
+                sinks[name].add(sample.key, lambda job=job, sample=sample, name=name: sample_members(
+                    images.jpg(job.path, sample), sample.caption, sample.ids, dict(sample.meta, split=name)))
             bar.update(1)
             bar.set_postfix({n: s.num_samples for n, s in sinks.items()} | {"skipped": sum(skipped.values())})
         for sink in sinks.values():
@@ -237,7 +259,12 @@ def shard_dataset(
         "fetch_manifest": fetch_manifest,
         "split_rule": rule.describe(),
     }
+    if assigner.allowed_overlaps:
+        manifest["split_mode"] = fetch_manifest["split_mode"]
+        # images stored in both splits of each pair; `grr data check` expects exactly these
+        manifest["overlapping_splits"] = {pair: assigner.overlaps[pair] for pair in sorted(assigner.allowed_overlaps)}
     _write_json_atomic(out_dir / MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
-    stats = {"seconds": round(time.time() - started, 1), "kept_shards": sum(s.num_kept for s in sinks.values())}
+    stats = {"seconds": round(time.time() - started, 1), "kept_shards": sum(s.num_kept for s in sinks.values()),
+             "reused_tars": num_reused, "decoded_images": num_decoded + images.num_decoded}
     return manifest, stats

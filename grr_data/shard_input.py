@@ -46,16 +46,19 @@ class TarJob:
     tokenizer: str | None
     source: str  # dataset name written into each sample's json
     need_source_split: bool  # the `source` rule: a sample without a known split is skipped
+    record: str | None = None  # where its completion record goes (grr_data.shard_resume)
 
 
 @dataclass
 class Sample:
     key: str
-    jpg: bytes
+    jpg: bytes | None  # None when restored from a completion record: read back only if needed
     caption: str
     ids: np.ndarray  # (65,) int64
     meta: dict
     identity: SampleIdentity
+    member: str  # the image's member name in the input tar
+    resized: bool  # whether `jpg` is a re-encoding of that member
 
 
 @dataclass
@@ -65,6 +68,8 @@ class TarResult:
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, tar/key, detail)
     num_truncated: int = 0
     num_resized: int = 0
+    num_decoded: int = 0  # images decoded to get here (0 for a tar restored from its record)
+    from_record: bool = False
 
 
 def find_inputs(input_dir: Path) -> list[tuple[Path, str | None]]:
@@ -141,7 +146,7 @@ def process_tar(job: TarJob) -> TarResult:
     """Validate, resize and tokenize every sample of one input tar (runs in a worker)."""
     result = TarResult()
     tar_name = f"{job.folder_split}/{Path(job.path).name}" if job.folder_split else Path(job.path).name
-    pending: list[tuple[str, bytes, str, dict, SampleIdentity, tuple, bool]] = []
+    pending: list[tuple[str, bytes, str, dict, SampleIdentity, str, bool]] = []
     seen_keys: set[str] = set()
     num_groups = 0
 
@@ -161,6 +166,7 @@ def process_tar(job: TarJob) -> TarResult:
                 image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
                 if image_ext is None:
                     raise ValueError("missing_image", "no image member")
+                result.num_decoded += 1
                 jpg, orig_size, resized = prepare_image(members[image_ext])
             except ValueError as err:
                 skip(err.args[0], key, err.args[1])
@@ -183,7 +189,7 @@ def process_tar(job: TarJob) -> TarResult:
                 if info.get(name) is not None:
                     meta[name] = info[name]
             identity = SampleIdentity(digest, image_id, split)
-            pending.append((_output_key(job, key), jpg, caption, meta, identity, orig_size, resized))
+            pending.append((_output_key(job, key), jpg, caption, meta, identity, f"{key}.{image_ext}", resized))
     except tarfile.ReadError as err:
         expected = _expected_count(Path(job.path))
         # the group being read when the damage hit is lost too, so count it when stats are missing
@@ -193,9 +199,9 @@ def process_tar(job: TarJob) -> TarResult:
         result.problems.append(("damaged_tar", tar_name, f"{err}; {lost} sample(s) lost"))
 
     ids, truncated = load_tokenizer(job.tokenizer).encode_batch([p[2] for p in pending])
-    for row, (key, jpg, caption, meta, identity, _, resized) in enumerate(pending):
+    for row, (key, jpg, caption, meta, identity, member, resized) in enumerate(pending):
         meta["caption_truncated"] = bool(truncated[row])
-        result.samples.append(Sample(key, jpg, caption, ids[row], meta, identity))
+        result.samples.append(Sample(key, jpg, caption, ids[row], meta, identity, member, resized))
         result.num_resized += resized
     result.num_truncated = int(truncated.sum())
     return result

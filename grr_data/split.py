@@ -5,12 +5,15 @@ worker counts. An image never lands in two splits: the first copy of an image (b
 or of a source image id fixes its split, and later copies follow it. Under `95/5` a duplicate
 image is kept (in its first copy's split) and counted. Under `source` a copy whose source split
 differs from its first copy's is dropped (`duplicate_across_splits`); inputs are read test, val,
-train, so the evaluation splits stay whole and train loses the copy.
+train, so the evaluation splits stay whole and train loses the copy. The one exception is a pair
+of splits the fetch output declares as overlapping (ROCO's `--paper-split`: train = train + valid,
+val = valid): copies across that pair are kept, and the shared images are counted per pair.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 
 SPLITS = ("train", "val", "test")
@@ -21,6 +24,26 @@ _BUCKETS = 10_000
 
 def normalize_split(name: str | None) -> str | None:
     return SOURCE_SPLIT_NAMES.get(str(name).strip().lower()) if name is not None else None
+
+
+def pair_name(a: str, b: str) -> str:
+    """`train/val`, `train/test`, `val/test`: the name of a pair of splits in manifest.json."""
+    return "/".join(sorted((a, b), key=SPLITS.index))
+
+
+def declared_overlaps(fetch_manifest: dict | None) -> frozenset[str]:
+    """The pairs of output splits a fetch output deliberately overlaps (`split_mode` "paper").
+
+    Pairs whose `source_splits` routing shares a source split (ROCO's paper split routes
+    `valid` into both train and val); train/val when the routing is not recorded."""
+    if not isinstance(fetch_manifest, dict) or fetch_manifest.get("split_mode") != "paper":
+        return frozenset()
+    routing = fetch_manifest.get("source_splits")
+    if not isinstance(routing, dict):
+        return frozenset({pair_name("train", "val")})
+    sources = {normalize_split(out): set(srcs) for out, srcs in routing.items() if normalize_split(out)}
+    return frozenset(pair_name(a, b) for a in sources for b in sources
+                     if SPLITS.index(a) < SPLITS.index(b) and sources[a] & sources[b])
 
 
 @dataclass(frozen=True)
@@ -74,8 +97,11 @@ class SplitAssigner:
     """Assigns splits in input order; counts duplicates. Keeps two maps (image hash and image id
     to split), about 100 bytes per distinct image: ~1.2 GB for CC12M."""
 
-    def __init__(self, rule: SplitRule):
+    def __init__(self, rule: SplitRule, allowed_overlaps: frozenset[str] = frozenset()):
         self.rule = rule
+        self.allowed_overlaps = allowed_overlaps if rule.source else frozenset()
+        self.overlaps: Counter = Counter()  # pair name -> images kept in both splits of the pair
+        self._more_splits: dict[int, set[str]] = {}  # content -> its splits beyond the first (allowed overlaps)
         self._by_hash: dict[int, str] = {}  # first 8 bytes of the image sha256 -> split
         self._id_of_hash: dict[int, str] = {}  # the image id that first showed this content
         self._by_id: dict[str, str] = {}
@@ -90,7 +116,7 @@ class SplitAssigner:
             self.num_duplicate_images += 1
         if self.rule.source:
             split = sample.source_split
-            if seen is not None and seen != split:
+            if seen is not None and seen != split and not self._overlap_allowed(content, seen, split):
                 return None
         elif seen is not None:
             split = seen
@@ -107,3 +133,16 @@ class SplitAssigner:
         if sample.image_id is not None:
             self._by_id.setdefault(sample.image_id, split)
         return split
+
+    def _overlap_allowed(self, content: int, first: str, split: str) -> bool:
+        """Whether a copy of an image already in `first` may also go to `split`; counts it if so."""
+        more = self._more_splits.get(content, set())
+        if split in more:
+            return True
+        homes = {first} | more
+        if not all(pair_name(home, split) in self.allowed_overlaps for home in homes):
+            return False
+        for home in homes:
+            self.overlaps[pair_name(home, split)] += 1
+        self._more_splits.setdefault(content, set()).add(split)
+        return True

@@ -62,7 +62,7 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], 
     matches = [0] * max_n
     totals = [0] * max_n
     hyp_len = ref_len = 0
-    for hyp, refs in zip(hypotheses, references):
+    for hyp, refs in zip(hypotheses, references, strict=True):
         words = tokenize(hyp)
         ref_words = [tokenize(r) for r in refs]
         hyp_counts = ngram_counts(words, max_n)
@@ -75,7 +75,7 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], 
             totals[n - 1] += max(len(words) - n + 1, 0)
         hyp_len += len(words)
         ref_len += min((abs(len(rw) - len(words)), len(rw)) for rw in ref_words)[1]
-    precisions = [m / t if t else 0.0 for m, t in zip(matches, totals)]
+    precisions = [m / t if t else 0.0 for m, t in zip(matches, totals, strict=True)]
     if hyp_len == 0:
         brevity = 0.0
     elif hyp_len > ref_len:
@@ -120,7 +120,7 @@ def cider_d(
     log_num_docs = math.log(float(len(references)))
 
     per_image = []
-    for hc, refs in zip(hyp_counts, ref_counts):
+    for hc, refs in zip(hyp_counts, ref_counts, strict=True):
         vec, norm, length = _tfidf(hc, doc_freq, log_num_docs, max_n)
         total = [0.0] * max_n
         for rc in refs:

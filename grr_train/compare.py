@@ -86,7 +86,7 @@ def render_markdown(sections: list[Section], names: tuple[str, str]) -> str:
         for row in section_rows(s):
             change = "n/a" if row["change_pct"] is None else f"{row['change_pct']:+.2f}%"
             lines.append(f"| {row['metric']} | {_fmt(row['a'], row['format'])} | {_fmt(row['b'], row['format'])} | {change} |")
-        for name, ev in zip(names, (s.eval_a, s.eval_b)):
+        for name, ev in zip(names, (s.eval_a, s.eval_b), strict=True):
             cap = ev.get("captioning") or {}
             notes.append(
                 f"- {s.title}, {name}: `{ev.get('run')}` step {ev.get('checkpoint_step')}, split "
@@ -168,11 +168,11 @@ def plot_curves(section: Section, names: tuple[str, str], path: Path) -> bool:
         (axes[1, 1], "val", "contrastive", "validation contrastive loss"),
     ]
     for ax, kind, key, title in panels:
-        for name, records, color in zip(names, logs, ("tab:blue", "tab:orange")):
+        for name, records, color in zip(names, logs, ("tab:blue", "tab:orange"), strict=True):
             points = [(r["step"], r[key]) for r in records if r.get("kind") == kind and r.get(key) is not None]
             if not points:
                 continue
-            steps, values = zip(*points)
+            steps, values = zip(*points, strict=True)
             if kind == "train":
                 ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
                 ax.plot(steps, _smooth(list(values), max(1, len(values) // 20)), color=color, label=name)
@@ -196,7 +196,7 @@ def plot_recall(section: Section, names: tuple[str, str], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.38
     xs = range(len(RECALL_KEYS))
-    for i, (name, row, color) in enumerate(zip(names, values, ("tab:blue", "tab:orange"))):
+    for i, (name, row, color) in enumerate(zip(names, values, ("tab:blue", "tab:orange"), strict=True)):
         bars = ax.bar([x + (i - 0.5) * width for x in xs], row, width, label=name, color=color)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(list(xs), ["I->T R@1", "I->T R@5", "I->T R@10", "T->I R@1", "T->I R@5", "T->I R@10"])
@@ -247,3 +247,18 @@ def write_report(
         if plot_recall(s, names, out / f"recall-{name}.png"):
             paths[f"recall-{name}"] = out / f"recall-{name}.png"
     return {k: str(v) for k, v in paths.items()}
+
+
+def compare_runs(
+    run_a: str | os.PathLike, run_b: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+    split: str = "val", title: str | None = None, names: tuple[str, str] = ("Baseline CoCa", "GRR-CoCa"),
+    contrastive_batch_size: int | None = None, **eval_kwargs,
+) -> dict:
+    """Evaluate both runs on the same split (and contrastive batch size) and write the report."""
+    from grr_train.evaluate import evaluate_run
+
+    eval_a = evaluate_run(run_a, data_dir, split, contrastive_batch_size=contrastive_batch_size, **eval_kwargs)
+    # B gets A's contrastive batch size, so the two contrastive losses are comparable
+    eval_b = evaluate_run(run_b, data_dir, split, contrastive_batch_size=eval_a["contrastive_batch_size"], **eval_kwargs)
+    section = Section(title or f"{Path(data_dir).name}: {split}", eval_a, eval_b, str(run_a), str(run_b))
+    return write_report([section], out_dir, names)

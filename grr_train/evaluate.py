@@ -107,10 +107,10 @@ def retrieval_and_captions(model, batches, special, decode_words: Callable | Non
             for i in new:
                 first_key[hashes[i]] = batch["keys"][i]
             if decode_words is not None and options is not None:
-                for i, words in zip(new, generate_from_tokens(model, tokens, special, options)):
+                for i, words in zip(new, generate_from_tokens(model, tokens, special, options), strict=True):
                     generated[hashes[i]] = decode_words(words)
         if decode_words is not None:
-            for h, row in zip(hashes, ids.tolist()):
+            for h, row in zip(hashes, ids.tolist(), strict=True):
                 references.setdefault(h, []).append(decode_words(caption_word_ids(row, special)))
     text_to_image, _ = group_by_image(image_keys)
     retrieval = recall_at_k(torch.cat(image_embeds), torch.cat(text_embeds), text_to_image)

@@ -3,9 +3,9 @@
 Every method starts from BOS and feeds `model.decode(image_tokens, new_ids, cache)` only
 the tokens chosen at the last step, so a step costs one position, not the whole prefix
 (`use_cache=False` recomputes the prefix each step: the slow reference the tests compare
-against). BOS, CLS and PAD are never generated; EOS is banned until `min_len` words stand
-and forced once `max_len` words do. Outputs are word ids (no BOS or EOS), to be turned into
-text with the tokenizer's `decode_words`.
+against). BOS, CLS and PAD are never generated; EOS is banned until `min_len` caption tokens
+stand and forced once `max_len` do. Outputs are word ids (the layout's name for the caption
+tokens between BOS and EOS), turned into text with the tokenizer's `decode_words`.
 
 Beam search keeps `beams` hypotheses per image, ranks finished ones by their summed log
 probability divided by their length in tokens (EOS included), and stops once `beams`
@@ -31,8 +31,8 @@ class DecodeOptions:
     top_k: int | None = None  # sample from the k most likely tokens
     top_p: float | None = None  # sample from the smallest set holding probability p
     temperature: float = 1.0
-    min_len: int = 1  # words
-    max_len: int = 30  # words
+    min_len: int = 1  # caption tokens (sentence pieces), EOS not counted
+    max_len: int = 30  # caption tokens
     seed: int | None = None
     use_cache: bool = True
 
@@ -46,7 +46,7 @@ class DecodeOptions:
         if self.beams > 1 and self.sampling:
             raise ValueError("choose beam search or sampling (--top-k/--top-p), not both")
         if not 1 <= self.max_len <= MAX_WORDS:
-            raise ValueError(f"max_len must be between 1 and {MAX_WORDS} words, got {self.max_len}")
+            raise ValueError(f"max_len must be between 1 and {MAX_WORDS} tokens, got {self.max_len}")
         if not 0 <= self.min_len <= self.max_len:
             raise ValueError(f"min_len must be between 0 and max_len ({self.max_len}), got {self.min_len}")
         if self.temperature <= 0:
@@ -64,7 +64,7 @@ class DecodeOptions:
             how = f"sampling ({', '.join(p for p in parts if p)}, temperature {self.temperature}, seed {self.seed})"
         else:
             how = "greedy"
-        return f"{how}, {self.min_len}-{self.max_len} words"
+        return f"{how}, {self.min_len}-{self.max_len} tokens"
 
 
 def map_cache(cache, fn):
@@ -167,7 +167,7 @@ def _beam_search_one(model, image_tokens, special, options: DecodeOptions) -> li
         candidates = (scores[:, None] + logp).flatten()
         top_scores, top_index = torch.topk(candidates, 2 * k)
         keep_beam, keep_token, keep_score = [], [], []
-        for score, index in zip(top_scores.tolist(), top_index.tolist()):
+        for score, index in zip(top_scores.tolist(), top_index.tolist(), strict=True):
             if score == float("-inf"):
                 break
             beam, token = divmod(index, vocab)
@@ -192,7 +192,7 @@ def _beam_search_one(model, image_tokens, special, options: DecodeOptions) -> li
             seqs = torch.cat([seqs, seqs[:1].expand(pad, -1)])
             scores = torch.cat([scores, torch.full((pad,), float("-inf"), device=device)])
         if options.use_cache:
-            cache = map_cache(cache, lambda t: t.index_select(0, beam_index) if t.shape[:1] == (k,) else t)
+            cache = map_cache(cache, lambda t, idx=beam_index: t.index_select(0, idx) if t.shape[:1] == (k,) else t)
         logp, cache = _step(model, image_tokens, seqs, seqs[:, -1:], cache, options.use_cache)
     return max(finished, key=lambda item: item[0])[1]
 

@@ -92,7 +92,7 @@ def recall_at_k(
 
     out: dict = {"num_images": num_images, "num_texts": num_texts}
     for k in ks:
-        out[f"i2t_r{k}"] = 100.0 * float((i2t < k).float().mean())
+        out[f"i2t_r{k}"] = 100.0 * int((i2t < k).sum()) / num_images
     for k in ks:
-        out[f"t2i_r{k}"] = 100.0 * float((t2i < k).float().mean())
+        out[f"t2i_r{k}"] = 100.0 * int((t2i < k).sum()) / num_texts
     return out

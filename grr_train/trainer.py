@@ -35,7 +35,7 @@ from grr_data.loader import make_loader
 from grr_train import checkpoint as ckpt
 from grr_train.config import TrainConfig
 from grr_train.early_stop import IMPROVED, RESET, STOP, SoftResetEarlyStopper
-from grr_train.losses import coca_loss
+from grr_train.losses import caption_loss, contrastive_loss
 from grr_train.metrics_log import MetricsLog, truncate_metrics
 from grr_train.model import ModelConfig, build_model, get_config
 from grr_train.model.summary import flops_per_sample
@@ -212,13 +212,13 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             out = self.model(images, ids)
-        parts = coca_loss(out, ids, self.special, 0.0, 0.0, self._model_config.temperature, gather=True)
+        contrastive = contrastive_loss(out.image_embed, out.text_embed, self._model_config.temperature, gather=True)
+        caption_sum = caption_loss(out.logits, ids[:, 1:], self.special.ignored_targets, reduction="sum")
         # DDP averages gradients over ranks, hence x world_size on the token-normalised caption sum.
-        caption = parts["caption_sum"] * (self.info.world_size / global_tokens)
-        contrastive = parts["contrastive"] / self.accumulation
-        loss = self.cfg.lambda_con * contrastive + self.cfg.lambda_cap * caption
+        loss = (self.cfg.lambda_con * contrastive / self.accumulation
+                + self.cfg.lambda_cap * caption_sum * (self.info.world_size / global_tokens))
         loss.backward()
-        return torch.stack([parts["contrastive"].detach(), parts["caption_sum"].detach()]).double()
+        return torch.stack([contrastive.detach(), caption_sum.detach()]).double()
 
     def end_epoch(self) -> None:
         result = self.run_validation() if self.val_loader is not None else None

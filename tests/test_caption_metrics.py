@@ -42,7 +42,7 @@ def test_bleu_matches_sacrebleu():
         ["a red car is parked near a tree", "a small red car next to a tree"],
     ]
     ours = corpus_bleu(hyps, refs)["bleu"]
-    streams = [list(r) for r in zip(*refs)]
+    streams = [list(r) for r in zip(*refs, strict=True)]
     theirs = sacrebleu.corpus_bleu(hyps, streams, tokenize="none", smooth_method="none", force=True).score / 100
     assert ours == pytest.approx(theirs, abs=1e-9)
 

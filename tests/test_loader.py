@@ -67,6 +67,9 @@ def test_plan_covers_every_sample_once_plus_padding(num_samples, batch_size, wor
     perm = np.random.default_rng([5, 3]).permutation(num_samples)
     expected = np.bincount(np.resize(perm, padding), minlength=num_samples) + 1 if padding else 1
     assert (counts == expected).all()
+    # num_real marks exactly the padding: the real samples of all batches are the permutation
+    real = [b[j, : p.num_real(j)] for p, b in zip(plans, per_rank, strict=True) for j in range(len(b))]
+    assert sorted(np.concatenate(real).tolist()) == list(range(num_samples))
 
 
 def test_ranks_and_workers_partition_the_epoch(tmp_path):
@@ -189,3 +192,58 @@ def test_auto_picks_cpu_without_a_cuda_target(caplog):
     assert "picked cpu" in caplog.text
     with pytest.raises(ValueError, match="auto, dali or cpu"):
         pick_kind("gpu", "cpu")
+
+
+def test_bench_loader_cli(photos):
+    import typer
+    from typer.testing import CliRunner
+
+    import cli.loader  # noqa: F401  (registers `loader` into bench_app)
+    from cli.groups import bench_app
+
+    app = typer.Typer()
+    app.add_typer(bench_app, name="bench")
+    args = ["bench", "loader", str(photos), "--loader", "cpu", "--workers", "0", "--batch-size", "4"]
+    result = CliRunner().invoke(app, [*args, "--batches", "8"])
+    assert result.exit_code == 0, result.output
+    assert "cpu on cpu:" in result.output and "images/s" in result.output and "cores" in result.output
+    assert "8 batches" in result.output  # 7 batches an epoch: the bench goes on into the next
+
+
+def test_sample_missing_a_member_is_skipped(tmp_path):
+    from grr_data.records import ShardWriter, iter_tar_samples
+
+    images = [jpeg_bytes(Image.new("RGB", (300, 288), (0, 0, 20 * i))) for i in range(4)]
+    root = make_shardset(tmp_path, (4,), images=images)
+    shard = root / "train" / "shard-000000.tar"
+    samples = list(iter_tar_samples(shard))
+    with ShardWriter(shard) as writer:  # rewrite the shard with sample 2's .ids left out
+        for key, members in samples:
+            writer.write(key, {e: d for e, d in members.items() if not (key == "s000002" and e == "ids")})
+    loader = make_loader(root, batch_size=4, kind="cpu", shuffle=False, num_workers=0, with_keys=True)
+    (batch,) = list(loader)
+    assert batch["keys"] == ["s000000", "s000001", "s000003", "s000003"]
+    assert loader.skipped == {"missing_member": 1}
+
+
+def test_open_file_limit_is_respected(photos, monkeypatch):
+    import grr_data.loader.source as source
+
+    reference = numbers(list(make_loader(photos, batch_size=5, kind="cpu", num_workers=0)))
+    monkeypatch.setattr(source, "MAX_OPEN", 1)
+    loader = make_loader(photos, batch_size=5, kind="cpu", num_workers=0)
+    assert numbers(list(loader)) == reference
+    assert len(loader.shards._fds) == 1
+
+
+def test_set_epoch_starts_a_new_epoch_from_its_first_batch(photos):
+    fresh = make_loader(photos, batch_size=5, kind="cpu", num_workers=0)
+    fresh.set_epoch(1)
+    reference = numbers(list(fresh))
+    loader = make_loader(photos, batch_size=5, kind="cpu", num_workers=0)
+    it = iter(loader)
+    next(it), next(it)
+    it.close()  # a trainer leaving epoch 0 early
+    assert loader.state_dict()["batches_done"] == 2
+    loader.set_epoch(1)
+    assert numbers(list(loader)) == reference

@@ -1,4 +1,5 @@
-"""A killed `grr data shard` run, restarted, gives byte-identical shards."""
+"""A killed `grr data shard` run, restarted, gives byte-identical shards without decoding again the
+input tars it had finished (their completion records stand in)."""
 
 import json
 import os
@@ -11,13 +12,17 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from test_shard import make_fetch_output, shard_hashes  # noqa: E402
+from test_shard import jpeg, make_fetch_output, shard_hashes, write_tar  # noqa: E402
 
+import grr_data.shard_input  # noqa: E402
 from grr_data.check import check_dataset  # noqa: E402
 from grr_data.shard import shard_dataset  # noqa: E402
+from grr_data.shard_input import TarJob  # noqa: E402
+from grr_data.shard_resume import InputImages, run_job  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = {"split": "70/30", "shard_size": 3, "progress": False}
+PER_TAR = 12  # make_fetch_output's default: 3 tars of 12 samples
 KILL_AFTER_FIRST_SHARD = """
 import os, signal, sys
 from grr_data.shard import shard_dataset
@@ -43,6 +48,8 @@ def test_killed_run_resumes_to_identical_shards(reference, tmp_path):
     assert not (out / "manifest.json").exists() and (out / ".work" / "params.json").is_file()
     done = sorted(p.name for p in out.glob("*/*.tar"))
     assert len(done) == 1
+    records = sorted(p.name for p in (out / ".work" / "tars").glob("*.json.gz"))
+    assert records and len(records) < 3, records  # at least the tar being written when killed
     left_over = sorted(p.name for p in out.glob("*/*.tmp"))
     assert left_over, "the killed run should have left a half-written shard"
     # a kill between the tar's rename and its index's: the tar alone must not count as complete
@@ -51,13 +58,16 @@ def test_killed_run_resumes_to_identical_shards(reference, tmp_path):
 
     manifest, stats = shard_dataset(reference / "in", out, workers=2, **ARGS)
     assert stats["kept_shards"] == 1
+    # decoding is counted in the workers: only the tars without a record were decoded again
+    assert stats["reused_tars"] == len(records)
+    assert stats["decoded_images"] == (3 - len(records)) * PER_TAR
     assert shard_hashes(out) == shard_hashes(reference / "whole")
     assert manifest["splits"] == json.loads((reference / "whole" / "manifest.json").read_text())["splits"]
     assert not list(out.glob("*/*.tmp")) and not (out / ".work").exists()
     assert check_dataset(out, progress=False).ok
 
 
-def test_failed_run_resumes_and_other_arguments_are_refused(reference, tmp_path):
+def test_failed_run_resumes_and_other_arguments_are_refused(reference, tmp_path, monkeypatch):
     out = tmp_path / "out"
     shards = []
 
@@ -71,6 +81,36 @@ def test_failed_run_resumes_and_other_arguments_are_refused(reference, tmp_path)
     assert not list(out.glob("*/*.tmp"))  # an exception aborts open writers
     with pytest.raises(FileExistsError, match="other arguments"):
         shard_dataset(reference / "in", out, workers=1, **(ARGS | {"shard_size": 4}))
+    records = list((out / ".work" / "tars").glob("*.json.gz"))
+    assert len(records) == 1  # the first tar alone fills three shards (4 train, 8 val): the failure is in it
+    decoded = []
+    real_prepare = grr_data.shard_input.prepare_image
+    monkeypatch.setattr(grr_data.shard_input, "prepare_image", lambda data: decoded.append(1) or real_prepare(data))
     _, stats = shard_dataset(reference / "in", out, workers=1, **ARGS)
-    assert stats["kept_shards"] == 2
+    assert stats["kept_shards"] == 2 and stats["reused_tars"] == 1
+    assert len(decoded) == stats["decoded_images"] == 2 * PER_TAR  # the first tar's images are not decoded
     assert shard_hashes(out) == shard_hashes(reference / "whole")
+
+
+def test_a_record_restores_samples_and_their_images(tmp_path):
+    # one JPEG kept as is, one PNG the first run re-encoded: both come back byte for byte
+    write_tar(tmp_path / "00000.tar", [{"key": "a", "jpg": jpeg(1), "txt": "a red dog"},
+                                       {"key": "b", "png": jpeg(2, size=(500, 400), fmt="PNG"), "txt": "an old car"},
+                                       {"key": "c", "jpg": b"not a jpeg", "txt": "a cat"}])
+    job = TarJob(str(tmp_path / "00000.tar"), None, None, "made-up", False, str(tmp_path / "rec.json.gz"))
+    first = run_job(job)
+    assert not first.from_record and first.num_decoded == 3 and Path(job.record).is_file()
+    again = run_job(job)
+    assert again.from_record and again.num_decoded == 0
+    assert again.skipped == first.skipped and again.problems == first.problems
+    images = InputImages()
+    for old, new in zip(first.samples, again.samples, strict=True):
+        assert new.jpg is None and (new.key, new.caption, new.meta, new.identity) == (old.key, old.caption,
+                                                                                       old.meta, old.identity)
+        assert (new.ids == old.ids).all()
+        assert images.jpg(job.path, new) == old.jpg
+    assert images.num_decoded == 1  # only the re-encoded one
+    # an input changed since the record was written is refused, naming the tar and member
+    write_tar(tmp_path / "00000.tar", [{"key": "a", "jpg": jpeg(3), "txt": "a red dog"}])
+    with pytest.raises(RuntimeError, match="00000.tar: a.jpg is missing or changed"):
+        InputImages().jpg(job.path, again.samples[0])

@@ -136,6 +136,7 @@ class LoaderBase:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
 
     def __iter__(self):
+        self.shards.load_indexes()
         batches = self.plan.rank_batches(self.epoch)
         for batch in self._iter_batches(batches, self.batches_done):
             self.batches_done += 1

@@ -49,6 +49,12 @@ class Plan:
         """Repeated samples per epoch, over all ranks together."""
         return self.num_batches * self.world_size * self.batch_size - self.num_samples
 
+    def num_real(self, batch: int) -> int:
+        """How many leading samples of this rank's batch `batch` are not padding repeats (for
+        metrics that must count every sample once, e.g. validation over a split)."""
+        first = (batch * self.world_size + self.rank) * self.batch_size
+        return int(min(max(self.num_samples - first, 0), self.batch_size))
+
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The padded global order of an epoch: (num_batches * world_size * batch_size,) int64."""
         if self.shuffle:

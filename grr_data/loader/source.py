@@ -3,8 +3,9 @@
 Reads `manifest.json`, checks every shard and its DALI index are there and agree on sample
 counts, and reads one sample's members by global number with `os.pread` at the offsets the
 `.idx` file gives (no shared file position, so it is safe in forked workers). Index files are
-parsed lazily, once per shard and process, into small int64 arrays; keys are kept only when
-asked for, so a 12M-sample set costs ~40 bytes a sample per process, not a Python dict each.
+parsed into small int64 arrays once, in the loader's process before its workers fork, so the
+workers share them; keys are kept only when asked for, so a 12M-sample set costs ~32 bytes a
+sample, not a Python dict each.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds
 from grr_data.records import INDEX_VERSION, decode_ids, index_path
+
+MAX_OPEN = 128
 
 
 class SampleError(Exception):
@@ -36,22 +40,32 @@ class ShardIndex:
 
 
 def _parse_index(path: Path, keep_keys: bool) -> ShardIndex:
-    lines = path.read_text().splitlines()
-    count = int(lines[0].split()[1])
+    head, _, body = path.read_text().partition("\n")
+    count = int(head.split()[1])
+    tokens = body.split()
+    width = len(body[: body.find("\n")].split()) if count else 0
     offsets = np.full((count, 2), -1, dtype=np.int64)
     sizes = np.zeros((count, 2), dtype=np.int64)
+    if count and width % 4 == 0 and len(tokens) == count * width:
+        # Every sample has the same members: take whole columns at once (~5x faster).
+        exts = [tokens[j] for j in range(0, width, 4)]
+        if all(tokens[j::width].count(ext) == count for j, ext in zip(range(0, width, 4), exts, strict=True)):
+            for col, ext in enumerate(("jpg", "ids")):
+                if ext in exts:
+                    j = 4 * exts.index(ext)
+                    offsets[:, col] = np.fromiter(map(int, tokens[j + 1 :: width]), np.int64, count)
+                    sizes[:, col] = np.fromiter(map(int, tokens[j + 2 :: width]), np.int64, count)
+            keys = [n.rsplit(".", 1)[0] for n in tokens[3::width]] if keep_keys else None
+            return ShardIndex(offsets, sizes, keys)
     keys = [] if keep_keys else None
-    for i, line in enumerate(lines[1 : 1 + count]):
+    for i, line in enumerate(body.splitlines()[:count]):
         parts = line.split()
-        key = None
-        for j in range(0, len(parts), 4):
-            ext, off, size, name = parts[j], int(parts[j + 1]), int(parts[j + 2]), parts[j + 3]
-            col = {"jpg": 0, "ids": 1}.get(ext)
+        for j in range(0, len(parts) - 3, 4):
+            col = {"jpg": 0, "ids": 1}.get(parts[j])
             if col is not None:
-                offsets[i, col], sizes[i, col] = off, size
-            key = key or name.rsplit(".", 1)[0]
+                offsets[i, col], sizes[i, col] = int(parts[j + 1]), int(parts[j + 2])
         if keys is not None:
-            keys.append(key or f"#{i}")
+            keys.append(parts[3].rsplit(".", 1)[0] if len(parts) >= 4 else f"#{i}")
     return ShardIndex(offsets, sizes, keys)
 
 
@@ -116,12 +130,24 @@ class ShardSet:
             self._indexes[shard] = _parse_index(index_path(self.paths[shard]), self.keep_keys)
         return self._indexes[shard]
 
+    def load_indexes(self) -> None:
+        """Parse every shard's index now (~2 s per million samples), so that forked workers share
+        them instead of each parsing them again every epoch."""
+        todo = [s for s in range(len(self.paths)) if s not in self._indexes]
+        for shard in tqdm(todo, desc="reading shard indexes", unit="shard", disable=len(todo) < 64):
+            self._index(shard)
+
     def _fd(self, shard: int) -> int:
-        # One descriptor per shard and process; workers are forked after the parent's reads,
-        # which is safe because pread never moves a shared file position.
-        if shard not in self._fds:
-            self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        return self._fds[shard]
+        # Descriptors are kept open (at most MAX_OPEN a process, so a set of thousands of shards
+        # stays under the usual 1024 limit); workers forked after the parent's reads share them
+        # safely because pread never moves a shared file position.
+        fd = self._fds.pop(shard, None)
+        if fd is None:
+            if len(self._fds) >= MAX_OPEN:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = os.open(self.paths[shard], os.O_RDONLY)
+        self._fds[shard] = fd  # most recently used last
+        return fd
 
     def describe(self, g: int) -> str:
         """'shard-000001.tar key' for log lines."""
