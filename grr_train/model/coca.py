@@ -56,9 +56,12 @@ class CoCa(nn.Module):
             d, cfg.heads, cfg.multimodal_depth, cfg.text_hidden, cfg.dropout, True, cfg.rope_theta
         )
         # The one 768-vector the paper's totals leave (DESIGN.md) is this norm before the LM head;
-        # the unimodal CLS output is therefore normalised without parameters.
+        # the unimodal CLS output and the pooled image token are therefore normalised without
+        # parameters. Without the image one, the pooled token starts tiny (two 0.02-init linears)
+        # and the L2 normalisation after the projection turns that into gradients of ~1e4.
         self.final_norm = RMSNorm(d)
         self.text_norm = RMSNorm(d, affine=False)
+        self.image_norm = RMSNorm(d, affine=False)
         # Untied, with a bias: the totals count a second 32,102 x 768 matrix plus 32,102 biases.
         self.lm_head = nn.Linear(d, cfg.vocab_size)
         self.apply(_init_weights)
@@ -93,7 +96,7 @@ class CoCa(nn.Module):
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, S, S) -> (image_embed (B, D) L2-normalised, image_tokens (B, Q, D))."""
         contrastive, image_tokens = self.poolers(self.vit(images))
-        return F.normalize(self.image_proj(contrastive), dim=-1), image_tokens
+        return F.normalize(self.image_proj(self.image_norm(contrastive)), dim=-1), image_tokens
 
     def _text_embed(self, hidden: torch.Tensor) -> torch.Tensor:
         cls = self.text_norm(hidden[:, self.cfg.cls_index])  # (B, D)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from grr_train.model.attention import Attention
+from grr_train.model.norms import RMSNorm
 
 
 class CascadedPoolers(nn.Module):
@@ -23,11 +24,15 @@ class CascadedPoolers(nn.Module):
         self.num_queries = num_queries
         self.queries = nn.Parameter(torch.empty(num_queries + 1, dim))  # generative ones, then contrastive
         self.attn = Attention(dim, heads, dropout)
+        # CoCa normalises the pooled tokens; the counts leave no room for a learnable norm, so it
+        # is parameter-free. Without it the second stage attends over tokens of ~1e-3 scale and
+        # the contrastive gradients start at ~1e3-1e4.
+        self.norm = RMSNorm(dim, affine=False)
 
     def forward(self, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = patch_tokens.shape[0]
         generative_q = self.queries[: self.num_queries].unsqueeze(0).expand(b, -1, -1)
         contrastive_q = self.queries[self.num_queries :].unsqueeze(0).expand(b, -1, -1)
-        generative = self.attn(generative_q, context=patch_tokens)  # (B, Q, D)
+        generative = self.norm(self.attn(generative_q, context=patch_tokens))  # (B, Q, D)
         contrastive = self.attn(contrastive_q, context=generative)  # (B, 1, D)
         return contrastive[:, 0], generative
