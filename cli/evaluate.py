@@ -10,12 +10,19 @@ import typer
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto (a GPU when there is one)."
 
 
-def _device(name: str) -> str:
+def pick_device(name: str) -> str:
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def _vocab_size(run_or_ckpt: Path) -> int:
+    """The vocabulary of a run's model, from its checkpoint's meta.json (no weights loaded)."""
+    from grr_train.checkpoint import read_meta, resolve_checkpoint
+
+    return int(read_meta(resolve_checkpoint(run_or_ckpt))["special"]["vocab_size"])
 
 
 def _fail(err: Exception) -> None:
@@ -81,15 +88,13 @@ def eval_(
     json_: bool = typer.Option(False, "--json", help="Print every number as JSON."),
 ) -> None:
     """Table 2 metrics (CoCa loss, perplexity, contrastive loss), recall@k, BLEU-4 and CIDEr-D."""
-    from grr_train.checkpoint import load_model
     from grr_train.evaluate import evaluate_run, format_eval
     from grr_train.generate import DecodeOptions
 
     try:
-        _, info = load_model(run_or_ckpt)
-        decode_words = decode_words_for(data, info["special"].vocab_size)
+        decode_words = decode_words_for(data, _vocab_size(run_or_ckpt))
         result = evaluate_run(run_or_ckpt, data, split, batch_size, contrastive_batch_size, max_samples,
-                              decode_words, DecodeOptions(beams=beams, max_len=max_len), _device(device))
+                              decode_words, DecodeOptions(beams=beams, max_len=max_len), pick_device(device))
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     typer.echo(json.dumps(result, indent=2) if json_ else format_eval(result))
@@ -117,7 +122,7 @@ def caption(
         options = DecodeOptions(beams=beams, top_k=top_k, top_p=top_p, temperature=temperature,
                                 min_len=min_len, max_len=max_len, seed=seed)
         options.check()
-        dev = _device(device)
+        dev = pick_device(device)
         model, info = load_model(ckpt, device=dev)
         if tokenizer is not None:
             decode_words = load_tokenizer(tokenizer).decode_words
@@ -145,17 +150,15 @@ def compare(
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Evaluate two runs on the same data; write the Table 2 layout (Markdown, JSON) and plots."""
-    from grr_train.checkpoint import load_model
     from grr_train.compare import compare_runs
 
     try:
-        _, info = load_model(run_a)
         paths = compare_runs(
             run_a, run_b, data, out, split=split, title=title,
             names=(name_a or run_a.resolve().name, name_b or run_b.resolve().name),
-            decode_words=decode_words_for(data, info["special"].vocab_size),
+            decode_words=decode_words_for(data, _vocab_size(run_a)),
             contrastive_batch_size=contrastive_batch_size, max_samples=max_samples, batch_size=batch_size,
-            device=_device(device),
+            device=pick_device(device),
         )
     except (ValueError, FileNotFoundError) as err:
         _fail(err)

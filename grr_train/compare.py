@@ -177,7 +177,7 @@ def plot_curves(section: Section, names: tuple[str, str], path: Path) -> bool:
                 ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
                 ax.plot(steps, _smooth(list(values), max(1, len(values) // 20)), color=color, label=name)
             else:
-                ax.plot(steps, values, marker="o", color=color, label=name)
+                ax.plot(steps, values, marker="o" if len(points) <= 30 else None, color=color, label=name)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

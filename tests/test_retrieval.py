@@ -61,3 +61,18 @@ def test_bad_input_is_refused_with_a_reason():
         recall_at_k(torch.eye(3), SIMS[:3], torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match="shape"):
         recall_at_k(torch.eye(3), SIMS, torch.tensor([0, 1]))
+
+
+def test_eval_counts_each_sample_once_and_groups_by_image_pixels():
+    from grr_train.evaluate import OncePerSample, image_hash
+
+    images = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 2, 2)
+    batches = [
+        {"images": images[:3], "ids": torch.zeros(3, 65, dtype=torch.long), "keys": ["a", "b", "c"]},
+        # the loader pads its last batch with the first samples again
+        {"images": images[[3, 0, 1]], "ids": torch.zeros(3, 65, dtype=torch.long), "keys": ["d", "a", "b"]},
+    ]
+    seen = [b["keys"] for b in OncePerSample(batches)]
+    assert seen == [["a", "b", "c"], ["d"]]
+    assert [b["keys"] for b in OncePerSample(batches, max_samples=2)] == [["a", "b"]]
+    assert image_hash(images[0]) == image_hash(images[0].clone()) != image_hash(images[1])

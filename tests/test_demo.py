@@ -1,0 +1,73 @@
+"""End-to-end: `grr demo --quick` through the real CLI, then `grr eval`, `grr caption`, `grr compare`
+on what it made. This is the suite's end-to-end test (about a minute on a CPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import skimage.data
+from PIL import Image
+
+from grr_train.compare import ROWS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def grr(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"grr {' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    stdout = grr("demo", "--quick", "--out", out)
+    assert "demo finished" in stdout
+    return out
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_the_whole_report(demo_dir):
+    report = json.loads((demo_dir / "report" / "comparison.json").read_text())
+    assert report["names"] == ["Baseline CoCa", "GRR-CoCa"]
+    assert [s["title"] for s in report["sections"]] == ["Pretraining: sample val", "Fine-Tuning: sample val"]
+    for section in report["sections"]:
+        assert len(section["rows"]) == len(ROWS)
+        for row in section["rows"]:
+            assert isinstance(row["a"], float) and isinstance(row["b"], float), row
+        assert section["eval_a"]["contrastive_batch_size"] == section["eval_b"]["contrastive_batch_size"]
+        assert section["eval_a"]["captioning"]["examples"]
+    md = (demo_dir / "report" / "comparison.md").read_text()
+    assert "| Perplexity |" in md and "| CIDEr-D |" in md
+    for name in ("curves-pretraining-sample-val", "recall-fine-tuning-sample-val"):
+        assert (demo_dir / "report" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    # the fine-tuned runs start from the pretrained ones and use the fine-tuning lambdas
+    fine = report["sections"][1]["eval_b"]
+    assert (fine["lambda_con"], fine["lambda_cap"]) == (1.0, 2.0)
+
+
+@pytest.mark.slow
+def test_eval_caption_and_compare_cli_on_demo_runs(demo_dir, tmp_path):
+    shards, runs = demo_dir / "data" / "shards", demo_dir / "runs"
+    result = json.loads(grr("eval", runs / "finetune-grr", "--data", shards, "--json", "--max-samples", "4",
+                            "--contrastive-batch-size", "2", "--max-len", "6", "--device", "cpu"))
+    assert result["num_samples"] == 4 and result["contrastive_batch_size"] == 2
+    assert result["checkpoint_step"] == 4
+    assert result["retrieval"]["num_texts"] == 4
+    assert 0.0 <= result["captioning"]["bleu4"] <= 1.0
+
+    image = tmp_path / "astronaut.jpg"
+    Image.fromarray(skimage.data.astronaut()).save(image)
+    lines = grr("caption", image, image, "--ckpt", runs / "finetune-grr", "--beams", "2", "--max-len", "5",
+                "--device", "cpu").strip().splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith(str(image))
+
+    out = tmp_path / "cmp"
+    stdout = grr("compare", runs / "finetune-baseline", runs / "finetune-grr", "--data", shards, "--out", out,
+                 "--device", "cpu")
+    assert "| CoCa Loss |" in stdout
+    assert (out / "comparison.json").is_file() and (out / "recall-shards-val.png").is_file()
