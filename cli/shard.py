@@ -21,7 +21,7 @@ def shard(
     shard_size: int = typer.Option(10_000, help="Samples per output shard."),
     workers: int = typer.Option(None, help="Processes over input tars (default: CPU count)."),
 ) -> None:
-    """Tokenize captions, split, and write train/val[/test] shards with DALI indexes and manifest.json."""
+    """Tokenize captions, split, and write train, val (and test) shards with DALI indexes and manifest.json."""
     from grr_data.shard import shard_dataset
     from grr_data.shard_input import InputError
     from grr_data.tokenizer import TokenizerError
