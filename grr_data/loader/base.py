@@ -2,7 +2,9 @@
 
 Output (CONTRACTS.md "Loader"): `images` (B, 3, 288, 288) in the requested float dtype,
 resized bilinearly to 288x288 (aspect not kept, paper 3.2), scaled to [0, 1] and normalised
-with the ImageNet mean and std; `ids` (B, 65) int64; `keys` when asked for.
+with the ImageNet mean and std; `ids` (B, 65) int64; `num_real` (int): how many leading
+samples of the batch are not padding repeats (`Plan.num_real`), so split-level metrics count
+every sample once; `keys` when asked for.
 
 Position: `epoch` and `batches_done` (batches of this epoch already handed out). Iterating
 yields the epoch's batches from `batches_done` on and then moves to the next epoch, so a
@@ -23,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from grr_data.loader.plan import Plan
@@ -57,6 +60,12 @@ def fill_batch(slots: Sequence[T | None], fallback: Callable[[], T]) -> list[T]:
             s = slots[next((j for j in good if j > i), good[0])]
         out.append(s)
     return out
+
+
+def plan_after(batches, after: int):
+    """The rank's plan (`batches` (num_batches, B)) flattened, starting at the batch after `after`:
+    where a batch none of whose samples is usable takes its substitute from."""
+    return np.roll(batches.reshape(-1), -(after + 1) * batches.shape[1])
 
 
 class SkipLog:
@@ -139,6 +148,7 @@ class LoaderBase:
         self.shards.load_indexes()
         batches = self.plan.rank_batches(self.epoch)
         for batch in self._iter_batches(batches, self.batches_done):
+            batch["num_real"] = self.plan.num_real(self.batches_done)
             self.batches_done += 1
             yield batch
         self.epoch, self.batches_done = self.epoch + 1, 0

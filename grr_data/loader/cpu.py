@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from grr_data.loader.base import IMAGE_SIZE, LoaderBase, fill_batch, normalize
+from grr_data.loader.base import IMAGE_SIZE, LoaderBase, fill_batch, normalize, plan_after
 from grr_data.loader.plan import worker_batches
 from grr_data.loader.source import SampleError
 
@@ -52,8 +52,7 @@ class BatchStream(IterableDataset):
 
     def _fallback(self, after: int):
         # Every sample of the batch failed: take the first usable sample after it in the plan.
-        flat = np.roll(self.batches.reshape(-1), -(after + 1) * self.batches.shape[1])
-        for g in flat:
+        for g in plan_after(self.batches, after):
             try:
                 return self._load(g)
             except SampleError:

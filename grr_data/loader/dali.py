@@ -27,7 +27,7 @@ import logging
 import numpy as np
 import torch
 
-from grr_data.loader.base import IMAGE_SIZE, MEAN, STD, LoaderBase, fill_batch
+from grr_data.loader.base import IMAGE_SIZE, MEAN, STD, LoaderBase, fill_batch, plan_after
 from grr_data.loader.cpu import decode_image
 from grr_data.loader.source import SampleError
 
@@ -81,7 +81,7 @@ class DaliLoader(LoaderBase):
 
     def _fallback(self, batches: np.ndarray, after: int):
         # Every sample of the batch failed: the first sample after it in the plan that decodes.
-        for g in np.roll(batches.reshape(-1), -(after + 1) * batches.shape[1]):
+        for g in plan_after(batches, after):
             slot = self._read_slot(int(g), [])
             if slot is not None and self._check(int(g), slot[0]):
                 return slot
