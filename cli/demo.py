@@ -82,7 +82,7 @@ def run_demo(out: Path, plan: DemoPlan) -> dict:
         finetuned[short] = (pre, fine)
 
     _say("5/5 evaluate the four runs and compare")
-    decode_words = decode_words_for(shards)
+    decode_words = decode_words_for(finetuned["baseline"][0])  # the tokenizer the runs recorded
     options = DecodeOptions(max_len=plan.caption_tokens)
 
     def evaluate(run: Path) -> dict:

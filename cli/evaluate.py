@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto (a GPU when there is one)."
+TOKENIZER_HELP = "Tokenizer name or folder, to turn ids into text (default: the one the run was trained with)."
 
 
 def pick_device(name: str) -> str:
@@ -18,51 +19,41 @@ def pick_device(name: str) -> str:
     return name
 
 
-def _vocab_size(run_or_ckpt: Path) -> int:
-    """The vocabulary of a run's model, from its checkpoint's meta.json (no weights loaded)."""
-    from grr_train.checkpoint import read_meta, resolve_checkpoint
-
-    return int(read_meta(resolve_checkpoint(run_or_ckpt))["special"]["vocab_size"])
-
-
 def _fail(err: Exception) -> None:
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(1)
 
 
-def decode_words_for(data_dir: Path, vocab_size: int | None = None):
-    """The `decode_words` of the tokenizer a sharded set was made with (named in its manifest)."""
-    from grr_data.tokenizer import load_tokenizer
-
+def _manifest_tokenizer(data_dir: Path) -> dict:
     path = Path(data_dir) / "manifest.json"
     try:
-        name = json.loads(path.read_text())["tokenizer"]["name"]
+        return json.loads(path.read_text())["tokenizer"]
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path}: cannot read the tokenizer name ({err}); is {data_dir} a sharded set?") from err
+        raise ValueError(f"{path}: cannot read the tokenizer entry ({err}); is {data_dir} a sharded set?") from err
+
+
+def decode_words_for(run_or_ckpt: Path, tokenizer: Path | None = None, data_dir: Path | None = None):
+    """The `decode_words` for a run's captions: `tokenizer` when given, else the one its training
+    set was made with (recorded in the checkpoint), else, for runs from before that was recorded,
+    the one named in `data_dir`'s manifest."""
+    from grr_data.tokenizer import load_tokenizer
+    from grr_train.checkpoint import read_meta, resolve_checkpoint
+
+    meta = read_meta(resolve_checkpoint(run_or_ckpt))
+    vocab_size = int(meta["special"]["vocab_size"])
+    if tokenizer is not None:
+        name, origin = str(tokenizer), "--tokenizer"
+    elif meta.get("tokenizer"):
+        name, origin = meta["tokenizer"]["name"], f"{run_or_ckpt} (recorded at training)"
+    elif data_dir is not None:
+        name, origin = _manifest_tokenizer(data_dir)["name"], f"{data_dir}/manifest.json"
+    else:
+        raise ValueError(f"{run_or_ckpt} does not record its tokenizer (an older run); pass --tokenizer")
     tok = load_tokenizer(name)
-    if vocab_size is not None and tok.vocab_size != vocab_size:
-        raise ValueError(f"tokenizer {name!r} has {tok.vocab_size} ids but the model {vocab_size}; pass --tokenizer")
+    if tok.vocab_size != vocab_size:
+        raise ValueError(f"tokenizer {name!r} (from {origin}) has {tok.vocab_size} ids but the model "
+                         f"{vocab_size}; pass the tokenizer the model was trained with as --tokenizer")
     return tok.decode_words
-
-
-def _load_images(paths: list[Path]):
-    """Images through the same steps as the data pipeline: shorter side 288 as fetch stores them,
-    then the loader's 288x288 bilinear resize and ImageNet normalisation."""
-    import numpy as np
-    import torch
-
-    from grr_data.fetch.convert import resize_to_jpeg
-    from grr_data.loader.base import normalize
-    from grr_data.loader.cpu import decode_image
-
-    arrays = []
-    for path in paths:
-        try:
-            jpg, _ = resize_to_jpeg(path.read_bytes())
-            arrays.append(decode_image(jpg))
-        except Exception as err:  # unreadable file, not an image, damaged image
-            raise ValueError(f"{path}: cannot read this image ({type(err).__name__}: {err})") from err
-    return normalize(torch.from_numpy(np.stack(arrays)), torch.float32)
 
 
 def register(app: typer.Typer) -> None:
@@ -84,6 +75,7 @@ def eval_(
     max_samples: int = typer.Option(None, help="Evaluate only the first N samples of the split."),
     beams: int = typer.Option(1, help="Beams for the scored captions (1: greedy)."),
     max_len: int = typer.Option(30, help="Longest generated caption, in tokens."),
+    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     json_: bool = typer.Option(False, "--json", help="Print every number as JSON."),
 ) -> None:
@@ -92,7 +84,7 @@ def eval_(
     from grr_train.generate import DecodeOptions
 
     try:
-        decode_words = decode_words_for(data, _vocab_size(run_or_ckpt))
+        decode_words = decode_words_for(run_or_ckpt, tokenizer, data)
         result = evaluate_run(run_or_ckpt, data, split, batch_size, contrastive_batch_size, max_samples,
                               decode_words, DecodeOptions(beams=beams, max_len=max_len), pick_device(device))
     except (ValueError, FileNotFoundError) as err:
@@ -110,11 +102,13 @@ def caption(
     max_len: int = typer.Option(30, help="Longest caption, in tokens."),
     min_len: int = typer.Option(1, help="Shortest caption, in tokens (EOS is suppressed before)."),
     seed: int = typer.Option(None, help="Sampling seed."),
-    tokenizer: Path = typer.Option(None, help="Tokenizer folder (default: the one of the run's training data)."),
+    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Caption images: greedy by default, beam search or top-k / top-p sampling."""
-    from grr_data.tokenizer import load_tokenizer
+    import torch
+
+    from grr_data.loader import preprocess_image
     from grr_train.checkpoint import load_model
     from grr_train.generate import DecodeOptions, generate
 
@@ -124,11 +118,9 @@ def caption(
         options.check()
         dev = pick_device(device)
         model, info = load_model(ckpt, device=dev)
-        if tokenizer is not None:
-            decode_words = load_tokenizer(tokenizer).decode_words
-        else:
-            decode_words = decode_words_for(Path(info["train_config"]["data"]), info["special"].vocab_size)
-        words = generate(model, _load_images(images).to(dev), info["special"], options)
+        decode_words = decode_words_for(ckpt, tokenizer, Path(info["train_config"]["data"]))
+        pixels = torch.stack([preprocess_image(path) for path in images])  # (N, 3, 288, 288)
+        words = generate(model, pixels.to(dev), info["special"], options)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     for path, w in zip(images, words, strict=True):
@@ -147,6 +139,7 @@ def compare(
     contrastive_batch_size: int = typer.Option(None, help="Contrastive loss batch (default: run A's validation one)."),
     max_samples: int = typer.Option(None, help="Evaluate only the first N samples of the split."),
     batch_size: int = typer.Option(32, help="Loader batch size (does not change any number)."),
+    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Evaluate two runs on the same data; write the Table 2 layout (Markdown, JSON) and plots."""
@@ -156,7 +149,7 @@ def compare(
         paths = compare_runs(
             run_a, run_b, data, out, split=split, title=title,
             names=(name_a or run_a.resolve().name, name_b or run_b.resolve().name),
-            decode_words=decode_words_for(data, _vocab_size(run_a)),
+            decode_words=decode_words_for(run_a, tokenizer, data),
             contrastive_batch_size=contrastive_batch_size, max_samples=max_samples, batch_size=batch_size,
             device=pick_device(device),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -41,7 +42,13 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-SET_HELP = "Override a setting: --set key=value (repeatable; see grr_train/config.py for the names)."
+# Options both recipes take, declared once.
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="JSON file of settings.")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a setting: --set key=value "
+                                                "(repeatable; see grr_train/config.py for the names).")]
+MaxSteps = Annotated[int | None, typer.Option(help="Stop after this many optimizer steps in total.")]
+Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")]
+NprocPerNode = Annotated[int, typer.Option(help=NPROC_HELP)]
 
 
 @train_app.command()
@@ -49,15 +56,15 @@ def pretrain(
     preset: str = typer.Option(None, help="Model preset (default grr-coca)."),
     data: Path = typer.Option(None, help="Sharded set (default data/cc12m/shards)."),
     out: Path = typer.Option(None, help="Run folder (default runs/pretrain-PRESET)."),
-    config: Path = typer.Option(None, help="JSON file of settings."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    max_steps: int = typer.Option(None, help="Stop after this many optimizer steps in total."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),
-    nproc_per_node: int = typer.Option(1, help=NPROC_HELP),
+    config: ConfigFile = None,
+    set_: Sets = None,
+    max_steps: MaxSteps = None,
+    resume: Resume = False,
+    nproc_per_node: NprocPerNode = 1,
 ) -> None:
     """Pretrain CoCa with the paper's recipe (DDP; see README for several nodes)."""
     out = out or Path(f"runs/pretrain-{preset or 'grr-coca'}")
-    _run("pretrain", out, resume, config, set_, nproc_per_node, preset=preset,
+    _run("pretrain", out, resume, config, set_ or [], nproc_per_node, preset=preset,
          data=str(data) if data else None, max_steps=max_steps)
 
 
@@ -67,11 +74,11 @@ def finetune(
     from_: Path = typer.Option(None, "--from", help="Pretrained run folder or checkpoint."),
     data: Path = typer.Option(None, help="Sharded set (default data/DATASET/shards)."),
     out: Path = typer.Option(None, help="Run folder (default runs/finetune-DATASET)."),
-    config: Path = typer.Option(None, help="JSON file of settings."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    max_steps: int = typer.Option(None, help="Stop after this many optimizer steps in total."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),
-    nproc_per_node: int = typer.Option(1, help=NPROC_HELP),
+    config: ConfigFile = None,
+    set_: Sets = None,
+    max_steps: MaxSteps = None,
+    resume: Resume = False,
+    nproc_per_node: NprocPerNode = 1,
 ) -> None:
     """Fine-tune a pretrained model with the paper's recipe (early stopping with soft reset)."""
     out = out or Path(f"runs/finetune-{dataset}")
@@ -83,7 +90,7 @@ def finetune(
         flags.update(dataset=dataset, init_from=str(from_), data=str(data or f"data/{dataset}/shards"))
     elif data:
         flags["data"] = str(data)
-    _run("finetune", out, resume, config, set_, nproc_per_node, **flags)
+    _run("finetune", out, resume, config, set_ or [], nproc_per_node, **flags)
 
 
 @bench_app.command("train")

@@ -4,8 +4,8 @@ A run folder holds `config.json`, `metrics.jsonl`, `checkpoints/step-NNNNNNN/` a
 early stopping keeps one, `best/`. A checkpoint folder holds `model.safetensors` (the
 unwrapped model's weights), `state.pt` (optimizer, schedule, early stopper, loader positions
 and RNG states per rank: tensors and plain containers only, read with `weights_only=True`)
-and `meta.json` (step, epoch and the model and training configs, so a checkpoint folder is
-enough to rebuild its model). Every folder is written under a temporary name and renamed
+and `meta.json` (step, epoch, the model and training configs and the tokenizer, so a
+checkpoint folder is enough to rebuild its model and turn its captions into text). Every folder is written under a temporary name and renamed
 into place; `checkpoints/latest` names the newest complete checkpoint and is written last.
 """
 
@@ -35,9 +35,12 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_run_config(run_dir: Path, model_config: dict, train_config: dict, special: SpecialIds) -> None:
-    write_json_atomic(Path(run_dir) / "config.json",
-                      {"model": model_config, "train": train_config, "special": special.to_dict()})
+def write_run_config(run_dir: Path, model_config: dict, train_config: dict, special: SpecialIds,
+                     tokenizer: dict | None) -> None:
+    """`tokenizer`: the training set's manifest.json entry (name, vocab_size, special ids), so
+    captions can be decoded to text without the training data."""
+    write_json_atomic(Path(run_dir) / "config.json", {"model": model_config, "train": train_config,
+                                                      "special": special.to_dict(), "tokenizer": tokenizer})
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -133,7 +136,9 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
 def load_model(run_or_ckpt: str | Path, device: str | torch.device = "cpu", **config_overrides):
     """Rebuild a model from a run or checkpoint folder -> (model in eval mode, info).
 
-    `info` has `model_config`, `train_config`, `special` (SpecialIds), `step` and `checkpoint`.
+    `info` has `model_config`, `train_config`, `special` (SpecialIds), `tokenizer` (the training
+    set's manifest entry: name, vocab_size, special ids; None for checkpoints from before it was
+    recorded), `step` and `checkpoint`.
     `config_overrides` change model config fields before building (e.g. `dropout`).
     """
     ckpt = resolve_checkpoint(run_or_ckpt)
@@ -146,6 +151,7 @@ def load_model(run_or_ckpt: str | Path, device: str | torch.device = "cpu", **co
         "model_config": model_config,
         "train_config": meta["train_config"],
         "special": SpecialIds(**meta["special"]),
+        "tokenizer": meta.get("tokenizer"),
         "step": meta["step"],
         "checkpoint": ckpt,
     }

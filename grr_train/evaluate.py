@@ -1,7 +1,7 @@
 """`grr eval`: a checkpoint's Table 2 metrics on a split, plus retrieval and caption quality.
 
 Two passes over the split, each sample counted once (the loader repeats a few samples to
-fill its last batch; they are dropped here by key):
+fill its last batch; each batch's `num_real` says which to drop):
 
 1. `grr_train.validate.validate`: CoCa loss with the run's own lambdas, perplexity over the
    split, and contrastive loss over chunks of a stated batch size (the paper's metrics).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,8 +40,9 @@ from grr_train.validate import validate
 NUM_EXAMPLES = 5
 
 
-class OncePerSample:
-    """Iterates a loader made `with_keys`, dropping repeated keys and stopping at `max_samples`."""
+class RealSamples:
+    """Iterates a loader, keeping only each batch's real samples (`num_real`: the loader pads
+    its last batch with repeats) and stopping after `max_samples`."""
 
     def __init__(self, loader, max_samples: int | None = None, desc: str = "eval"):
         self.loader, self.max_samples, self.desc = loader, max_samples, desc
@@ -49,24 +51,16 @@ class OncePerSample:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict]:
-        seen: set[str] = set()
-        total = self.max_samples if self.max_samples is not None else None
+        left = self.max_samples if self.max_samples is not None else math.inf
         with tqdm(total=len(self.loader), desc=self.desc, unit="batch", leave=False) as bar:
             for batch in self.loader:
                 bar.update(1)
-                keep = []
-                for i, key in enumerate(batch["keys"]):
-                    if key not in seen and (total is None or len(seen) < total):
-                        seen.add(key)
-                        keep.append(i)
+                keep = int(min(batch["num_real"], left))
                 if keep:
-                    index = torch.tensor(keep)
-                    yield {
-                        "images": batch["images"].index_select(0, index.to(batch["images"].device)),
-                        "ids": batch["ids"].index_select(0, index.to(batch["ids"].device)),
-                        "keys": [batch["keys"][i] for i in keep],
-                    }
-                if total is not None and len(seen) >= total:
+                    yield {"images": batch["images"][:keep], "ids": batch["ids"][:keep],
+                           "keys": batch["keys"][:keep], "num_real": keep}
+                left -= keep
+                if left <= 0:
                     break
 
 
@@ -159,12 +153,16 @@ def evaluate_run(
 
     lambda_con, lambda_cap = float(train_cfg["lambda_con"]), float(train_cfg["lambda_cap"])
     temperature = float(info["model_config"].temperature)
-    paper = validate(model, OncePerSample(loader(), max_samples, f"{split}: losses"), special=info["special"],
+    first = loader()
+    if first.special != info["special"]:
+        raise ValueError(f"{data_dir} was tokenized with special ids {first.special}, the model was trained with "
+                         f"{info['special']}: evaluate on a set sharded with the run's tokenizer")
+    paper = validate(model, RealSamples(first, max_samples, f"{split}: losses"), special=info["special"],
                      lambda_con=lambda_con, lambda_cap=lambda_cap, temperature=temperature,
                      contrastive_batch_size=contrastive_batch_size)
     second = loader()
     retrieval, captioning = retrieval_and_captions(
-        model, OncePerSample(second, max_samples, f"{split}: retrieval and captions"), info["special"],
+        model, RealSamples(second, max_samples, f"{split}: retrieval and captions"), info["special"],
         decode_words, decode_options,
     )
     return {

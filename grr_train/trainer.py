@@ -81,6 +81,7 @@ class Trainer:
         self.accumulation = cfg.accumulation_steps(info.world_size)
         self._seed_everything(cfg.seed + info.rank)  # ranks differ so their dropout masks differ
 
+        self.data_manifest = self._read_manifest()
         self.train_loader = self._make_loader(cfg.data, "train", cfg.per_device_batch_size, shuffle=True)
         self.special: SpecialIds = self.train_loader.special
         self.val_loader = self._make_val_loader()
@@ -110,9 +111,11 @@ class Trainer:
             self._restore(latest)
         elif info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_run_config(run_dir, self._model_config.to_dict(), cfg.to_dict(), self.special)
+            ckpt.write_run_config(run_dir, self._model_config.to_dict(), cfg.to_dict(), self.special,
+                                  self.data_manifest.get("tokenizer"))
         barrier()
         self.log = MetricsLog(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard)
+        self._warn_paper_split()
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -276,7 +279,8 @@ class Trainer:
     def _meta(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "world_size": self.info.world_size,
                 "model_config": self._model_config.to_dict(), "train_config": self.cfg.to_dict(),
-                "special": self.special.to_dict(), "time": time.time()}
+                "special": self.special.to_dict(), "tokenizer": self.data_manifest.get("tokenizer"),
+                "time": time.time()}
 
     def _restore(self, latest: Path) -> None:
         meta = ckpt.read_meta(latest)
@@ -338,9 +342,17 @@ class Trainer:
                            world_size=self.info.world_size, seed=self.cfg.seed, shuffle=shuffle,
                            num_workers=self.cfg.num_workers, device=str(self.device))
 
+    def _read_manifest(self) -> dict:
+        path = Path(self.cfg.data) / "manifest.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: cannot read the set's manifest ({err}); is {self.cfg.data} a "
+                             "sharded set (grr data shard)?") from err
+
     def _make_val_loader(self):
         manifest = Path(self.cfg.data) / "manifest.json"
-        splits = json.loads(manifest.read_text()).get("splits", {})
+        splits = self.data_manifest.get("splits", {})
         if splits.get(self.cfg.val_split, {}).get("num_samples", 0) > 0:
             return self._make_loader(self.cfg.data, self.cfg.val_split, self.cfg.val_batch_size, shuffle=False)
         if self.cfg.early_stop:
@@ -348,6 +360,18 @@ class Trainer:
         if self.info.is_main:
             tqdm.write(f"warning: {manifest} has no {self.cfg.val_split!r} split; training without validation")
         return None
+
+    def _warn_paper_split(self) -> None:
+        """A set sharded from ROCO's paper split has its validation pairs inside its training pairs."""
+        if self.data_manifest.get("split_mode") != "paper":
+            return
+        overlaps = self.data_manifest.get("overlapping_splits", {})
+        if self.info.is_main:
+            tqdm.write(f"WARNING: {self.cfg.data} uses the paper split (split_mode 'paper', overlapping "
+                       f"{overlaps}): its {self.cfg.val_split!r} pairs are also training pairs, so validation "
+                       "and early stopping on it measure fitting, not generalisation")
+        self.log.log({"kind": "event", "step": self.step, "what": "paper_split", "data": self.cfg.data,
+                      "overlapping_splits": overlaps, "time": time.time()})
 
     def _build_model(self, resume: bool) -> torch.nn.Module:
         cfg = self.cfg

@@ -6,7 +6,11 @@ negatives it sees, so it is taken over consecutive chunks of exactly
 `contrastive_batch_size` samples, whatever the loader's batch size, and averaged over the
 chunks; a smaller last chunk is dropped and counted. The CoCa loss is
 `lambda_con * contrastive + lambda_cap * caption` of those two split-level figures.
-Under DDP each rank validates its own shard of the split and the sums are added up.
+Every sample of the split counts exactly once: the loader pads its last global step with
+repeats so ranks stay in step, and each batch says how many of its samples are real
+(`num_real`). Under DDP each rank validates its own share of the split and the caption sums
+are added up; the contrastive chunks are cut from all ranks' real samples in plan order, so
+every number is the same whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 
 import torch
 
+from grr_train.gather import all_gather_with_grad
 from grr_train.losses import caption_loss, contrastive_loss
 from grr_train.parallel import all_reduce_sum
 
@@ -23,6 +28,8 @@ from grr_train.parallel import all_reduce_sum
 def validate(model, loader, special, lambda_con: float, lambda_cap: float, temperature: float,
              contrastive_batch_size: int, autocast_dtype: torch.dtype | None = None,
              progress=None) -> dict:
+    """`loader` yields batches with `images`, `ids` and `num_real` (the loader contract): only
+    the first `num_real` samples of a batch count, the rest are the plan's padding repeats."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -31,44 +38,46 @@ def validate(model, loader, special, lambda_con: float, lambda_cap: float, tempe
     contrastive_sum = torch.zeros((), dtype=torch.float64, device=device)
     num_chunks = 0
     num_samples = 0
-    pending_image, pending_text = [], []  # embeddings not yet in a full contrastive chunk
-    num_pending = 0
+    pending = torch.zeros(0, 0, device=device)  # (n, 2D) real pairs not yet in a full chunk, global order
     ignored = torch.tensor(special.ignored_targets, device=device)
     for batch in loader:
         images = batch["images"].to(device, non_blocking=True)
         ids = batch["ids"].to(device, non_blocking=True)
+        num_real = int(batch["num_real"])
+        # The whole batch goes through the model so every rank gathers the same shape below.
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             out = model(images, ids)
-        targets = ids[:, 1:]
-        caption_sum += caption_loss(out.logits.float(), targets, special.ignored_targets,
+        targets = ids[:num_real, 1:]
+        caption_sum += caption_loss(out.logits[:num_real].float(), targets, special.ignored_targets,
                                     reduction="sum").double()
         num_tokens += int((~torch.isin(targets, ignored)).sum())
-        num_samples += ids.shape[0]
-        pending_image.append(out.image_embed.float())
-        pending_text.append(out.text_embed.float())
-        num_pending += ids.shape[0]
-        if num_pending >= contrastive_batch_size:
-            image_embed, text_embed = torch.cat(pending_image), torch.cat(pending_text)
-            full = num_pending // contrastive_batch_size * contrastive_batch_size
-            for start in range(0, full, contrastive_batch_size):
-                chunk = slice(start, start + contrastive_batch_size)
-                contrastive_sum += contrastive_loss(image_embed[chunk], text_embed[chunk],
-                                                    temperature, gather=False).double()
-                num_chunks += 1
-            pending_image, pending_text = [image_embed[full:]], [text_embed[full:]]
-            num_pending -= full
+        num_samples += num_real
+        # Contrastive chunks are cut from the real samples of all ranks in plan order, so they
+        # are the same whatever the number of ranks; every rank then computes the same chunks.
+        real = (torch.arange(ids.shape[0], device=device) < num_real).float()
+        rows = all_gather_with_grad(torch.cat([out.image_embed.float(), out.text_embed.float(),
+                                               real[:, None]], dim=1))  # (world * B, 2D + 1)
+        rows = rows[rows[:, -1] > 0, :-1]
+        pending = torch.cat([pending, rows]) if pending.numel() else rows
+        full = pending.shape[0] // contrastive_batch_size * contrastive_batch_size
+        dim = pending.shape[1] // 2
+        for start in range(0, full, contrastive_batch_size):
+            chunk = pending[start : start + contrastive_batch_size]
+            contrastive_sum += contrastive_loss(chunk[:, :dim], chunk[:, dim:], temperature, gather=False).double()
+            num_chunks += 1
+        pending = pending[full:]
         if progress is not None:
             progress.update(1)
     totals = all_reduce_sum(torch.stack([
-        caption_sum, contrastive_sum,
+        caption_sum,
         torch.tensor(float(num_tokens), dtype=torch.float64, device=device),
-        torch.tensor(float(num_chunks), dtype=torch.float64, device=device),
         torch.tensor(float(num_samples), dtype=torch.float64, device=device),
-        torch.tensor(float(num_pending), dtype=torch.float64, device=device),
     ]))
     model.train(was_training)
-    caption_total, contrastive_total, tokens, chunks, samples, dropped = totals.tolist()
+    caption_total, tokens, samples = totals.tolist()
+    # The contrastive figures are already over the whole split, identical on every rank.
+    contrastive_total, chunks, dropped = float(contrastive_sum), num_chunks, pending.shape[0]
     if tokens == 0:
         raise ValueError("validation split has no caption tokens: is the split empty?")
     caption = caption_total / tokens

@@ -74,9 +74,11 @@ def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
 
 def test_run_config_is_plain_json(tmp_path):
     cfg, _ = tiny_model()
-    ckpt.write_run_config(tmp_path, cfg.to_dict(), {"seed": 0}, SpecialIds.for_vocab(100))
+    tokenizer = {"name": "sample", "vocab_size": 100, "pad": 0, "eos": 1, "bos": 98, "cls": 99}
+    ckpt.write_run_config(tmp_path, cfg.to_dict(), {"seed": 0}, SpecialIds.for_vocab(100), tokenizer)
     data = json.loads((tmp_path / "config.json").read_text())
     assert data["model"]["vocab_size"] == 100 and data["special"]["cls"] == 99
+    assert data["tokenizer"] == tokenizer
 
 
 def test_failed_save_leaves_no_partial_folder(tmp_path):

@@ -1,13 +1,18 @@
 """`grr data fetch` end to end through img2dataset, offline: the bundled sample through the CLI, and
-cc12m and mscoco against small stand-ins served on 127.0.0.1 (img2dataset really runs; ~20 s each)."""
+cc12m and mscoco against small stand-ins served on 127.0.0.1. img2dataset really runs; its start-up
+(spawned processes importing torch and albumentations, ~4 s each) is most of the time, so the sample
+goes through the full spawned path and cc12m / mscoco skip only the worker pool (`no_worker_pool`)."""
 
-import io
+import importlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import typer
+from fetch_helpers import read_split
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -15,19 +20,6 @@ from cli.fetch import fetch_command  # noqa: F401  (registers `fetch` into data_
 from cli.groups import data_app
 from grr_data.fetch import FetchOptions, fetch
 from grr_data.fetch.loopback import serve_directory
-from grr_data.records import iter_tar_samples
-
-
-def read_split(folder: Path) -> list[dict]:
-    samples = []
-    for tar in sorted(folder.glob("*.tar")):
-        for _, members in iter_tar_samples(tar):
-            meta = json.loads(members["json"])
-            assert members["txt"].decode() == meta["caption"]
-            with Image.open(io.BytesIO(members["jpg"])) as img:
-                meta["size"] = img.size
-            samples.append(meta)
-    return samples
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +61,32 @@ def test_sample_images_captions_and_splits(sample_run):
     assert "a cup of espresso on a red saucer with a spoon on a wooden table" in per_image["coffee-full"]
 
 
+def test_a_script_on_stdin_is_refused_not_hung(tmp_path):
+    # img2dataset's spawned processes would try to re-import "<stdin>" and the parent would wait forever.
+    script = ("from pathlib import Path\nfrom grr_data.fetch import FetchError, FetchOptions, fetch\n"
+              f"try:\n    fetch('sample', FetchOptions(out=Path({str(tmp_path / 'out')!r})))\n"
+              "except FetchError as err:\n    print('refused:', err)\n")
+    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert "refused:" in done.stdout and "<stdin>" in done.stdout and "grr data fetch" in done.stdout
+    assert not (tmp_path / "out" / "fetch_manifest.json").exists()
+
+
+def _shards_in_this_process(processes_count, downloader, reader, subjob_size, max_shard_retry):
+    for row in reader:
+        downloader(row)
+
+
+@pytest.fixture
+def no_worker_pool(monkeypatch):
+    """img2dataset minus its spawned worker pool: reader, downloader, resizer, writers and the logger
+    process all run as usual, the shards just run here one by one (the sample test covers the pool)."""
+    monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")
+    main = importlib.import_module("img2dataset.main")
+    monkeypatch.setattr(main, "multiprocessing_distributor", _shards_in_this_process)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("www")
@@ -79,7 +97,7 @@ def server(tmp_path_factory):
         yield base_url
 
 
-def test_cc12m_counts_failures_by_reason(server, tmp_path):
+def test_cc12m_counts_failures_by_reason(server, tmp_path, no_worker_pool):
     tsv = tmp_path / "cc12m.tsv"
     lines = [f"{server}/img0.jpeg\ta red room", f"{server}/img1.png\ta tall picture",
              f"{server}/img2.jpeg\ta square", f"{server}/missing.jpg\tgone",
@@ -98,7 +116,7 @@ def test_cc12m_counts_failures_by_reason(server, tmp_path):
     assert manifest["sources"][0]["sha256"] and manifest["tool"]["version"]
 
 
-def test_mscoco_fetches_each_image_once_and_writes_pairs(server, tmp_path):
+def test_mscoco_fetches_each_image_once_and_writes_pairs(server, tmp_path, no_worker_pool):
     source = tmp_path / "annotations"
     source.mkdir()
     captions = {"train": {0: ("img0.jpeg", 5), 1: ("img1.png", 2), 2: ("gone.jpg", 3)}, "val": {9: ("img2.jpeg", 2)}}

@@ -247,3 +247,37 @@ def test_set_epoch_starts_a_new_epoch_from_its_first_batch(photos):
     assert loader.state_dict()["batches_done"] == 2
     loader.set_epoch(1)
     assert numbers(list(loader)) == reference
+
+
+def test_batches_say_how_many_samples_are_real(tmp_path):
+    root = make_shardset(tmp_path, (7,))
+    seen = []
+    for rank in range(2):
+        loader = make_loader(root, batch_size=3, kind="cpu", rank=rank, world_size=2, shuffle=False, num_workers=0)
+        for batch in loader:
+            real = batch["ids"][: batch["num_real"]]
+            seen += [sample_number(r) for r in real]
+            assert batch["num_real"] == loader.plan.num_real(loader.batches_done - 1)
+    assert sorted(seen) == list(range(7))  # 12 slots, 5 of them repeats, each real sample once
+
+
+def test_preprocess_image_is_what_the_loader_gives(tmp_path):
+    from grr_data.loader import preprocess_image
+
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 640, 3), dtype=np.uint8))
+    images = [jpeg_bytes(Image.new("RGB", (320, 288), (10, 200, 90))), jpeg_bytes(big)]
+    root = make_shardset(tmp_path / "set", (2,), images=images)
+    # draft off: the loader's full decode, which preprocess_image always does
+    (batch,) = list(make_loader(root, batch_size=2, kind="cpu", shuffle=False, num_workers=0, draft=False))
+    for jpg, expected in zip(images, batch["images"], strict=True):
+        assert torch.equal(preprocess_image(jpg), expected)
+    path = tmp_path / "big.jpg"
+    path.write_bytes(images[1])
+    assert torch.equal(preprocess_image(path), batch["images"][1])
+    assert preprocess_image(str(path), dtype=torch.bfloat16).dtype == torch.bfloat16
+    bad = tmp_path / "not-an-image.jpg"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match="not-an-image.jpg"):
+        preprocess_image(bad)
+    with pytest.raises(ValueError, match="missing.jpg"):
+        preprocess_image(tmp_path / "missing.jpg")

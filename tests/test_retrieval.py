@@ -64,15 +64,17 @@ def test_bad_input_is_refused_with_a_reason():
 
 
 def test_eval_counts_each_sample_once_and_groups_by_image_pixels():
-    from grr_train.evaluate import OncePerSample, image_hash
+    from grr_train.evaluate import RealSamples, image_hash
 
     images = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 2, 2)
     batches = [
-        {"images": images[:3], "ids": torch.zeros(3, 65, dtype=torch.long), "keys": ["a", "b", "c"]},
+        {"images": images[:3], "ids": torch.zeros(3, 65, dtype=torch.long), "keys": ["a", "b", "c"],
+         "num_real": 3},
         # the loader pads its last batch with the first samples again
-        {"images": images[[3, 0, 1]], "ids": torch.zeros(3, 65, dtype=torch.long), "keys": ["d", "a", "b"]},
+        {"images": images[[3, 0, 1]], "ids": torch.zeros(3, 65, dtype=torch.long), "keys": ["d", "a", "b"],
+         "num_real": 1},
     ]
-    seen = [b["keys"] for b in OncePerSample(batches)]
+    seen = [b["keys"] for b in RealSamples(batches)]
     assert seen == [["a", "b", "c"], ["d"]]
-    assert [b["keys"] for b in OncePerSample(batches, max_samples=2)] == [["a", "b"]]
+    assert [b["keys"] for b in RealSamples(batches, max_samples=2)] == [["a", "b"]]
     assert image_hash(images[0]) == image_hash(images[0].clone()) != image_hash(images[1])

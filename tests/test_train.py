@@ -133,3 +133,21 @@ def test_finetune_soft_reset_then_stop(tmp_path, small_data):
     saved = json.loads((tmp_path / "fine" / "config.json").read_text())
     assert saved["model"]["dropout"] == 0.1 and saved["train"]["init_from"] == str(pre)
     assert os.path.exists(tmp_path / "fine" / "checkpoints" / "latest")
+
+
+def test_paper_split_warns_and_run_records_the_tokenizer(tmp_path, capsys):
+    from grr_train.checkpoint import load_model
+
+    data = make_data(tmp_path / "data", (4,), (4,))
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest.update(split_mode="paper", overlapping_splits={"train/val": 4})
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    run_training(tiny(data, per_device_batch_size=4, max_steps=1, epochs=1), tmp_path / "run")
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("WARNING") and "paper split" in line for line in lines), lines
+    (event,) = [r for r in read_metrics(tmp_path / "run", "event") if r["what"] == "paper_split"]
+    assert event["step"] == 0 and event["overlapping_splits"] == {"train/val": 4}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["tokenizer"] == manifest["tokenizer"]
+    _, info = load_model(tmp_path / "run")
+    assert info["tokenizer"] == manifest["tokenizer"]

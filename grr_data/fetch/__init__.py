@@ -1,4 +1,9 @@
-"""`grr data fetch`: dataset sources to img2dataset-format folders of 288-px JPEGs (CONTRACTS.md "Fetch output")."""
+"""`grr data fetch`: dataset sources to img2dataset-format folders of 288-px JPEGs (CONTRACTS.md "Fetch output").
+
+Calling `fetch` from Python: the URL-based fetches (cc12m, mscoco without local images, sample) run
+img2dataset, whose spawned processes re-import the main script, so call it from a script saved in a
+file (or `python -c`, or `python -m`), not one piped on stdin; that case raises FetchError at once.
+"""
 
 from __future__ import annotations
 

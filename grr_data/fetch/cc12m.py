@@ -16,10 +16,9 @@ from grr_data.fetch.common import (
     FetchOptions,
     FetchReport,
     describe_source,
-    download_file,
+    source_or_download,
 )
 from grr_data.fetch.img2ds import run_img2dataset, write_url_list
-from grr_data.manifests import load_manifest
 
 
 def read_tsv(path: Path) -> tuple[pa.Table, int]:
@@ -45,15 +44,10 @@ def read_tsv(path: Path) -> tuple[pa.Table, int]:
 
 
 def fetch(options: FetchOptions) -> dict:
-    manifest = load_manifest("cc12m")
     out = Path(options.out)
-    report = FetchReport("cc12m", options, manifest)
-    if options.source is not None:
-        tsv = Path(options.source)
-        if not tsv.is_file():
-            raise FetchError(f"--from {tsv}: no such file; pass the cc12m.tsv URL/caption list")
-    else:
-        tsv = download_file(manifest["sources"]["url_list"]["url"], out / WORK_DIR / "cc12m.tsv")
+    report = FetchReport("cc12m", options)
+    tsv = source_or_download(options, report.manifest["sources"]["url_list"]["url"],
+                             "the cc12m.tsv URL/caption list")
     source = describe_source(tsv)
     report.sources.append(source)
     table, num_bad = read_tsv(tsv)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from grr_data.manifests import load_manifest
 from grr_data.records import sha256_file
 
 IMAGE_SIZE = 288  # shorter side, DESIGN.md
@@ -141,10 +142,10 @@ def check_expected(manifest: dict, split_counts: dict[str, SplitCounts], unit: s
 class FetchReport:
     """Collects what one fetch did and writes `fetch_manifest.json` (atomically) and a summary."""
 
-    def __init__(self, dataset: str, options: FetchOptions, manifest: dict):
+    def __init__(self, dataset: str, options: FetchOptions):
         self.dataset = dataset
         self.options = options
-        self.manifest = manifest
+        self.manifest = load_manifest(dataset)
         self.start = time.time()
         self.sources: list[dict] = []
         self.splits: dict[str, SplitCounts] = {}
@@ -207,6 +208,19 @@ def summary_lines(data: dict) -> list[str]:
         )
     lines += [f"  warning: {w}" for w in data["warnings"]]
     return lines
+
+
+def source_or_download(options: FetchOptions, url: str, what: str, folder_ok: bool = False) -> Path:
+    """`--from` when given (it must exist; `what` tells the user what to pass), else `url` downloaded
+    once into OUT/_work/ under its own file name."""
+    if options.source is not None:
+        path = Path(options.source)
+        if not (path.exists() if folder_ok else path.is_file()):
+            raise FetchError(f"--from {path}: no such file{' or folder' if folder_ok else ''}; pass {what}")
+        return path
+    from urllib.parse import urlparse
+
+    return download_file(url, Path(options.out) / WORK_DIR / Path(urlparse(url).path).name)
 
 
 def download_file(url: str, dest: Path, timeout: float = 60) -> Path:

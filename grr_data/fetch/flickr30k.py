@@ -15,7 +15,6 @@ from tqdm import tqdm
 from grr_data.fetch.archives import iter_archive
 from grr_data.fetch.common import FetchError, FetchOptions, FetchReport, SplitCounts, describe_source
 from grr_data.fetch.convert import PairWriter, SourceImage
-from grr_data.manifests import load_manifest
 
 KARPATHY_NAME = "dataset_flickr30k.json"
 
@@ -50,7 +49,6 @@ def read_karpathy(path: Path) -> dict[str, dict]:
 
 
 def fetch(options: FetchOptions) -> dict:
-    manifest = load_manifest("flickr30k")
     if options.source is None:
         raise FetchError("Flickr30K images are not URL-fetchable: pass the images archive (zip or tar) or "
                          f"folder with --from, and {KARPATHY_NAME} with --karpathy (or beside it)")
@@ -60,7 +58,7 @@ def fetch(options: FetchOptions) -> dict:
     karpathy = find_karpathy(source, options.karpathy)
     images = read_karpathy(karpathy)
     out = Path(options.out)
-    report = FetchReport("flickr30k", options, manifest)
+    report = FetchReport("flickr30k", options)
     report.sources += [describe_source(source), describe_source(karpathy)]
     splits = sorted({im["split"] for im in images.values()})
     report.source_counts = {s: SplitCounts(num_attempted=sum(im["split"] == s for im in images.values()))

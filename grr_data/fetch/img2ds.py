@@ -4,6 +4,10 @@ img2dataset resizes so that the *shorter* side equals `image_size` with `resize_
 (upscaling too when `resize_only_if_bigger=False`) and re-encodes at `encode_quality`. In
 `incremental` mode a rerun skips every shard whose `_stats.json` exists, which is how an interrupted
 fetch resumes; that needs the same URL list, so the list is kept in `OUT/_work/` and reused.
+
+img2dataset's logger and workers are *spawned* processes, which re-import the main script; a script
+read on stdin (`python - < x.py`) cannot be re-imported and the children die while the parent waits
+forever, so that case is refused up front (`check_main_is_importable`).
 """
 
 from __future__ import annotations
@@ -72,6 +76,22 @@ def _stdout_to(log_path: Path | None):
             os.close(saved)
 
 
+def check_main_is_importable() -> None:
+    """Raise FetchError where spawned processes could not re-import `__main__` (a script read on stdin)."""
+    import multiprocessing.process
+
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is not None:
+        return  # `python -m ...`: re-imported by module name
+    path = getattr(main, "__file__", None)  # None for `python -c` and the REPL: nothing is re-imported
+    if path is not None and not os.path.isfile(os.path.join(multiprocessing.process.ORIGINAL_DIR or "", path)):
+        raise FetchError(
+            f"img2dataset runs in spawned processes that re-import the main script, and this one ({path}) is "
+            "not a file (read on stdin?), so they cannot start. Save the script to a .py file and run that, "
+            "or use `grr data fetch NAME`."
+        )
+
+
 def img2dataset_options(options: FetchOptions, extra_columns: list[str] | None) -> dict:
     if options.distributor not in DISTRIBUTORS:
         raise FetchError(f"unknown distributor {options.distributor!r}; use one of {', '.join(DISTRIBUTORS)}")
@@ -104,6 +124,7 @@ def run_img2dataset(url_list: Path, out_dir: Path, options: FetchOptions, num_ro
     Returns the tool entry for the fetch manifest. Raises FetchError when shards are left
     unfinished after img2dataset's own retries, saying that a rerun resumes.
     """
+    check_main_is_importable()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would phone home on import
     _loopback_no_proxy()
     from img2dataset import download

@@ -17,16 +17,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from grr_data.fetch.common import (
-    WORK_DIR,
     FetchError,
     FetchOptions,
     FetchReport,
     describe_source,
-    download_file,
+    source_or_download,
 )
 from grr_data.fetch.convert import PairWriter, SourceImage
 from grr_data.fetch.staged import fetch_staged
-from grr_data.manifests import load_manifest
 
 SPLITS = ("train", "val")
 
@@ -94,18 +92,11 @@ def _convert_local(images: dict[str, list[dict]], folders: dict[str, Path], opti
 
 
 def fetch(options: FetchOptions) -> dict:
-    manifest = load_manifest("mscoco")
-    out = Path(options.out)
-    report = FetchReport("mscoco", options, manifest)
-    if options.source is not None:
-        source = Path(options.source)
-        if not source.exists():
-            raise FetchError(f"--from {source}: no such file or folder; pass the folder holding "
-                             "captions_train2017.json and captions_val2017.json (and optionally train2017/, "
-                             "val2017/), or annotations_trainval2017.zip")
-    else:
-        url = manifest["sources"]["annotations"]["url"]
-        source = download_file(url, out / WORK_DIR / Path(url).name)
+    report = FetchReport("mscoco", options)
+    source = source_or_download(
+        options, report.manifest["sources"]["annotations"]["url"],
+        "the folder holding captions_train2017.json and captions_val2017.json (and optionally train2017/, "
+        "val2017/), or annotations_trainval2017.zip", folder_ok=True)
     annotations = read_annotations(source)
     images = {}
     if source.is_file():

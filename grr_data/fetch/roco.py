@@ -59,7 +59,7 @@ def fetch(options: FetchOptions) -> dict:
     if not folder.is_dir():
         raise FetchError(f"--from {folder}: not a folder; pass the folder holding the ROCO v2 archives and CSVs")
     out = Path(options.out)
-    report = FetchReport("roco", options, manifest)
+    report = FetchReport("roco", options)
     mode = "paper" if options.paper_split else "clean"
     routing = manifest["splits"][mode]  # output split -> source splits
     if options.paper_split:

@@ -14,7 +14,6 @@ from PIL import Image
 from grr_data.fetch.common import WORK_DIR, FetchError, FetchOptions, FetchReport
 from grr_data.fetch.loopback import serve_directory
 from grr_data.fetch.staged import fetch_staged
-from grr_data.manifests import load_manifest
 
 
 def skimage_data_dir() -> Path:
@@ -43,9 +42,9 @@ def write_crops(manifest: dict, folder: Path) -> None:
 
 
 def fetch(options: FetchOptions) -> dict:
-    manifest = load_manifest("sample")
     out = Path(options.out)
-    report = FetchReport("sample", options, manifest)
+    report = FetchReport("sample", options)
+    manifest = report.manifest
     images = out / WORK_DIR / "sample_images"
     write_crops(manifest, images)
     report.sources.append({"package": "scikit-image", "folder": str(skimage_data_dir()),

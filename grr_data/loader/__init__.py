@@ -2,6 +2,7 @@
 
 Both follow the same per-rank plan (`plan.py`: sharding, padding, shuffling, resume) and the
 same output (`base.py`); `dali.py` decodes on the GPU, `cpu.py` with Pillow in workers.
+`preprocess_image` turns one image file into exactly what a loader would give for it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import os
 import torch
 
 from grr_data.loader.base import IMAGE_SIZE, LoaderBase
+from grr_data.loader.cpu import preprocess_image
 from grr_data.loader.plan import Plan
 from grr_data.loader.source import ShardSet
 
-__all__ = ["IMAGE_SIZE", "LoaderBase", "Plan", "ShardSet", "make_loader", "pick_kind"]
+__all__ = ["IMAGE_SIZE", "LoaderBase", "Plan", "ShardSet", "make_loader", "pick_kind", "preprocess_image"]
 log = logging.getLogger("grr.loader")
 
 

@@ -16,6 +16,8 @@ draft never applies.
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +39,25 @@ def decode_image(jpg: bytes, draft: bool = True) -> np.ndarray:
         return np.asarray(img)
     except Exception as err:  # Pillow raises many types for damaged files
         raise SampleError("decode_error", f"{type(err).__name__}: {err}") from err
+
+
+def preprocess_image(image: bytes | str | os.PathLike, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One image file (its bytes or its path) -> (3, 288, 288) `dtype`, exactly as the loaders
+    give it: full decode, RGB, bilinear resize to 288x288, ImageNet mean and std. For images
+    from outside a sharded set (captioning); raises ValueError naming the file."""
+    name = "image bytes"
+    if not isinstance(image, bytes | bytearray | memoryview):
+        name = str(image)
+        try:
+            image = Path(image).read_bytes()
+        except OSError as err:
+            raise ValueError(f"{name}: cannot read this file ({err})") from err
+    try:
+        # No draft decoding: it is an approximation the loader takes only for speed.
+        pixels = decode_image(bytes(image), draft=False)  # (288, 288, 3) uint8
+    except SampleError as err:
+        raise ValueError(f"{name}: not an image Pillow can decode ({err})") from err
+    return normalize(torch.from_numpy(pixels.copy())[None], dtype)[0]
 
 
 class BatchStream(IterableDataset):
