@@ -1,5 +1,9 @@
 """The DALI loader on its CPU path (device_id=None) against the CPU loader on the same shards."""
 
+import logging
+import threading
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -77,3 +81,72 @@ def test_dali_skips_bad_samples_like_the_cpu_loader(tmp_path):
     assert [[sample_number(r) for r in b["ids"]] for b in cpu] == order
     assert dali_loader.skipped == cpu_loader.skipped == {"decode_error": 6}
     assert all(levels(c["images"], d["images"]).max() <= MAX_LEVELS for c, d in zip(cpu, dali, strict=True))
+
+
+def reader_threads():
+    return [t for t in threading.enumerate() if t.name == "grr-dali-reader"]
+
+
+def corrupt_batch(loader, monkeypatch, bad_batch, replacement=b"not a jpeg"):
+    """DALI gets garbage for one batch while Pillow (which reads the shards itself) sees good JPEGs."""
+    payload = loader._payload
+
+    def fake(batches, b):
+        (jpegs, ids, nums), events = payload(batches, b)
+        if b == bad_batch:
+            jpegs = [np.frombuffer(replacement, dtype=np.uint8) for _ in jpegs]
+        return (jpegs, ids, nums), events
+
+    monkeypatch.setattr(loader, "_payload", fake)
+
+
+def test_dali_rejecting_a_good_batch_falls_back_to_pillow(photos, monkeypatch, caplog):
+    opts = dict(batch_size=4, seed=5, with_keys=True)
+    cpu = list(make_loader(photos, kind="cpu", num_workers=0, draft=False, **opts))
+    loader = make_loader(photos, kind="dali", prefetch=3, **opts)
+    corrupt_batch(loader, monkeypatch, bad_batch=1)
+    with caplog.at_level(logging.WARNING, logger="grr.loader"):
+        dali = list(loader)
+    assert loader.fallback_batches == 1 and loader.skipped == {}
+    assert "decoded it with Pillow" in caplog.text
+    assert [b["keys"] for b in dali] == [b["keys"] for b in cpu]
+    for c, d in zip(cpu, dali, strict=True):
+        assert torch.equal(c["ids"], d["ids"]) and d["images"].dtype == torch.float32
+        assert levels(c["images"], d["images"]).max() <= MAX_LEVELS
+    # The fallback batch is exactly what the CPU loader (Pillow, full decode) gives.
+    assert torch.equal(dali[1]["images"], cpu[1]["images"])
+    assert loader.batches_done == 0 and loader.epoch == 1 and not reader_threads()
+
+
+def test_dali_source_errors_are_raised_not_decoded_around(photos, monkeypatch):
+    loader = make_loader(photos, kind="dali", batch_size=4)
+    payload = loader._payload
+
+    def failing(batches, b):
+        if b == 2:
+            raise OSError("disk went away")
+        return payload(batches, b)
+
+    monkeypatch.setattr(loader, "_payload", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        list(loader)
+    assert loader.fallback_batches == 0 and not reader_threads()
+
+
+def test_dali_prefetch_deeper_than_the_epoch_and_no_thread_leaks(photos):
+    reference = [b["ids"] for b in make_loader(photos, kind="dali", batch_size=4, seed=2)]
+    loader = make_loader(photos, kind="dali", batch_size=4, seed=2, prefetch=17)
+    assert loader.prefetch == 17
+    for _ in range(2):  # two epochs, the second from a fresh pipeline and reader
+        loader.set_epoch(0)
+        got = [b["ids"] for b in loader]
+        assert len(got) == len(reference) and all(torch.equal(a, b) for a, b in zip(got, reference, strict=True))
+        assert not reader_threads()
+    # 7 batches, 2 ahead in DALI and 2 in the reader's queue: the reader is still at work.
+    it = iter(make_loader(photos, kind="dali", batch_size=4, seed=2, prefetch=2))
+    next(it)
+    assert len(reader_threads()) == 1
+    it.close()  # an epoch abandoned part way (max_steps) stops its reader
+    assert not reader_threads()
+    with pytest.raises(ValueError, match="prefetch"):
+        make_loader(photos, kind="dali", prefetch=0)

@@ -50,10 +50,16 @@ def make_loader(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     with_keys: bool = False,
+    prefetch: int | None = None,
     **options,
 ) -> LoaderBase:
-    """A loader over one split; `options` go to the chosen loader (cpu: draft, prefetch_factor;
-    dali: num_threads (default max(num_workers, 1)), prefetch, hw_decoder_load)."""
+    """A loader over one split; `options` go to the chosen loader (cpu: draft; dali: num_threads
+    (default max(num_workers, 1)), hw_decoder_load).
+
+    `prefetch`: how many batches the loader prepares ahead of the consumer (None: the loader's
+    default, dali 2, cpu 4 per worker). A consumer that takes k batches before it uses any (a
+    trainer accumulating k micro-batches) should ask for k + 1, or the GPU waits for the rest.
+    """
     kind = pick_kind(kind, device)
     shards = ShardSet(data_dir, split, keep_keys=with_keys)
     plan = Plan(shards.num_samples, batch_size, world_size, rank, seed, shuffle)
@@ -61,7 +67,7 @@ def make_loader(
         from grr_data.loader.dali import DaliLoader
 
         options.setdefault("num_threads", max(num_workers, 1))
-        return DaliLoader(shards, plan, device, dtype, with_keys, **options)
+        return DaliLoader(shards, plan, device, dtype, with_keys, prefetch=prefetch, **options)
     from grr_data.loader.cpu import CpuLoader
 
-    return CpuLoader(shards, plan, device, dtype, with_keys, num_workers=num_workers, **options)
+    return CpuLoader(shards, plan, device, dtype, with_keys, num_workers=num_workers, prefetch=prefetch, **options)

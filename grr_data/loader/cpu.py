@@ -28,6 +28,8 @@ from grr_data.loader.base import IMAGE_SIZE, LoaderBase, fill_batch, normalize, 
 from grr_data.loader.plan import worker_batches
 from grr_data.loader.source import SampleError
 
+DEFAULT_PREFETCH_PER_WORKER = 4
+
 
 def decode_image(jpg: bytes, draft: bool = True) -> np.ndarray:
     """JPEG bytes -> (288, 288, 3) uint8, bilinear, aspect not kept; raises SampleError."""
@@ -117,21 +119,25 @@ class CpuLoader(LoaderBase):
         with_keys=False,
         num_workers: int = 2,
         draft: bool = True,
-        prefetch_factor: int = 4,
+        prefetch: int | None = None,
     ):
         super().__init__(shards, plan, device, dtype, with_keys)
-        self.num_workers, self.draft, self.prefetch_factor = num_workers, draft, prefetch_factor
+        if prefetch is not None and prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1 batch, got {prefetch}")
+        self.num_workers, self.draft, self.prefetch = num_workers, draft, prefetch
 
     def _iter_batches(self, batches, start):
         stream = BatchStream(self.shards, batches, start, self.with_keys, self.draft)
         cuda = self.device.type == "cuda"
         workers = min(self.num_workers, len(batches) - start)
+        # DataLoader's prefetch_factor counts per worker; `prefetch` counts batches in all.
+        per_worker = DEFAULT_PREFETCH_PER_WORKER if self.prefetch is None else -(-self.prefetch // max(workers, 1))
         loader = DataLoader(
             stream,
             batch_size=None,
             num_workers=workers,
             pin_memory=cuda,
-            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            prefetch_factor=per_worker if workers > 0 else None,
         )
         for item in loader:
             for reason, g, message in item.pop("skips"):

@@ -9,15 +9,26 @@ resize; normalise) stays in DALI, and the loader gets exactly the CPU loader's s
 coverage, padding and resume position for free. The webdataset reader reads shards in order
 with its own shuffle buffer and shard split, so resuming mid-epoch exactly and matching the
 CPU loader's order would not be possible. The cost: random access reads over the whole split
-(fine on local disks or page cache, slower on network filesystems) and one Python callback a
-batch on the main thread (prefetch_queue_depth batches ahead).
+(fine on local disks or page cache, slower on network filesystems). The reads run on a
+background thread (`reader.py`), in plan order; the callback DALI calls on the training thread
+only takes the next batch's bytes. DALI works `prefetch` batches ahead: a trainer that takes
+several micro-batches before launching GPU work asks for more than it takes (make_loader).
+
+Output memory: DALI's default (dynamic) executor hands out its own GPU buffers through DLPack,
+not copies: a batch's `images` (and, on the GPU, `ids`) are DALI-owned device memory that stays
+valid until the consumer drops the tensors, and is never overwritten by later batches. No copy
+is made (it would cost a device copy per batch and gain nothing).
 
 Without a GPU (`device="cpu"`) the same pipeline runs with `device_id=None` on CPU operators;
-tests use it to check DALI against the CPU loader.
+tests use it to check DALI against the CPU loader. Both decoders use libjpeg-turbo's "fancy"
+chroma upsampling, as Pillow does, so the GPU output matches the CPU loader's.
 
-Failed decodes: DALI stops a whole batch on one bad JPEG. The loader then decodes the
-batches from the failing one on with Pillow to find the culprits, remembers them, and rebuilds
-the pipeline at the failing batch with those samples replaced (the rule in `base.py`).
+Failed decodes: DALI stops a whole batch on one bad JPEG. The loader then decodes, with
+Pillow, the batches from the failing one to the last one handed to DALI, to find the culprits,
+remembers them, and rebuilds the pipeline at the failing batch with those samples replaced (the
+rule in `base.py`). If Pillow finds no culprit (DALI rejects a batch Pillow reads), that batch
+is decoded with Pillow (as `preprocess_image` does), counted in `fallback_batches` and logged,
+and the pipeline is rebuilt at the next batch.
 """
 
 from __future__ import annotations
@@ -27,11 +38,13 @@ import logging
 import numpy as np
 import torch
 
-from grr_data.loader.base import IMAGE_SIZE, MEAN, STD, LoaderBase, fill_batch, plan_after
+from grr_data.loader.base import IMAGE_SIZE, MEAN, STD, LoaderBase, fill_batch, normalize, plan_after
 from grr_data.loader.cpu import decode_image
+from grr_data.loader.reader import BatchReader
 from grr_data.loader.source import SampleError
 
 log = logging.getLogger("grr.loader")
+DEFAULT_PREFETCH = 2
 
 
 def dali_available() -> bool:
@@ -40,6 +53,33 @@ def dali_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+class _Feed:
+    """What one pipeline reads: batches `start..` of the plan through a BatchReader; remembers
+    the skip events of each batch and the last batch handed to DALI."""
+
+    def __init__(self, loader: DaliLoader, batches: np.ndarray, start: int):
+        self.start, self.served, self.error = start, start - 1, None
+        self.events: dict[int, list] = {}
+        self.reader = BatchReader(
+            lambda b: loader._payload(batches, b), start, len(batches), loader.prefetch, name="grr-dali-reader"
+        )
+
+    def __call__(self, info):
+        b = self.start + info.iteration
+        try:
+            payload, events = self.reader.get(b)
+        except StopIteration:
+            raise
+        except BaseException as err:
+            self.error = err  # not DALI's failure: the loader raises it as it is
+            raise
+        self.events[b], self.served = events, b
+        return payload
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 class DaliLoader(LoaderBase):
@@ -53,7 +93,7 @@ class DaliLoader(LoaderBase):
         dtype=torch.float32,
         with_keys=False,
         num_threads: int = 4,
-        prefetch: int = 2,
+        prefetch: int | None = None,
         hw_decoder_load: float = 0.65,
     ):
         super().__init__(shards, plan, device, dtype, with_keys)
@@ -63,8 +103,12 @@ class DaliLoader(LoaderBase):
         dali_dtypes = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
         if dtype not in dali_dtypes:
             raise ValueError(f"dtype {dtype} is not a training dtype; use float32, float16 or bfloat16")
+        if prefetch is not None and prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1 batch, got {prefetch}")
         self.dali_dtype = dali_dtypes[dtype]
-        self.num_threads, self.prefetch, self.hw_decoder_load = num_threads, prefetch, hw_decoder_load
+        self.num_threads, self.hw_decoder_load = num_threads, hw_decoder_load
+        self.prefetch = prefetch or DEFAULT_PREFETCH
+        self.fallback_batches = 0  # batches DALI rejected but Pillow decoded
         self._bad: dict[int, tuple[str, str]] = {}  # sample -> (reason, message), found so far
 
     def _read_slot(self, g: int, events: list):
@@ -79,34 +123,30 @@ class DaliLoader(LoaderBase):
             return None
         return np.frombuffer(jpg, dtype=np.uint8), ids, np.array([g], dtype=np.int64)
 
+    def _decode(self, g: int, jpg: np.ndarray) -> np.ndarray | None:
+        """Pillow's (288, 288, 3) uint8 for sample g, or None (remembered as bad) when it fails."""
+        try:
+            return decode_image(jpg.tobytes(), draft=False)
+        except SampleError as err:
+            self._bad[g] = (err.reason, str(err))
+            return None
+
     def _fallback(self, batches: np.ndarray, after: int):
         # Every sample of the batch failed: the first sample after it in the plan that decodes.
         for g in plan_after(batches, after):
             slot = self._read_slot(int(g), [])
-            if slot is not None and self._check(int(g), slot[0]):
+            if slot is not None and self._decode(int(g), slot[0]) is not None:
                 return slot
         raise RuntimeError(f"{self.shards.root}: no sample of this rank's plan can be decoded")
 
-    def _check(self, g: int, jpg: np.ndarray) -> bool:
-        try:
-            decode_image(jpg.tobytes(), draft=False)
-        except SampleError as err:
-            self._bad[g] = (err.reason, str(err))
-            return False
-        return True
-
-    def _source(self, batches: np.ndarray, start: int, events: dict):
-        def source(info):
-            b = start + info.iteration
-            if b >= len(batches):
-                raise StopIteration
-            events[b] = []
-            slots = fill_batch(
-                [self._read_slot(int(g), events[b]) for g in batches[b]], lambda: self._fallback(batches, b)
-            )
-            return tuple([s[k] for s in slots] for k in range(3))
-
-        return source
+    def _payload(self, batches: np.ndarray, b: int):
+        """Batch b as external_source wants it ([jpegs], [ids], [numbers]) and its skip events;
+        runs on the reader thread."""
+        events: list = []
+        slots = fill_batch(
+            [self._read_slot(int(g), events) for g in batches[b]], lambda: self._fallback(batches, b)
+        )
+        return tuple([s[k] for s in slots] for k in range(3)), events
 
     def _device_id(self) -> int:
         # "cuda" without an index means the current device (what DDP ranks set), not GPU 0.
@@ -131,12 +171,8 @@ class DaliLoader(LoaderBase):
                 dtype=[types.UINT8, types.INT64, types.INT64],
                 ndim=[1, 1, 1],
             )
-            if gpu:
-                images = fn.decoders.image(
-                    jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=self.hw_decoder_load
-                )
-            else:
-                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+            decoder = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
+            images = fn.decoders.image(jpegs, output_type=types.RGB, jpeg_fancy_upsampling=True, **decoder)
             images = fn.resize(
                 images, size=[IMAGE_SIZE, IMAGE_SIZE], interp_type=types.INTERP_LINEAR, antialias=True
             )
@@ -147,48 +183,90 @@ class DaliLoader(LoaderBase):
                 mean=[m * 255 for m in MEAN],
                 std=[s * 255 for s in STD],
             )
-            return images, ids, nums
+            # ids go to the GPU inside DALI; sample numbers stay on the CPU (they name keys).
+            return images, ids.gpu() if gpu else ids, nums
 
         return pipe()
 
-    def _find_bad(self, batches: np.ndarray, b: int) -> bool:
-        """Decode the batches DALI may have been working on with Pillow; True if a culprit was found."""
+    def _find_bad(self, batches: np.ndarray, b: int, last: int) -> bool:
+        """Decode batches b..last (those DALI may have been working on) with Pillow; True if a
+        culprit was found."""
         found = False
-        for g in batches[b : b + self.prefetch + 2].reshape(-1):
+        for g in batches[b : last + 1].reshape(-1):
             slot = self._read_slot(int(g), [])
-            if slot is not None and not self._check(int(g), slot[0]):
+            if slot is not None and self._decode(int(g), slot[0]) is None:
                 found = True
         return found
+
+    def _record(self, events: list) -> None:
+        for g, reason, message in events:
+            self._skips.add(reason, lambda g=g: self.shards.describe(g), message)
+
+    def _pillow_batch(self, batches: np.ndarray, b: int, err: Exception) -> dict:
+        """Batch b decoded with Pillow, for a batch DALI rejects though Pillow reads all of it."""
+        events: list = []
+        slots = []
+        for g in batches[b]:
+            slot = self._read_slot(int(g), events)
+            if slot is not None and (pixels := self._decode(int(g), slot[0])) is not None:
+                slot = (pixels, *slot[1:])
+            elif slot is not None:
+                events.append((int(g), *self._bad[int(g)]))
+                slot = None
+            slots.append(slot)
+
+        def substitute():
+            jpg, ids, num = self._fallback(batches, b)  # it checked that jpg decodes
+            return self._decode(int(num[0]), jpg), ids, num
+
+        slots = fill_batch(slots, substitute)
+        self._record(events)
+        self.fallback_batches += 1
+        log.warning(
+            "DALI failed on batch %d of epoch %d (%s) but Pillow decodes every sample of it: decoded it "
+            "with Pillow instead (%d such batches so far)", b, self.epoch, err, self.fallback_batches
+        )
+        pixels = torch.from_numpy(np.stack([s[0] for s in slots])).to(self.device)  # (B, 288, 288, 3) uint8
+        batch = {
+            "images": normalize(pixels, self.dtype),
+            "ids": torch.from_numpy(np.stack([s[1] for s in slots])).to(self.device),
+        }
+        if self.with_keys:
+            batch["keys"] = [self.shards.key(int(s[2][0])) for s in slots]
+        return batch
 
     def _iter_batches(self, batches, start):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        cuda = self.device.type == "cuda"
         b = start
         while b < len(batches):
-            events: dict[int, list] = {}
-            pipe = it = None
+            feed = _Feed(self, batches, b)
+            pipe = it = failure = None
             try:
-                pipe = self._pipeline(self._source(batches, b, events))
+                pipe = self._pipeline(feed)
                 # The plan pads every batch to full size, so the policy never has to act.
                 it = DALIGenericIterator(
                     pipe, ["images", "ids", "nums"], auto_reset=False, last_batch_policy=LastBatchPolicy.FILL
                 )
                 for out in it:
                     out = out[0]
-                    for g, reason, message in events.pop(b, []):
-                        self._skips.add(reason, lambda g=g: self.shards.describe(g), message)
-                    batch = {
-                        "images": out["images"].to(self.device, self.dtype, non_blocking=cuda),
-                        "ids": out["ids"].to(self.device, non_blocking=cuda),
-                    }
+                    self._record(feed.events.pop(b, []))
+                    batch = {"images": out["images"].to(self.device, self.dtype), "ids": out["ids"]}
                     if self.with_keys:
                         batch["keys"] = [self.shards.key(int(g)) for g in out["nums"][:, 0]]
                     b += 1
                     yield batch
             except RuntimeError as err:
-                if not self._find_bad(batches, b):
-                    raise
-                log.debug("DALI failed near batch %d (%s); rebuilding without the bad samples", b, err)
+                if feed.error is not None:
+                    raise feed.error from err
+                failure = err
             finally:
+                feed.close()
                 del it, pipe
+            if failure is None:
+                continue
+            if self._find_bad(batches, b, max(feed.served, b)):
+                log.debug("DALI failed near batch %d (%s); rebuilding without the bad samples", b, failure)
+                continue
+            yield self._pillow_batch(batches, b, failure)
+            b += 1

@@ -1,0 +1,77 @@
+"""A background thread that prepares a rank's batches in plan order, a bounded number ahead.
+
+The DALI loader's `external_source` callback runs on the training thread; reading a 48-sample
+batch there (`os.pread`, ~1.3 ms) is time the GPU may wait. `os.pread` releases the GIL, so this
+thread does the reads ahead into a bounded queue and the callback only takes the next item.
+Items come strictly in batch order from `start`: a resumed epoch, or the rebuild after a failed
+batch, starts a new reader at its batch, so what is read never depends on timing.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+_POLL_S = 0.1
+
+
+class BatchReader(Generic[T]):
+    """Calls `make(b)` for b = start .. stop-1 on a daemon thread; `get(b)` returns them in order."""
+
+    def __init__(self, make: Callable[[int], T], start: int, stop: int, depth: int, name: str = "grr-batch-reader"):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._next, self._end = start, stop
+        self._thread = threading.Thread(target=self._run, args=(make, start, stop), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, make: Callable[[int], T], start: int, stop: int) -> None:
+        for b in range(start, stop):
+            try:
+                item = (b, make(b), None)
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+                self._put((b, None, err))
+                return
+            if not self._put(item):
+                return
+
+    def _put(self, item) -> bool:
+        # A timed put, so close() never waits on a full queue nobody reads any more.
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self, b: int) -> T:
+        """The item of batch b, which must be the next one; StopIteration from `stop` on."""
+        if b >= self._end:
+            raise StopIteration
+        if b != self._next:
+            raise RuntimeError(f"batch reader: asked for batch {b}, but the next one in order is {self._next}")
+        while True:
+            try:
+                got, item, err = self._queue.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("batch reader: the reading thread ended early") from None
+        if err is not None:
+            raise err
+        self._next = got + 1
+        return item
+
+    def close(self) -> None:
+        """Stop the thread and drop what it read ahead; safe to call more than once."""
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10)
