@@ -77,6 +77,8 @@ def eval_(
     max_len: int = typer.Option(30, help="Longest generated caption, in tokens."),
     tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", help="auto (the run's training precision: bf16 autocast on a GPU, "
+                                               "fp32 on the CPU unless the run set one), fp32 or bf16."),
     json_: bool = typer.Option(False, "--json", help="Print every number as JSON."),
 ) -> None:
     """Table 2 metrics (CoCa loss, perplexity, contrastive loss), recall@k, BLEU-4 and CIDEr-D."""
@@ -86,7 +88,8 @@ def eval_(
     try:
         decode_words = decode_words_for(run_or_ckpt, tokenizer, data)
         result = evaluate_run(run_or_ckpt, data, split, batch_size, contrastive_batch_size, max_samples,
-                              decode_words, DecodeOptions(beams=beams, max_len=max_len), pick_device(device))
+                              decode_words, DecodeOptions(beams=beams, max_len=max_len), pick_device(device),
+                              precision=precision)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     typer.echo(json.dumps(result, indent=2) if json_ else format_eval(result))

@@ -24,7 +24,7 @@ def bench_loader_cmd(
     options = {"draft": draft} if loader == "cpu" else {}
     r = bench_loader(data_dir, loader, batch_size, workers, batches, split, device, **options)
     typer.echo(
-        f"{r['loader']} on {r['device']}: {r['images_per_s']:.0f} images/s, {r['cores']:.2f} cores, "
+        f"loader {r['loader']}, device {r['device']}: {r['images_per_s']:.0f} images/s, {r['cores']:.2f} cores, "
         f"{r['cpu_ms_per_image']:.1f} CPU ms/image "
         f"(batch {r['batch_size']}, workers {r['workers']}, {r['batches']} batches, "
         f"start-up {r['startup_s']:.2f} s, skipped {r['skipped'] or 0})"

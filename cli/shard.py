@@ -23,7 +23,7 @@ def shard(
 ) -> None:
     """Tokenize captions, split, and write train, val (and test) shards with DALI indexes and manifest.json."""
     from grr_data.shard import shard_dataset
-    from grr_data.shard_input import InputError
+    from grr_data.shard_input import InputError, ShardError
     from grr_data.tokenizer import TokenizerError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -32,7 +32,8 @@ def shard(
     try:
         manifest, stats = shard_dataset(input, out, split=split, tokenizer=tokenizer, shard_size=shard_size,
                                         workers=workers)
-    except (InputError, TokenizerError, FileExistsError, ValueError) as err:
+    # OSError: the output cannot be written (permissions, full disk, a file in the way)
+    except (InputError, ShardError, TokenizerError, ValueError, OSError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"wrote {out} in {stats['seconds']:.1f} s ({manifest['split_rule']}; tokenizer "

@@ -14,7 +14,8 @@ from cli.groups import bench_app, train_app
 NPROC_HELP = "Processes on this node; starts torchrun itself (for several nodes run torchrun directly)."
 
 
-def _run(recipe: str, out: Path, resume: bool, config: Path | None, sets: list[str], nproc: int, **flags) -> None:
+def _run(recipe: str, out: Path, resume: bool, config: Path | None, sets: list[str], nproc: int,
+         defaults: dict | None = None, **flags) -> None:
     from grr_train.config import resolve_config, resume_config
     from grr_train.parallel import relaunch_with_torchrun, strip_nproc_option, under_torchrun
     from grr_train.trainer import NonFiniteLoss, run_training
@@ -27,7 +28,7 @@ def _run(recipe: str, out: Path, resume: bool, config: Path | None, sets: list[s
                 raise ValueError("--config cannot be combined with --resume: the run keeps its config.json")
             cfg = resume_config(out, sets, **flags)
         else:
-            cfg = resolve_config(recipe, str(config) if config else None, sets, **flags)
+            cfg = resolve_config(recipe, str(config) if config else None, sets, defaults=defaults, **flags)
         summary = run_training(cfg, out, resume=resume)
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
         typer.echo(f"error: {e}", err=True)
@@ -82,15 +83,13 @@ def finetune(
 ) -> None:
     """Fine-tune a pretrained model with the paper's recipe (early stopping with soft reset)."""
     out = out or Path(f"runs/finetune-{dataset}")
-    flags = {"max_steps": max_steps}
+    flags = {"max_steps": max_steps, "data": str(data) if data else None}
+    defaults = None
     if not resume:
-        if from_ is None:
-            typer.echo("error: fine-tuning needs --from RUN_OR_CHECKPOINT", err=True)
-            raise typer.Exit(2)
-        flags.update(dataset=dataset, init_from=str(from_), data=str(data or f"data/{dataset}/shards"))
-    elif data:
-        flags["data"] = str(data)
-    _run("finetune", out, resume, config, set_ or [], nproc_per_node, **flags)
+        # --from may also come from --config or --set init_from=; the config check says so if none does.
+        flags.update(dataset=dataset, init_from=str(from_) if from_ else None)
+        defaults = {"data": f"data/{dataset}/shards"}
+    _run("finetune", out, resume, config, set_ or [], nproc_per_node, defaults=defaults, **flags)
 
 
 @bench_app.command("train")

@@ -39,20 +39,22 @@ class CheckReport:
         return not self.problems
 
 
-def _tar_samples(path: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], dict[str, bytes], dict[str, bytes]]:
-    """Per sample (key, {ext: (offset, size)}) in tar order, plus ids and jpg bytes by key."""
+def _tar_samples(path: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], dict[str, bytes], dict[str, str]]:
+    """Per sample (key, {ext: (offset, size)}) in tar order, plus ids bytes and jpg sha256 by key
+    (hashed as read: a 10k-sample shard's JPEGs are ~400 MB)."""
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    ids, jpgs = {}, {}
+    ids, jpg_hashes = {}, {}
     with tarfile.open(path, "r") as tar:
         for info in tar:
             key, _, ext = info.name.partition(".")
             if not samples or samples[-1][0] != key:
                 samples.append((key, {}))
             samples[-1][1][ext] = (info.offset_data, info.size)
-            if ext in ("ids", "jpg"):
-                data = tar.extractfile(info).read()
-                (ids if ext == "ids" else jpgs)[key] = data
-    return samples, ids, jpgs
+            if ext == "ids":
+                ids[key] = tar.extractfile(info).read()
+            elif ext == "jpg":
+                jpg_hashes[key] = hashlib.sha256(tar.extractfile(info).read()).hexdigest()
+    return samples, ids, jpg_hashes
 
 
 def _check_shard(root: Path, entry: dict, special: SpecialIds, problems: list[str]) -> tuple[list[str], list[str]]:
@@ -70,7 +72,7 @@ def _check_shard(root: Path, entry: dict, special: SpecialIds, problems: list[st
     if sha256_file(path) != entry.get("sha256"):
         problem("sha256 differs from manifest.json (the file changed or is damaged)")
     try:
-        samples, ids, jpgs = _tar_samples(path)
+        samples, ids, jpg_hashes = _tar_samples(path)
     except (tarfile.TarError, OSError, EOFError) as err:
         problem(f"unreadable tar ({err})")
         return [], []
@@ -92,7 +94,7 @@ def _check_shard(root: Path, entry: dict, special: SpecialIds, problems: list[st
                 reason = str(err)
             if reason is not None:
                 problem(f"sample {key}: token ids {reason}")
-    hashes = [hashlib.sha256(jpgs[key]).hexdigest() for key, _ in samples if key in jpgs]
+    hashes = [jpg_hashes[key] for key, _ in samples if key in jpg_hashes]
     return [key for key, _ in samples], hashes
 
 
@@ -102,6 +104,14 @@ def _read_manifest(path: Path) -> tuple[dict, SpecialIds]:
     special = SpecialIds(pad=tok["pad"], eos=tok["eos"], bos=tok["bos"], cls=tok["cls"], vocab_size=tok["vocab_size"])
     if not isinstance(manifest["splits"], dict):
         raise TypeError("splits is not a mapping")
+    for name, split in manifest["splits"].items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list):
+            raise TypeError(f"split {name!r} has no list of shards")
+        for i, entry in enumerate(shards):
+            if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+                    and isinstance(entry.get("num_samples"), int)):
+                raise TypeError(f"split {name!r} shard #{i} has no path or num_samples: {entry!r}")
     return manifest, special
 
 
@@ -125,10 +135,7 @@ def check_dataset(data_dir: str | os.PathLike, progress: bool = True) -> CheckRe
         if listed != split.get("num_samples"):
             report.problems.append(f"{manifest_path}: split {name} says {split.get('num_samples')} samples, "
                                    f"its shards list {listed}")
-        listed_paths = {root / e["path"] for e in split["shards"]}
-        for tar in sorted((root / name).glob("*.tar")):
-            if tar not in listed_paths:
-                report.problems.append(f"{tar}: on disk but not listed in manifest.json")
+    _find_unlisted(root, splits, report)
 
     owner_of_key: dict[str, str] = {}
     owner_of_image: dict[str, tuple[str, str]] = {}  # image sha256 -> (split, shard path)
@@ -155,6 +162,18 @@ def check_dataset(data_dir: str | os.PathLike, progress: bool = True) -> CheckRe
                                        f"({other_path}) and {name}")
     _compare_overlaps(manifest_path, manifest, declared, shared, report)
     return report
+
+
+def _find_unlisted(root: Path, splits: dict, report: CheckReport) -> None:
+    """Shard-like files anywhere under the set that the manifest does not list: a stray split
+    folder, a half-written `*.tmp` of a killed run, an index without its tar."""
+    listed = {root / e["path"] for split in splits.values() for e in split["shards"]}
+    listed |= {index_path(p) for p in listed}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path not in listed and path.name != "manifest.json" \
+                and (path.suffix in (".tar", ".idx", ".tmp") or path.parent != root):
+            report.problems.append(f"{path}: on disk but not listed in manifest.json (left over from another "
+                                   "or an interrupted run?); delete it or re-shard")
 
 
 def _compare_overlaps(manifest_path: Path, manifest: dict, declared: dict, shared: dict[str, set[str]],

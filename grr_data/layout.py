@@ -46,7 +46,11 @@ def build_layout(word_ids: Sequence[int], special: SpecialIds) -> tuple[list[int
     """Lay out one caption's word ids; returns the 65 ids and whether the words were cut.
 
     The words are cut so that BOS, EOS, CLS and the final PAD always fit (61 words at most).
+    Raises ValueError when a word id is one of the special ids: that would be an invalid layout.
     """
+    specials = (special.pad, special.eos, special.bos, special.cls)
+    if any(t in specials for t in word_ids):
+        raise ValueError(f"special_token_in_caption: word ids {list(word_ids)} contain a special id {specials}")
     max_words = SEQ_LEN - 4
     truncated = len(word_ids) > max_words
     words = list(word_ids[:max_words])

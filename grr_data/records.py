@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from grr_data.files import publish
 from grr_data.layout import SEQ_LEN
 
 IDS_DTYPE = np.dtype("<i8")
@@ -89,8 +90,9 @@ class ShardWriter:
         lines = [f"{INDEX_VERSION} {len(self._index)}"]
         lines += [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in entry) for entry in self._index]
         idx_tmp.write_text("\n".join(lines) + "\n")
-        os.replace(self.tmp_path, self.path)
-        os.replace(idx_tmp, idx)
+        # fsync before renaming: a resumed `grr data shard` keeps every shard it finds published
+        publish(self.tmp_path, self.path)
+        publish(idx_tmp, idx)
 
     def abort(self) -> None:
         self._tar.close()
@@ -148,16 +150,22 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, b
 
 
 def _check_tail(tar: tarfile.TarFile) -> None:
-    """tarfile stops quietly at a cut header; what follows the last member must be zeros."""
+    """tarfile stops quietly at a cut header or at a cut exactly between members; a whole tar
+    ends with the end-of-archive marker (two zero blocks), and only zeros follow it."""
     f = tar.fileobj
     f.seek(tar.offset)
+    marker = f.read(2 * tarfile.BLOCKSIZE)
+    if len(marker) < 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"no end-of-archive marker after byte {tar.offset}: the tar was cut")
+    if marker.count(0) != len(marker):
+        raise tarfile.ReadError(f"cut or garbled header at byte {tar.offset}")
     while block := f.read(1 << 16):
         if block.count(0) != len(block):
             raise tarfile.ReadError(f"cut or garbled header at byte {tar.offset}")
 
 
-def read_index(path: str | os.PathLike) -> list[dict[str, tuple[int, int]]]:
-    """Parse a DALI v1.2 index: per sample, {ext: (offset, size)}."""
+def read_index_entries(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]:
+    """Parse a DALI v1.2 index: per sample, its members as (ext, offset, size, member name)."""
     lines = Path(path).read_text().splitlines()
     version, count = lines[0].split()
     if version != INDEX_VERSION:
@@ -165,5 +173,21 @@ def read_index(path: str | os.PathLike) -> list[dict[str, tuple[int, int]]]:
     samples = []
     for line in lines[1 : 1 + int(count)]:
         parts = line.split()
-        samples.append({parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)})
+        samples.append([(parts[i], int(parts[i + 1]), int(parts[i + 2]), parts[i + 3])
+                        for i in range(0, len(parts) - 3, 4)])
+    if len(samples) != int(count):
+        raise ValueError(f"{path}: header says {count} samples, the index lists {len(samples)}")
     return samples
+
+
+def read_index(path: str | os.PathLike) -> list[dict[str, tuple[int, int]]]:
+    """Parse a DALI v1.2 index: per sample, {ext: (offset, size)}."""
+    return [{ext: (offset, size) for ext, offset, size, _ in entry} for entry in read_index_entries(path)]
+
+
+def tar_size_for_index(entries: list[list[tuple[str, int, int, str]]]) -> int:
+    """The size of the tar ShardWriter writes for these index entries: the last member's padded
+    end, the two end-of-archive blocks, rounded up to tarfile's 10 kB record."""
+    end = max((offset + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+               for entry in entries for _, offset, size, _ in entry), default=0)
+    return -(-(end + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE

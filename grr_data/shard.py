@@ -31,9 +31,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from grr_data.files import write_json_atomic
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN
-from grr_data.records import ShardWriter, index_path, sample_members, sha256_file
-from grr_data.shard_input import InputError, TarJob, TarResult, find_inputs
+from grr_data.records import (
+    ShardWriter,
+    index_path,
+    read_index_entries,
+    sample_members,
+    sha256_file,
+    tar_size_for_index,
+)
+from grr_data.shard_input import FOLDER_ORDER, InputError, ShardError, TarJob, TarResult, find_inputs
 from grr_data.shard_resume import InputImages, record_path, run_job
 from grr_data.split import SplitAssigner, SplitRule, declared_overlaps
 from grr_data.tokenizer import load_tokenizer
@@ -43,19 +51,19 @@ MANIFEST = "manifest.json"
 WORK_DIR = ".work"
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _indexed_keys(tar: Path) -> list[str] | None:
-    """The sample keys a complete shard's index lists, or None when tar or index is missing."""
+    """The sample keys a complete shard's index lists, or None when tar or index is missing, the
+    index is unreadable or the tar's size is not the one its index implies (then it is rewritten)."""
     idx = index_path(tar)
     if not (tar.is_file() and idx.is_file()):
         return None
-    lines = idx.read_text().splitlines()[1:]
-    return [line.split()[3].rsplit(".", 1)[0] for line in lines if line.strip()]
+    try:
+        entries = read_index_entries(idx)
+    except (ValueError, IndexError):
+        return None
+    if tar.stat().st_size != tar_size_for_index(entries):
+        return None
+    return [entry[0][3].rsplit(".", 1)[0] for entry in entries]
 
 
 class _SplitSink:
@@ -88,7 +96,7 @@ class _SplitSink:
         if self._writer is not None:
             self._writer.close()
         elif _indexed_keys(self._path) != self._keys:
-            raise RuntimeError(f"{self._path}: an existing shard does not hold the samples planned for it; "
+            raise ShardError(f"{self._path}: an existing shard does not hold the samples planned for it; "
                                "the input changed since the interrupted run; delete the output folder")
         else:
             self.num_kept += 1
@@ -184,7 +192,9 @@ def shard_dataset(
                               "choose another --out or delete it")
     params = {"input": str(input_dir.resolve()), "split_rule": rule.describe(), "tokenizer": tok.name,
               "shard_size": shard_size, "layout_version": LAYOUT_VERSION,
-              "inputs": [[str(p.relative_to(input_dir)), p.stat().st_size] for p, _ in inputs]}
+              # size and mtime: a refetched tar of the same size must not reuse a stale record
+              "inputs": [[str(p.relative_to(input_dir)), p.stat().st_size, p.stat().st_mtime_ns]
+                         for p, _ in inputs]}
     work = out_dir / WORK_DIR
     params_path = work / "params.json"
     if params_path.is_file():
@@ -198,7 +208,7 @@ def shard_dataset(
         raise FileExistsError(f"{out_dir}: not empty and not an interrupted `grr data shard` run; "
                               "choose an empty or new --out")
     work.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(params_path, params)
+    write_json_atomic(params_path, params, indent=1, ensure_ascii=True)
 
     jobs = [TarJob(str(p), folder, tokenizer, source, rule.source, str(record_path(work, i)))
             for i, (p, folder) in enumerate(inputs)]
@@ -209,6 +219,9 @@ def shard_dataset(
     skipped: Counter = Counter()
     problem_log = _ProblemLog()
     num_truncated = num_resized = 0
+    if has_folders:
+        log.info("reading the split folders in the order %s (not train first): an image in two splits "
+                 "stays in the evaluation one", ", ".join(FOLDER_ORDER))
     bar = tqdm(total=len(jobs), unit="tar", desc="shard", disable=not progress)
     try:
         results = _results(jobs, workers if workers is not None else (os.cpu_count() or 1))
@@ -225,7 +238,8 @@ def shard_dataset(
                 if name is None:
                     skipped["duplicate_across_splits"] += 1
                     problem_log("duplicate_across_splits", sample.meta["source_key"],
-                                f"the same image is already in another split ({sample.identity.source_split})")
+                                f"the same image is already in another split (source split "
+                                f"{sample.identity.source_split}, image id {sample.identity.image_id})")
                     continue
                 sinks[name].add(sample.key, lambda job=job, sample=sample, name=name: sample_members(
                     images.jpg(job.path, sample), sample.caption, sample.ids, dict(sample.meta, split=name)))
@@ -263,7 +277,7 @@ def shard_dataset(
         manifest["split_mode"] = fetch_manifest["split_mode"]
         # images stored in both splits of each pair; `grr data check` expects exactly these
         manifest["overlapping_splits"] = {pair: assigner.overlaps[pair] for pair in sorted(assigner.allowed_overlaps)}
-    _write_json_atomic(out_dir / MANIFEST, manifest)
+    write_json_atomic(out_dir / MANIFEST, manifest, indent=1, ensure_ascii=True)
     shutil.rmtree(work, ignore_errors=True)
     stats = {"seconds": round(time.time() - started, 1), "kept_shards": sum(s.num_kept for s in sinks.values()),
              "reused_tars": num_reused, "decoded_images": num_decoded + images.num_decoded}

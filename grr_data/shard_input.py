@@ -4,7 +4,7 @@ into validated, tokenized samples (the per-tar work a process pool runs in paral
 Input is img2dataset's format (`key.jpg`, `key.txt`, `key.json` per sample), either as tars
 directly in the input folder or in split subfolders (`train/`, `val/`, `test/`). Every image is
 fully decoded, since a truncated JPEG is only caught that way; an image whose shorter side is
-not 288 (or that is not an RGB/greyscale JPEG) is resized and re-encoded as DESIGN.md says.
+not 288 (or that is not an upright RGB/greyscale JPEG) is resized and re-encoded (grr_data.image).
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from grr_data.image import is_stored_form, to_stored_jpeg
 from grr_data.records import iter_tar_samples
 from grr_data.split import SampleIdentity, normalize_split
 from grr_data.tokenizer import load_tokenizer
 
-SHORT_SIDE = 288
-JPEG_QUALITY = 95
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Split subfolders are read test, val, train, so that under the `source` rule the first copy of
 # an image seen twice is the evaluation one (see grr_data.split).
@@ -35,6 +34,10 @@ FOLDER_ORDER = ("test", "val", "train")
 
 class InputError(ValueError):
     pass
+
+
+class ShardError(RuntimeError):
+    """A shard run cannot go on (e.g. a resumed run whose input changed); the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -84,17 +87,34 @@ def find_inputs(input_dir: Path) -> list[tuple[Path, str | None]]:
     if found:
         if any(input_dir.glob("*.tar")):
             raise InputError(f"{input_dir}: holds both tars and split subfolders; shard one or the other")
-        return [(tar, split) for _, sub, split in sorted(found) for tar in sorted(sub.glob("*.tar"))]
-    tars = sorted(input_dir.glob("*.tar"))
-    if not tars:
-        raise InputError(f"{input_dir}: no .tar files (nor train/ val/ test/ subfolders holding them); "
-                         "expected img2dataset/`grr data fetch` output")
-    return [(tar, None) for tar in tars]
+        inputs = [(tar, split) for _, sub, split in sorted(found) for tar in sorted(sub.glob("*.tar"))]
+    else:
+        tars = sorted(input_dir.glob("*.tar"))
+        if not tars:
+            raise InputError(f"{input_dir}: no .tar files (nor train/ val/ test/ subfolders holding them); "
+                             "expected img2dataset/`grr data fetch` output")
+        inputs = [(tar, None) for tar in tars]
+    _refuse_unfinished(inputs)
+    return inputs
+
+
+def _stats_path(tar: Path) -> Path:
+    return tar.with_name(tar.stem + "_stats.json")
+
+
+def _refuse_unfinished(inputs: list[tuple[Path, str | None]]) -> None:
+    """img2dataset writes a tar in place and its stats file last, so in a fetch output with stats
+    files a tar without one was cut off by a killed fetch (a hand-made input has none at all)."""
+    unfinished = [tar for tar, _ in inputs if not _stats_path(tar).is_file()]
+    if unfinished and len(unfinished) < len(inputs):
+        more = f" and {len(unfinished) - 1} more" if len(unfinished) > 1 else ""
+        raise InputError(f"{unfinished[0]}{more}: no {_stats_path(unfinished[0]).name} beside it, so its fetch "
+                         "did not finish; rerun `grr data fetch` with the same --out to complete it")
 
 
 def _expected_count(tar: Path) -> int | None:
     """How many samples img2dataset says it wrote into this tar (its NNNNN_stats.json)."""
-    stats = tar.with_name(tar.stem + "_stats.json")
+    stats = _stats_path(tar)
     try:
         return int(json.loads(stats.read_text())["successes"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -102,7 +122,7 @@ def _expected_count(tar: Path) -> int | None:
 
 
 def prepare_image(data: bytes) -> tuple[bytes, tuple[int, int], bool]:
-    """(JPEG bytes with shorter side 288, decoded size, whether it was re-encoded).
+    """(JPEG bytes of the stored form, decoded upright size, whether it was re-encoded).
 
     Raises ValueError("truncated_image" | "corrupt_image", detail) when it does not decode fully.
     """
@@ -113,15 +133,10 @@ def prepare_image(data: bytes) -> tuple[bytes, tuple[int, int], bool]:
         # PIL says this only when the data ended mid-image; garbage headers read as corrupt
         reason = "truncated_image" if "image file is truncated" in str(err) else "corrupt_image"
         raise ValueError(reason, f"{type(err).__name__}: {err}") from err
-    width, height = image.size
-    if image.format == "JPEG" and image.mode in ("RGB", "L") and min(width, height) == SHORT_SIDE:
-        return data, (width, height), False
-    scale = SHORT_SIDE / min(width, height)
-    size = (SHORT_SIDE, max(1, round(height * scale))) if width <= height else (max(1, round(width * scale)), SHORT_SIDE)
-    resized = image.convert("RGB").resize(size, Image.BICUBIC, reducing_gap=3.0)
-    out = io.BytesIO()
-    resized.save(out, format="JPEG", quality=JPEG_QUALITY)
-    return out.getvalue(), (width, height), True
+    if is_stored_form(image):
+        return data, image.size, False
+    jpg, size, _ = to_stored_jpeg(image)
+    return jpg, size, True
 
 
 def _read_caption(members: dict[str, bytes]) -> str:
@@ -197,9 +212,20 @@ def process_tar(job: TarJob) -> TarResult:
         result.skipped["damaged_tar"] += 1
         result.skipped["lost_in_damaged_tar"] += lost
         result.problems.append(("damaged_tar", tar_name, f"{err}; {lost} sample(s) lost"))
+    else:
+        expected = _expected_count(Path(job.path))
+        if expected is not None and num_groups < expected:
+            # a tar cut exactly between members reads as whole; only the stats file tells
+            result.skipped["lost_in_short_tar"] += expected - num_groups
+            result.problems.append(("lost_in_short_tar", tar_name, f"holds {num_groups} samples, its stats file "
+                                    f"says {expected}; {expected - num_groups} sample(s) lost"))
 
-    ids, truncated = load_tokenizer(job.tokenizer).encode_batch([p[2] for p in pending])
+    ids, truncated, invalid = load_tokenizer(job.tokenizer).encode_captions([p[2] for p in pending])
     for row, (key, jpg, caption, meta, identity, member, resized) in enumerate(pending):
+        if invalid[row]:
+            skip("special_token_in_caption", meta["source_key"].rsplit(":", 1)[1],
+                 f"caption {caption[:80]!r} tokenizes to PAD or EOS")
+            continue
         meta["caption_truncated"] = bool(truncated[row])
         result.samples.append(Sample(key, jpg, caption, ids[row], meta, identity, member, resized))
         result.num_resized += resized

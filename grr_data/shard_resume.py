@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grr_data.shard_input import Sample, TarJob, TarResult, prepare_image, process_tar
+from grr_data.shard_input import Sample, ShardError, TarJob, TarResult, prepare_image, process_tar
 from grr_data.split import SampleIdentity
 
 RECORDS_DIR = "tars"
@@ -68,7 +68,7 @@ def load_record(job: TarJob) -> TarResult:
     with gzip.open(job.record, "rt", encoding="utf-8") as f:
         data = json.load(f)
     if data.get("version") != RECORD_VERSION or data.get("tar") != job.path:
-        raise RuntimeError(f"{job.record}: a completion record for {data.get('tar')}, expected {job.path}; "
+        raise ShardError(f"{job.record}: a completion record for {data.get('tar')}, expected {job.path}; "
                            "the output folder holds another run's work: delete it and start again")
     result = TarResult(skipped=Counter(data["skipped"]), problems=[tuple(p) for p in data["problems"]],
                        num_truncated=data["num_truncated"], num_resized=data["num_resized"], from_record=True)
@@ -112,7 +112,7 @@ class InputImages:
                 f.seek(where[0])
                 raw = f.read(where[1])
         if hashlib.sha256(raw).hexdigest() != sample.meta["image_sha256"]:
-            raise RuntimeError(f"{tar_path}: {sample.member} is missing or changed since the interrupted run; "
+            raise ShardError(f"{tar_path}: {sample.member} is missing or changed since the interrupted run; "
                                "delete the output folder and shard again")
         if not sample.resized:
             return raw

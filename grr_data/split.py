@@ -5,7 +5,9 @@ worker counts. An image never lands in two splits: the first copy of an image (b
 or of a source image id fixes its split, and later copies follow it. Under `95/5` a duplicate
 image is kept (in its first copy's split) and counted. Under `source` a copy whose source split
 differs from its first copy's is dropped (`duplicate_across_splits`); inputs are read test, val,
-train, so the evaluation splits stay whole and train loses the copy. The one exception is a pair
+train, so the evaluation splits stay whole and train loses the copy. Under a percentage rule the
+image id decides before the content hash; a sample whose image id is placed in one split and whose
+bytes are already in another is dropped the same way. The one exception is a pair
 of splits the fetch output declares as overlapping (ROCO's `--paper-split`: train = train + valid,
 val = valid): copies across that pair are kept, and the shared images are counted per pair.
 """
@@ -118,10 +120,14 @@ class SplitAssigner:
             split = sample.source_split
             if seen is not None and seen != split and not self._overlap_allowed(content, seen, split):
                 return None
+        elif sample.image_id is not None and sample.image_id in self._by_id:
+            # the image id decides before the content, so an image's captions stay together; a
+            # caption whose bytes already live in another split would put those bytes in two: dropped
+            split = self._by_id[sample.image_id]
+            if seen is not None and seen != split:
+                return None
         elif seen is not None:
             split = seen
-        elif sample.image_id is not None and sample.image_id in self._by_id:
-            split = self._by_id[sample.image_id]
         elif sample.image_id is not None:
             split = self.rule.split_of_hash(hashlib.sha256(f"image_id:{sample.image_id}".encode()).digest())
         else:

@@ -54,19 +54,38 @@ class CaptionTokenizer:
             )
 
     def encode_batch(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Lay out many captions at once: ids (N, 65) int64 and truncated (N,) bool."""
-        ids = np.empty((len(captions), SEQ_LEN), dtype=np.int64)
+        """Lay out many captions at once: ids (N, 65) int64 and truncated (N,) bool.
+
+        Raises ValueError naming the first caption that cannot be laid out (see `encode_captions`)."""
+        ids, truncated, invalid = self.encode_captions(captions)
+        if invalid.any():
+            row = int(np.flatnonzero(invalid)[0])
+            raise ValueError(f"caption {row} ({captions[row][:80]!r}) tokenizes to a special id")
+        return ids, truncated
+
+    def encode_captions(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As `encode_batch`, plus invalid (N,) bool: captions whose text still tokenizes to PAD or
+        EOS (T5's vocabulary holds the pieces `<pad>` and `</s>`, so HTML such as `</s>` in CC12M
+        alt-text does); their rows of ids are left as PAD and must be skipped."""
+        ids = np.zeros((len(captions), SEQ_LEN), dtype=np.int64)
         truncated = np.zeros(len(captions), dtype=bool)
+        invalid = np.zeros(len(captions), dtype=bool)
         if not captions:
-            return ids, truncated
+            return ids, truncated, invalid
+        # split_special_tokens: a caption's literal `<bos>` or `<cls>` becomes ordinary pieces
         pieces = self._tok(
-            list(captions), add_special_tokens=False, truncation=True, max_length=_MAX_PIECES
+            list(captions), add_special_tokens=False, truncation=True, max_length=_MAX_PIECES,
+            split_special_tokens=True,
         )["input_ids"]
         for row, word_ids in enumerate(pieces):
-            layout, cut = build_layout(word_ids, self.special)
+            try:
+                layout, cut = build_layout(word_ids, self.special)
+            except ValueError:
+                invalid[row] = True
+                continue
             ids[row] = layout
             truncated[row] = cut
-        return ids, truncated
+        return ids, truncated, invalid
 
     def decode(self, ids: Sequence[int]) -> str:
         """The caption text of one laid-out id sequence (65 ids)."""

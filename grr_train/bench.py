@@ -17,6 +17,7 @@ from grr_train.losses import coca_loss
 from grr_train.model import build_model, get_config
 from grr_train.model.summary import flops_per_sample
 from grr_train.parallel import compile_blocks, enable_fast_math, peak_flops
+from grr_train.precision import autocast_context, autocast_dtype
 
 
 def synthetic_batch(batch_size: int, special: SpecialIds, image_size: int, generator: torch.Generator):
@@ -41,13 +42,13 @@ def bench_train(preset: str, batch_size: int, steps: int, warmup: int = 2, devic
     if compile:
         compile_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.001, fused=dev.type == "cuda")
-    dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda") else None
+    dtype = autocast_dtype(precision, dev)
     gen = torch.Generator().manual_seed(0)
     images, ids = synthetic_batch(batch_size, special, cfg.image_size, gen)
     images, ids = images.to(dev), ids.to(dev)
 
     def step():
-        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast_context(dtype, dev):
             out = model(images, ids)
         loss = coca_loss(out, ids, special, 2.0, 1.0, cfg.temperature, gather=False)["loss"]
         loss.backward()

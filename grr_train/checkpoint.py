@@ -5,8 +5,13 @@ early stopping keeps one, `best/`. A checkpoint folder holds `model.safetensors`
 unwrapped model's weights), `state.pt` (optimizer, schedule, early stopper, loader positions
 and RNG states per rank: tensors and plain containers only, read with `weights_only=True`)
 and `meta.json` (step, epoch, the model and training configs and the tokenizer, so a
-checkpoint folder is enough to rebuild its model and turn its captions into text). Every folder is written under a temporary name and renamed
-into place; `checkpoints/latest` names the newest complete checkpoint and is written last.
+checkpoint folder is enough to rebuild its model and turn its captions into text).
+
+Durability: every file and folder is written under a temporary name, fsync'ed, renamed into
+place, and the parent folder fsync'ed, so a crash or power loss leaves either the old or the
+new checkpoint, never a torn one. `meta.json` (written last) records the size of each other
+file; `checkpoints/latest` names the newest checkpoint, and `latest_checkpoint` falls back to
+the newest complete one (saying so) when the one it names is missing or has wrong sizes.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +35,27 @@ FORMAT_VERSION = 1
 WEIGHTS, STATE, META = "model.safetensors", "state.pt", "meta.json"
 
 
+def _fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's data and metadata to disk (folders: their entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    _write_text_synced(tmp, json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+    _fsync_path(path.parent)
 
 
 def write_run_config(run_dir: Path, model_config: dict, train_config: dict, special: SpecialIds,
@@ -50,6 +73,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync_path(final.parent)  # the rename itself must survive a crash
     if old is not None:
         shutil.rmtree(old)
 
@@ -61,7 +85,13 @@ def _write_checkpoint_dir(tmp: Path, model: torch.nn.Module, state: dict, meta: 
     try:
         save_safetensors_model(model, str(tmp / WEIGHTS))
         torch.save(state, tmp / STATE)
-        (tmp / META).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2) + "\n")
+        files = {}
+        for name in (WEIGHTS, STATE):
+            _fsync_path(tmp / name)
+            files[name] = {"size": (tmp / name).stat().st_size}
+        record = {"format_version": FORMAT_VERSION, **meta, "files": files}
+        _write_text_synced(tmp / META, json.dumps(record, indent=2) + "\n")
+        _fsync_path(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -76,8 +106,9 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict, meta: di
     _replace_dir(tmp, final)
     latest = ckpt_root / "latest"
     tmp_latest = ckpt_root / f".latest.tmp-{os.getpid()}"
-    tmp_latest.write_text(final.name + "\n")
+    _write_text_synced(tmp_latest, final.name + "\n")
     os.replace(tmp_latest, latest)
+    _fsync_path(ckpt_root)
     for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old)
     return final
@@ -91,14 +122,42 @@ def save_best(run_dir: Path, model: torch.nn.Module, state: dict, meta: dict) ->
     return final
 
 
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why the checkpoint folder `ckpt` is not complete, or None when it is.
+
+    Complete: meta.json reads and every file it lists has the recorded size (checkpoints from
+    before sizes were recorded are judged by their meta.json alone).
+    """
+    try:
+        meta = json.loads((ckpt / META).read_text())
+    except (OSError, ValueError) as err:
+        return f"cannot read {META} ({err})"
+    for name, entry in meta.get("files", {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {META} says {entry['size']}"
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names or, when that one is incomplete, the newest
+    complete `step-*` folder (with a warning on stderr); None when the run has none."""
     latest = Path(run_dir) / "checkpoints" / "latest"
     if not latest.is_file():
         return None
     ckpt = latest.parent / latest.read_text().strip()
-    if not (ckpt / META).is_file():
-        raise FileNotFoundError(f"{latest} names {ckpt.name}, which is missing or incomplete")
-    return ckpt
+    problem = checkpoint_problem(ckpt)
+    if problem is None:
+        return ckpt
+    for other in sorted((p for p in latest.parent.glob("step-*") if p.is_dir() and p != ckpt), reverse=True):
+        if checkpoint_problem(other) is None:
+            print(f"warning: {latest} names {ckpt.name}, which is incomplete ({problem}); "
+                  f"using {other.name}, the newest complete checkpoint", file=sys.stderr)
+            return other
+    raise FileNotFoundError(f"{latest} names {ckpt.name}, which is incomplete ({problem}), and no other "
+                            f"checkpoint in {latest.parent} is complete; start a new run (another --out)")
 
 
 def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
@@ -158,24 +217,31 @@ def load_model(run_or_ckpt: str | Path, device: str | torch.device = "cpu", **co
     return model, info
 
 
-def rng_state() -> dict:
-    """This process's RNG states as tensors and plain values (safe for `weights_only` loading)."""
+def rng_state(device: torch.device | str | None = None) -> dict:
+    """This process's RNG states as tensors and plain values (safe for `weights_only` loading).
+
+    On a CUDA `device`, its generator only: each rank saves the GPU it uses, not every GPU.
+    """
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
         "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | str | None = None) -> None:
+    """Restore `rng_state(device)`; the CUDA state goes to `device`, the GPU this rank uses."""
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and torch.device(device).type == "cuda":
+        cuda = state["cuda"]
+        if isinstance(cuda, list):  # saved before per-device states: every GPU's, this rank's by index
+            cuda = cuda[torch.device(device).index or 0]
+        torch.cuda.set_rng_state(cuda, torch.device(device))

@@ -21,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from grr_train.metrics_log import read_metrics  # noqa: E402
+
 # (row label, key path in an eval result, number format); lower is better for the first three.
 ROWS = [
     ("CoCa Loss", ("loss",), "{:.4f}"),
@@ -117,20 +119,6 @@ def report_json(sections: list[Section], names: tuple[str, str]) -> dict:
             for s in sections
         ],
     }
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a `metrics.jsonl`; a line that is not JSON is reported by number."""
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not a JSON line ({err}); fix or remove that line") from err
-    return records
 
 
 def find_metrics(run_or_ckpt: str | os.PathLike) -> Path | None:

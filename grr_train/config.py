@@ -3,7 +3,9 @@
 Every setting has one flat name, so `--set name=value` reaches all of them and a run's
 `config.json` records every value it ran with. Overrides apply in this order: recipe
 defaults, then `--config FILE` (a JSON object of settings), then `--set`, then the few
-dedicated command-line flags (`--data`, `--preset`, `--max-steps`).
+dedicated command-line flags (`--data`, `--preset`, `--max-steps`, fine-tuning's DATASET
+and `--from`). A default derived from the command line (fine-tuning's data/DATASET/shards)
+applies only when none of these gave the setting.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ class TrainConfig:
         if not 0 <= self.lr_min <= self.lr_max:
             raise ValueError(f"need 0 <= lr_min <= lr_max, got {self.lr_min} and {self.lr_max}")
         if self.recipe == "finetune" and not self.init_from:
-            raise ValueError("fine-tuning needs the weights to start from (--from RUN_OR_CHECKPOINT)")
+            raise ValueError("fine-tuning needs the weights to start from (--from RUN_OR_CHECKPOINT, "
+                             "or --set init_from=)")
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each process."""
@@ -220,13 +223,15 @@ def _check_type(key: str, value):
 
 
 def resolve_config(recipe_name: str, config_file: str | None = None, sets: list[str] | None = None,
-                   **flags) -> TrainConfig:
-    """Recipe defaults, then the config file, then `--set`, then flags that are not None."""
-    cfg = recipe(recipe_name)
-    if config_file:
-        cfg = replace(cfg, **load_config_file(config_file))
-    cfg = replace(cfg, **parse_set(sets or []))
-    cfg = replace(cfg, **{k: _check_type(k, v) for k, v in flags.items() if v is not None})
+                   defaults: dict | None = None, **flags) -> TrainConfig:
+    """Recipe defaults, then the config file, then `--set`, then flags that are not None.
+
+    `defaults`: settings that apply only where the file, `--set` and the flags all leave them.
+    """
+    given = {**(load_config_file(config_file) if config_file else {}), **parse_set(sets or []),
+             **{k: _check_type(k, v) for k, v in flags.items() if v is not None}}
+    fallback = {k: _check_type(k, v) for k, v in (defaults or {}).items() if k not in given}
+    cfg = replace(recipe(recipe_name), **fallback, **given)
     if cfg.recipe != recipe_name:
         raise ValueError(f"the settings say recipe={cfg.recipe!r} but the command is {recipe_name!r}")
     cfg.validate()

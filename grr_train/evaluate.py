@@ -1,7 +1,7 @@
 """`grr eval`: a checkpoint's Table 2 metrics on a split, plus retrieval and caption quality.
 
-Two passes over the split, each sample counted once (the loader repeats a few samples to
-fill its last batch; each batch's `num_real` says which to drop):
+Two passes over the split, each usable sample counted once (the loader repeats a few samples
+to fill its last batch and replaces unusable ones; each batch's `real` mask says which to keep):
 
 1. `grr_train.validate.validate`: CoCa loss with the run's own lambdas, perplexity over the
    split, and contrastive loss over chunks of a stated batch size (the paper's metrics).
@@ -12,6 +12,11 @@ fill its last batch; each batch's `num_real` says which to drop):
    run over unique images (`grr_train.retrieval`). One caption is generated per unique image
    (greedy by default, over the KV cache) and scored with BLEU-4 and CIDEr-D against all of
    that image's reference captions (`grr_train.caption_metrics`).
+
+Precision: both passes run under the autocast the run trained (and validated) with, unless
+told otherwise: `precision="auto"` takes the run's `precision` setting (its config.json) and
+resolves it as training does (its own "auto": bf16 on a GPU, fp32 on the CPU); the result
+records the precision used.
 
 Captions need the set's tokenizer to become text; the caller passes its `decode_words`
 (grr_train may not import the tokenizer), and without one captioning is left out.
@@ -33,7 +38,9 @@ from grr_data.layout import caption_word_ids
 from grr_data.loader import make_loader
 from grr_train.caption_metrics import caption_scores
 from grr_train.checkpoint import load_model
+from grr_train.config import PRECISIONS
 from grr_train.generate import DecodeOptions, generate_from_tokens
+from grr_train.precision import autocast_context, autocast_dtype
 from grr_train.retrieval import group_by_image, recall_at_k
 from grr_train.validate import validate
 
@@ -41,8 +48,9 @@ NUM_EXAMPLES = 5
 
 
 class RealSamples:
-    """Iterates a loader, keeping only each batch's real samples (`num_real`: the loader pads
-    its last batch with repeats) and stopping after `max_samples`."""
+    """Iterates a loader, keeping only each batch's real samples (its `real` mask: the loader
+    pads its last batch with repeats and replaces unusable samples) and stopping after
+    `max_samples`. Yielded batches hold real samples only (their `real` is all True)."""
 
     def __init__(self, loader, max_samples: int | None = None, desc: str = "eval"):
         self.loader, self.max_samples, self.desc = loader, max_samples, desc
@@ -55,13 +63,23 @@ class RealSamples:
         with tqdm(total=len(self.loader), desc=self.desc, unit="batch", leave=False) as bar:
             for batch in self.loader:
                 bar.update(1)
-                keep = int(min(batch["num_real"], left))
-                if keep:
-                    yield {"images": batch["images"][:keep], "ids": batch["ids"][:keep],
-                           "keys": batch["keys"][:keep], "num_real": keep}
-                left -= keep
+                rows = batch["real"].nonzero()[:, 0][: int(min(batch["real"].sum(), left))].tolist()
+                if rows:
+                    yield {"images": batch["images"][rows], "ids": batch["ids"][rows],
+                           "keys": [batch["keys"][i] for i in rows], "real": torch.ones(len(rows), dtype=torch.bool)}
+                left -= len(rows)
                 if left <= 0:
                     break
+
+
+def resolve_precision(precision: str, train_cfg: dict, device: str) -> str:
+    """"fp32" or "bf16": `precision` (auto, fp32, bf16), where auto is the run's own setting,
+    resolved as the trainer does (`grr_train.precision`: its auto is bf16 on a GPU, fp32 on the CPU)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = str(train_cfg.get("precision", "auto"))
+    return "bf16" if autocast_dtype(precision, device) == torch.bfloat16 else "fp32"
 
 
 def image_hash(image: torch.Tensor) -> str:
@@ -132,10 +150,13 @@ def evaluate_run(
     device: str = "cpu",
     loader_kind: str = "auto",
     num_workers: int = 2,
+    precision: str = "auto",
 ) -> dict:
-    """Every number `grr eval` reports, as one JSON-ready dict."""
+    """Every number `grr eval` reports, as one JSON-ready dict; `precision`: auto (the run's
+    training precision), fp32 or bf16 (autocast)."""
     model, info = load_model(run_or_ckpt, device=device)
     train_cfg = info["train_config"]
+    precision = resolve_precision(precision, train_cfg, device)
     size = split_size(data_dir, split)
     num_samples = min(size, max_samples) if max_samples is not None else size
     if contrastive_batch_size is None:
@@ -159,12 +180,14 @@ def evaluate_run(
                          f"{info['special']}: evaluate on a set sharded with the run's tokenizer")
     paper = validate(model, RealSamples(first, max_samples, f"{split}: losses"), special=info["special"],
                      lambda_con=lambda_con, lambda_cap=lambda_cap, temperature=temperature,
-                     contrastive_batch_size=contrastive_batch_size)
+                     contrastive_batch_size=contrastive_batch_size,
+                     autocast_dtype=autocast_dtype(precision, device))
     second = loader()
-    retrieval, captioning = retrieval_and_captions(
-        model, RealSamples(second, max_samples, f"{split}: retrieval and captions"), info["special"],
-        decode_words, decode_options,
-    )
+    with autocast_context(autocast_dtype(precision, device), device):
+        retrieval, captioning = retrieval_and_captions(
+            model, RealSamples(second, max_samples, f"{split}: retrieval and captions"), info["special"],
+            decode_words, decode_options,
+        )
     return {
         "run": str(run_or_ckpt),
         "checkpoint": str(info["checkpoint"]),
@@ -173,6 +196,7 @@ def evaluate_run(
         "split": split,
         "batch_size": batch_size,
         "max_samples": max_samples,
+        "precision": precision,
         "lambda_con": lambda_con,
         "lambda_cap": lambda_cap,
         "temperature": temperature,
@@ -189,6 +213,7 @@ def format_eval(result: dict) -> str:
     ret = result["retrieval"]
     rows = [
         ("checkpoint", f"{result['checkpoint']} (step {result['checkpoint_step']})"),
+        ("precision", result.get("precision", "fp32")),
         ("data", f"{result['data']} split {result['split']}: {result['num_samples']} samples, "
                  f"{ret['num_images']} unique images"),
         ("CoCa loss", f"{result['loss']:.4f}  (lambda_con {result['lambda_con']:g}, lambda_cap {result['lambda_cap']:g})"),

@@ -74,13 +74,13 @@ def coca_loss(
     temperature: float,
     gather: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Eq. 6: lambda_con * contrastive + lambda_cap * caption (the per-token mean on this rank).
+    """Eq. 6 on one batch: lambda_con * contrastive + lambda_cap * caption (its per-token mean).
 
     `out` has image_embed, text_embed, logits (B, 64, V); ids are the laid-out (B, 65) ids;
     `special` gives `ignored_targets` (SpecialIds). caption_sum and num_tokens are detached, for
-    accumulating perplexity over a set. Under DDP the caption term is this rank's token mean and
-    DDP averages ranks, which differs slightly from a global token mean when ranks hold different
-    token counts; set-level perplexity uses the summed values instead.
+    accumulating perplexity over a set. This is the single-batch form (`grr bench train` uses
+    it); the trainer normalises the caption term by the whole global batch's token count
+    instead (see grr_train/trainer.py), which is the same on one process without accumulation.
     """
     targets = ids[:, 1:]
     ignored = special.ignored_targets

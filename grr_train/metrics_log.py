@@ -1,6 +1,7 @@
 """The run's metrics log: `metrics.jsonl` (CONTRACTS.md "Metrics log") and TensorBoard if installed.
 
 Only the process that writes (rank 0) opens one; the others get a log with `enabled=False`.
+`read_metrics` is the one reader of the file, for the trainer's tests and `grr compare`.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True,
+                 purge_step: int | None = None):
+        """`purge_step`: a resumed run's first new step; TensorBoard hides its events from there on."""
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = None
@@ -26,7 +30,8 @@ class MetricsLog:
             except ImportError:  # tensorboard is optional
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                kwargs: dict[str, Any] = {} if purge_step is None else {"purge_step": purge_step}
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), **kwargs)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -69,7 +74,21 @@ def truncate_metrics(run_dir: Path, after_step: int) -> int:
     return dropped
 
 
-def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(path: str | os.PathLike, kind: str | None = None) -> list[dict]:
+    """The records of a run folder's `metrics.jsonl` (or of that file), only `kind` ones if given.
+
+    A line that is not JSON is reported by number.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not a JSON line ({err}); fix or remove that line") from err
     return [r for r in records if kind is None or r.get("kind") == kind]

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 # Dense bf16 peak FLOP/s per device, for MFU; matched against the device name in this order.
 BF16_PEAK_FLOPS = (
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),
     ("H200", 989e12),
     ("A100", 312e12),

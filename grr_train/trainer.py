@@ -10,10 +10,21 @@ One optimizer step takes `accumulation` micro-batches of `per_device_batch_size`
   each micro-batch's token-loss sum is divided by the step's total token count (one small
   all-reduce before the forward passes), so accumulation and DDP give the same caption loss
   as one big batch would.
+- Training does not use the loader's `num_real`: when the split does not fill the epoch's last
+  global step, the loader pads that one step per epoch with repeats of the plan's samples, and
+  they are trained on like the others (a repeated pair in a contrastive batch is also a
+  negative of its twin). Validation counts each sample once.
 
 Resuming is exact: the checkpoint holds the loader's position and every rank's RNG states,
 and loader iterators are created inside `fork_rng`, so dropout draws the same numbers whether
 or not a run was interrupted. Parallelism lives in `grr_train/parallel.py`, not here.
+
+SIGTERM or SIGINT (Ctrl-C) sets a flag that all ranks agree on at the next step, between
+validation batches and after a save; the run then saves and exits (an interrupted epoch-end
+validation is redone on resume). A second signal of the same kind is not caught: a second
+Ctrl-C interrupts at once, a second SIGTERM kills. `samples_per_s` and `mfu` time the step
+alone (validation and saves excluded), but the first step after a start also holds warm-up
+(torch.compile, the loader's first batch).
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from grr_data.loader import make_loader
 from grr_train import checkpoint as ckpt
 from grr_train.config import TrainConfig
 from grr_train.early_stop import IMPROVED, RESET, STOP, SoftResetEarlyStopper
-from grr_train.losses import caption_loss, contrastive_loss
+from grr_train.losses import caption_loss, contrastive_loss, counted_targets
 from grr_train.metrics_log import MetricsLog, truncate_metrics
 from grr_train.model import ModelConfig, build_model, get_config
 from grr_train.model.summary import flops_per_sample
@@ -50,12 +61,17 @@ from grr_train.parallel import (
     peak_flops,
     unwrap,
 )
+from grr_train.precision import autocast_context, autocast_dtype
 from grr_train.schedule import lr_at, set_lr
 from grr_train.validate import validate
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class _ValidationInterrupted(Exception):
+    """Raised out of `validate` (through its loader) when every rank has seen a stop signal."""
 
 
 def run_training(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> dict:
@@ -77,7 +93,7 @@ class Trainer:
             raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume, or choose another --out")
         self.cfg = cfg
         self.device = info.device
-        self.autocast_dtype = self._autocast_dtype(cfg.precision)
+        self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
         self.accumulation = cfg.accumulation_steps(info.world_size)
         self._seed_everything(cfg.seed + info.rank)  # ranks differ so their dropout masks differ
 
@@ -106,6 +122,7 @@ class Trainer:
         self.last_saved_step = -1
         self.stop_reason: str | None = None
         self._signal: int | None = None
+        self._previous_handlers: dict = {}
         self._loader_state: dict | None = None
         self.peak = peak_flops(self.device)
         self.flops_per_sample = flops_per_sample(self._model_config)
@@ -117,16 +134,22 @@ class Trainer:
             ckpt.write_run_config(run_dir, self._model_config.to_dict(), cfg.to_dict(), self.special,
                                   self.data_manifest.get("tokenizer"))
         barrier()
-        self.log = MetricsLog(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard)
+        # On resume, TensorBoard drops the events past the checkpoint, as truncate_metrics does.
+        self.log = MetricsLog(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
+                              purge_step=self.step + 1 if resume else None)
         self._warn_paper_split()
 
     # ---- the loop ------------------------------------------------------------------------
 
     def train(self) -> dict:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._previous_handlers = previous
         total = self.cfg.epochs * self.steps_per_epoch
         if self.cfg.max_steps is not None:
             total = min(total, self.cfg.max_steps)
+            if self.step >= self.cfg.max_steps and self.info.is_main:
+                tqdm.write(f"max_steps {self.cfg.max_steps} already reached (the run is at step {self.step}); "
+                           "pass --max-steps M or --set max_steps=none to train further")
         self.progress = tqdm(total=total, initial=min(self.step, total), disable=not self.info.is_main,
                              desc=f"{self.cfg.recipe} x{self.info.world_size}", unit="step", dynamic_ncols=True)
         try:
@@ -157,25 +180,30 @@ class Trainer:
             metrics = self.train_step(micro_batches)
             self.step += 1
             self.step_in_epoch += 1
-            now = time.perf_counter()
-            self._log_train(metrics, now - last_time)
-            last_time = now
+            self._log_train(metrics, time.perf_counter() - last_time)
             if metrics["stop_requested"]:
                 self.stop_reason = "signal"
                 return
             if self.step_in_epoch < self.steps_per_epoch:
-                if self.cfg.val_every and self.step % self.cfg.val_every == 0:
-                    self.run_validation()
-                if self.step % self.cfg.checkpoint_every == 0:
+                validating = self.cfg.val_every and self.step % self.cfg.val_every == 0
+                saving = self.step % self.cfg.checkpoint_every == 0
+                if validating and self.run_validation() is None:
+                    return  # interrupted by a signal: train() saves
+                if saving:
                     self.save()
+                if (validating or saving) and self._stop_agreed():
+                    return
+            last_time = time.perf_counter()  # after validation and saves: the next step times itself only
         self.end_epoch()
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over this rank's micro-batches; returns the step's global metrics."""
         self.model.train()
-        ignored = torch.tensor(self.special.ignored_targets, device=self.device)
-        local_tokens = sum((~torch.isin(b["ids"][:, 1:].to(self.device), ignored)).sum() for b in micro_batches)
-        global_tokens = all_reduce_sum(local_tokens.double().reshape(1)).item()
+        # Counted where the ids already are; forward_backward_step moves them to the device.
+        local_tokens = sum(int(counted_targets(b["ids"][:, 1:], self.special.ignored_targets).sum())
+                           for b in micro_batches)
+        global_tokens = all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64,
+                                                    device=self.device)).item()
 
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # contrastive, caption_sum
         for i, batch in enumerate(micro_batches):
@@ -215,8 +243,7 @@ class Trainer:
         """Forward and backward one micro-batch; returns (contrastive, caption token-loss sum), detached."""
         images = images.to(self.device, non_blocking=True)
         ids = ids.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with autocast_context(self.autocast_dtype, self.device):
             out = self.model(images, ids)
         contrastive = contrastive_loss(out.image_embed, out.text_embed, self._model_config.temperature, gather=True)
         caption_sum = caption_loss(out.logits, ids[:, 1:], self.special.ignored_targets, reduction="sum")
@@ -227,10 +254,15 @@ class Trainer:
         return torch.stack([contrastive.detach(), caption_sum.detach()]).double()
 
     def end_epoch(self) -> None:
-        result = self.run_validation() if self.val_loader is not None else None
+        result = None
+        if self.val_loader is not None:
+            result = self.run_validation()
+            if result is None:
+                return  # interrupted: train() saves at the epoch's end, validation still to do
         self.epoch += 1
         self.step_in_epoch = 0
         if self.cfg.early_stop:
+            self._check_early_stop_loss(result)
             action = self.stopper.update(result["loss"], self.step)
             self.log.log({"kind": "event", "step": self.step, "what": f"early_stop_{action}", "epoch": self.epoch,
                           "best": self.stopper.best, "level": self.stopper.level,
@@ -246,14 +278,32 @@ class Trainer:
             elif action == STOP:
                 self.stop_reason = "early_stop"
         self.save()
+        self._stop_agreed()
 
-    def run_validation(self) -> dict:
+    def _check_early_stop_loss(self, result: dict) -> None:
+        if math.isfinite(result["loss"]):
+            return
+        raise NonFiniteLoss(
+            f"epoch {self.epoch}: the {self.cfg.val_split!r} loss is {result['loss']} (contrastive "
+            f"{result['contrastive']} over chunks of {result['contrastive_batch_size']} of its "
+            f"{result['num_samples']} samples, caption {result['caption']}), which early stopping cannot "
+            f"rank; if the split is smaller than a chunk, lower --set val_contrastive_batch_size=, else "
+            f"the model diverged: the last good checkpoint is in {self.run_dir / 'checkpoints'}"
+        )
+
+    def run_validation(self) -> dict | None:
+        """Validate on the val split and log it; None when a stop signal interrupted it."""
         self.val_loader.set_epoch(0)
-        with torch.random.fork_rng(devices=[]):
-            bar = tqdm(total=len(self.val_loader), desc="validate", leave=False, disable=not self.info.is_main)
-            result = validate(unwrap(self.model), self.val_loader, self.special, self.cfg.lambda_con,
-                              self.cfg.lambda_cap, self._model_config.temperature,
-                              self.cfg.val_contrastive_batch_size, self.autocast_dtype, progress=bar)
+        bar = tqdm(total=len(self.val_loader), desc="validate", leave=False, disable=not self.info.is_main)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                result = validate(unwrap(self.model), self._interruptible(self.val_loader), self.special,
+                                  self.cfg.lambda_con, self.cfg.lambda_cap, self._model_config.temperature,
+                                  self.cfg.val_contrastive_batch_size, self.autocast_dtype, progress=bar)
+        except _ValidationInterrupted:
+            self.model.train()  # validate switches to eval and did not get to switch back
+            return None
+        finally:
             bar.close()
         self.log.log({"kind": "val", "step": self.step, "epoch": self.epoch, "split": self.cfg.val_split,
                       **result, "time": time.time()})
@@ -265,8 +315,22 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------
 
+    def _interruptible(self, loader):
+        """`loader`'s batches, stopping validation early once every rank has a stop signal."""
+        for batch in loader:
+            if self._stop_agreed():
+                raise _ValidationInterrupted
+            yield batch
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got a stop signal (sets stop_reason); every rank must call it together."""
+        flag = torch.tensor([float(self._signal is not None)], dtype=torch.float64, device=self.device)
+        if all_reduce_sum(flag).item() > 0:
+            self.stop_reason = "signal"
+        return self.stop_reason == "signal"
+
     def save(self) -> None:
-        ranks = all_gather_objects({"rng": ckpt.rng_state(), "loader": self.train_loader.state_dict()})
+        ranks = all_gather_objects({"rng": ckpt.rng_state(self.device), "loader": self.train_loader.state_dict()})
         if self.info.is_main:
             ckpt.save_checkpoint(self.run_dir, unwrap(self.model), self._state(ranks), self._meta(),
                                  keep=self.cfg.keep_checkpoints)
@@ -301,7 +365,7 @@ class Trainer:
         self.step_in_epoch, self.num_skipped = state["step_in_epoch"], state["num_skipped"]
         mine = state["ranks"][self.info.rank]
         self._loader_state = mine["loader"]
-        ckpt.set_rng_state(mine["rng"])
+        ckpt.set_rng_state(mine["rng"], self.device)
         self.last_saved_step = self.step
         if self.info.is_main:
             dropped = truncate_metrics(self.run_dir, self.step)
@@ -361,7 +425,14 @@ class Trainer:
     def _make_val_loader(self):
         manifest = Path(self.cfg.data) / "manifest.json"
         splits = self.data_manifest.get("splits", {})
-        if splits.get(self.cfg.val_split, {}).get("num_samples", 0) > 0:
+        num_val = splits.get(self.cfg.val_split, {}).get("num_samples", 0)
+        if self.cfg.early_stop and 0 < num_val < self.cfg.val_contrastive_batch_size:
+            raise ValueError(
+                f"{manifest}: the {self.cfg.val_split!r} split has {num_val} samples, fewer than one "
+                f"contrastive chunk (val_contrastive_batch_size {self.cfg.val_contrastive_batch_size}), so "
+                f"the early-stopping loss would be NaN; lower --set val_contrastive_batch_size= (at most {num_val})"
+            )
+        if num_val > 0:
             return self._make_loader(self.cfg.data, self.cfg.val_split, self.cfg.val_batch_size, shuffle=False)
         if self.cfg.early_stop:
             raise ValueError(f"{manifest}: no {self.cfg.val_split!r} split, which early stopping needs")
@@ -401,11 +472,6 @@ class Trainer:
         self._model_config = model_config
         return model
 
-    def _autocast_dtype(self, precision: str) -> torch.dtype | None:
-        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
-
     @staticmethod
     def _seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
@@ -413,5 +479,7 @@ class Trainer:
         random.seed(seed)
 
     def _on_signal(self, signum, _frame) -> None:
-        # Only a flag: the loop saves at the next step boundary, on every rank together.
+        # Only a flag: the loop saves at the next agreed check, on every rank together. The
+        # handler from before goes back for this signal, so sending it again is not ignored.
         self._signal = signum
+        signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))

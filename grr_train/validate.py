@@ -6,11 +6,12 @@ negatives it sees, so it is taken over consecutive chunks of exactly
 `contrastive_batch_size` samples, whatever the loader's batch size, and averaged over the
 chunks; a smaller last chunk is dropped and counted. The CoCa loss is
 `lambda_con * contrastive + lambda_cap * caption` of those two split-level figures.
-Every sample of the split counts exactly once: the loader pads its last global step with
-repeats so ranks stay in step, and each batch says how many of its samples are real
-(`num_real`). Under DDP each rank validates its own share of the split and the caption sums
-are added up; the contrastive chunks are cut from all ranks' real samples in plan order, so
-every number is the same whatever the number of ranks.
+Every usable sample of the split counts exactly once: the loader pads its last global step
+with repeats so ranks stay in step and replaces an unusable sample by another of its batch,
+and each batch's `real` mask (B,) marks the slots holding a sample for the first time. Under
+DDP each rank validates its own share of the split and the caption sums are added up; the
+contrastive chunks are cut from all ranks' real samples in plan order, so every number is the
+same whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -18,46 +19,57 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
-from grr_train.gather import all_gather_with_grad
-from grr_train.losses import caption_loss, contrastive_loss
+from grr_train.gather import distributed_world
+from grr_train.losses import caption_loss, contrastive_loss, counted_targets
 from grr_train.parallel import all_reduce_sum
+from grr_train.precision import autocast_context
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each rank -> (world * B, ...) in rank order; no autograd (metrics only)."""
+    _, world = distributed_world()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 @torch.no_grad()
 def validate(model, loader, special, lambda_con: float, lambda_cap: float, temperature: float,
              contrastive_batch_size: int, autocast_dtype: torch.dtype | None = None,
              progress=None) -> dict:
-    """`loader` yields batches with `images`, `ids` and `num_real` (the loader contract): only
-    the first `num_real` samples of a batch count, the rest are the plan's padding repeats."""
+    """`loader` yields batches with `images`, `ids` and `real` (the loader contract): only the
+    samples where `real` is True count; the others are padding repeats or substitutes.
+
+    `autocast_dtype`: run the model under autocast to this dtype (None: no autocast)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     caption_sum = torch.zeros((), dtype=torch.float64, device=device)
-    num_tokens = 0
+    num_tokens = torch.zeros((), dtype=torch.int64, device=device)
     contrastive_sum = torch.zeros((), dtype=torch.float64, device=device)
     num_chunks = 0
     num_samples = 0
     pending = torch.zeros(0, 0, device=device)  # (n, 2D) real pairs not yet in a full chunk, global order
-    ignored = torch.tensor(special.ignored_targets, device=device)
     for batch in loader:
         images = batch["images"].to(device, non_blocking=True)
         ids = batch["ids"].to(device, non_blocking=True)
-        num_real = int(batch["num_real"])
+        num_samples += int(batch["real"].sum())  # on the CPU (loader contract): no device sync
+        real = batch["real"].to(device, non_blocking=True)  # (B,) bool
         # The whole batch goes through the model so every rank gathers the same shape below.
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
+        with autocast_context(autocast_dtype, device):
             out = model(images, ids)
-        targets = ids[:num_real, 1:]
-        caption_sum += caption_loss(out.logits[:num_real].float(), targets, special.ignored_targets,
+        targets = ids[real, 1:]
+        caption_sum += caption_loss(out.logits[real].float(), targets, special.ignored_targets,
                                     reduction="sum").double()
-        num_tokens += int((~torch.isin(targets, ignored)).sum())
-        num_samples += num_real
+        num_tokens += counted_targets(targets, special.ignored_targets).sum()
         # Contrastive chunks are cut from the real samples of all ranks in plan order, so they
         # are the same whatever the number of ranks; every rank then computes the same chunks.
-        real = (torch.arange(ids.shape[0], device=device) < num_real).float()
-        rows = all_gather_with_grad(torch.cat([out.image_embed.float(), out.text_embed.float(),
-                                               real[:, None]], dim=1))  # (world * B, 2D + 1)
+        rows = gather_rows(torch.cat([out.image_embed.float(), out.text_embed.float(),
+                                      real[:, None].float()], dim=1))  # (world * B, 2D + 1)
         rows = rows[rows[:, -1] > 0, :-1]
         pending = torch.cat([pending, rows]) if pending.numel() else rows
         full = pending.shape[0] // contrastive_batch_size * contrastive_batch_size
@@ -71,7 +83,7 @@ def validate(model, loader, special, lambda_con: float, lambda_cap: float, tempe
             progress.update(1)
     totals = all_reduce_sum(torch.stack([
         caption_sum,
-        torch.tensor(float(num_tokens), dtype=torch.float64, device=device),
+        num_tokens.double(),
         torch.tensor(float(num_samples), dtype=torch.float64, device=device),
     ]))
     model.train(was_training)

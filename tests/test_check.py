@@ -123,3 +123,18 @@ def test_an_image_in_two_splits_is_caught(data):
 def test_missing_manifest_is_reported(tmp_path):
     problems = check_dataset(tmp_path, progress=False).problems
     assert len(problems) == 1 and "manifest.json" in problems[0] and "did the shard run finish" in problems[0]
+
+
+def test_stray_folders_leftovers_and_bad_entries_are_caught(data):
+    (data / "test").mkdir()
+    shutil.copy(data / "train" / "shard-000000.tar", data / "test" / "shard-000000.tar")
+    shutil.copy(data / "train" / "shard-000000.tar", data / "val" / "shard-000042.tar.tmp")
+    shutil.copy(data / "train" / "shard-000000.idx", data / "train" / "shard-000077.idx")
+    problems = "\n".join(check_dataset(data, progress=False).problems)
+    for name in ("test/shard-000000.tar", "val/shard-000042.tar.tmp", "train/shard-000077.idx"):
+        assert f"{name}: on disk but not listed" in problems
+    manifest = manifest_of(data)
+    del manifest["splits"]["val"]["shards"][0]["path"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    problems = check_dataset(data, progress=False).problems
+    assert len(problems) == 1 and "split 'val' shard #0 has no path" in problems[0]

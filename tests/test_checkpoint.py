@@ -88,3 +88,48 @@ def test_failed_save_leaves_no_partial_folder(tmp_path):
         ckpt.save_checkpoint(tmp_path, model, {"bad": lambda: 0}, meta(cfg, 2), keep=3)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000001"]
     assert ckpt.latest_checkpoint(tmp_path).name == "step-0000001"
+
+
+def test_sizes_are_recorded_and_a_torn_latest_falls_back(tmp_path, capsys):
+    cfg, model = tiny_model()
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, model, {"step": step}, meta(cfg, step), keep=3)
+    newest = tmp_path / "checkpoints" / "step-0000002"
+    files = json.loads((newest / "meta.json").read_text())["files"]
+    assert files["model.safetensors"]["size"] == (newest / "model.safetensors").stat().st_size
+    with open(newest / "model.safetensors", "r+b") as f:  # as a crash before the data reached the disk
+        f.truncate(100)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000001"
+    assert "using step-0000001" in capsys.readouterr().err
+    (tmp_path / "checkpoints" / "step-0000001" / "state.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="no other checkpoint"):
+        ckpt.latest_checkpoint(tmp_path)
+
+
+def test_files_and_folders_are_fsynced_before_renaming(tmp_path, monkeypatch):
+    import os
+
+    synced, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    renamed = []
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((str(a), len(synced))), real_replace(a, b)))
+    cfg, model = tiny_model()
+    ckpt.save_checkpoint(tmp_path, model, {}, meta(cfg, 1), keep=1)
+    tmp_dir = next(a for a, _ in renamed if ".tmp-step" in a)
+    synced_before = synced[: dict(renamed)[tmp_dir]]
+    for name in ("model.safetensors", "state.pt", "meta.json", ""):
+        assert os.path.join(tmp_dir, name).rstrip("/") in synced_before, name
+    assert str(tmp_path / "checkpoints") in synced  # the renames themselves
+
+
+def test_rng_state_saves_only_this_rank_s_gpu(monkeypatch):
+    # No GPU here: stand-ins record which device the CUDA generator calls name.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or
+                        torch.tensor([device.index], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every GPU's state"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device, int(state))))
+    state = ckpt.rng_state(torch.device("cuda", 1))
+    ckpt.set_rng_state(state, torch.device("cuda", 1))
+    assert calls == [("get", torch.device("cuda", 1)), ("set", torch.device("cuda", 1), 1)]
+    assert "cuda" not in ckpt.rng_state(torch.device("cpu"))

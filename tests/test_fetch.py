@@ -37,6 +37,7 @@ def test_sample_through_the_cli(sample_run):
     out, result, rerun = sample_run
     assert result.exit_code == 0, result.output
     assert "train: 26 done, 0 failed" in result.output and "val: 5 done" in result.output
+    assert "downloading 24 images into 1 shard(s)" in result.output  # labels img2dataset's bare bar
     manifest = json.loads((out / "fetch_manifest.json").read_text())
     assert {s: v["num_samples"] for s, v in manifest["splits"].items()} == {"train": 26, "val": 5}
     assert manifest["tool"]["name"] == "img2dataset" and manifest["tool"]["options"]["image_size"] == 288

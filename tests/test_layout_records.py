@@ -100,7 +100,15 @@ def test_damaged_tar_error_names_the_file(tmp_path):
     shard = tmp_path / "d.tar"
     _write_shard(shard, count=4)
     whole = shard.read_bytes()
-    for cut in (2000, 2100, 3300):  # inside a header, inside a member, inside the ids record
+    boundary = min(offset for offset, _ in read_index(index_path(shard))[2].values()) - tarfile.BLOCKSIZE
+    # inside a header, inside a member, inside the ids record, exactly between two samples
+    for cut in (2000, 2100, 3300, boundary):
         shard.write_bytes(whole[:cut])
         with pytest.raises(tarfile.ReadError, match="d.tar"):
             list(iter_tar_samples(shard))
+
+
+@pytest.mark.parametrize("special_id", [SPECIAL.pad, SPECIAL.eos, SPECIAL.bos, SPECIAL.cls])
+def test_layout_refuses_a_special_id_among_the_words(special_id):
+    with pytest.raises(ValueError, match="special_token_in_caption"):
+        build_layout([5, special_id, 6], SPECIAL)

@@ -206,7 +206,7 @@ def test_bench_loader_cli(photos):
     args = ["bench", "loader", str(photos), "--loader", "cpu", "--workers", "0", "--batch-size", "4"]
     result = CliRunner().invoke(app, [*args, "--batches", "8"])
     assert result.exit_code == 0, result.output
-    assert "cpu on cpu:" in result.output and "images/s" in result.output and "cores" in result.output
+    assert "loader cpu, device cpu:" in result.output and "images/s" in result.output and "cores" in result.output
     assert "8 batches" in result.output  # 7 batches an epoch: the bench goes on into the next
 
 
@@ -249,16 +249,31 @@ def test_set_epoch_starts_a_new_epoch_from_its_first_batch(photos):
     assert numbers(list(loader)) == reference
 
 
-def test_batches_say_how_many_samples_are_real(tmp_path):
+def test_batches_say_which_samples_are_real(tmp_path):
     root = make_shardset(tmp_path, (7,))
     seen = []
     for rank in range(2):
         loader = make_loader(root, batch_size=3, kind="cpu", rank=rank, world_size=2, shuffle=False, num_workers=0)
         for batch in loader:
-            real = batch["ids"][: batch["num_real"]]
-            seen += [sample_number(r) for r in real]
-            assert batch["num_real"] == loader.plan.num_real(loader.batches_done - 1)
+            seen += [sample_number(r) for r in batch["ids"][batch["real"]]]
+            num_real = loader.plan.num_real(loader.batches_done - 1)
+            assert batch["real"].dtype == torch.bool and batch["real"].device.type == "cpu"
+            assert batch["real"].tolist() == [i < num_real for i in range(3)]
     assert sorted(seen) == list(range(7))  # 12 slots, 5 of them repeats, each real sample once
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_substitutes_are_not_real(tmp_path, num_workers):
+    images = [jpeg_bytes(Image.new("RGB", (300, 288), (0, 0, 20 * i))) for i in range(7)]
+    images[1] = b"broken"  # replaced by sample 0 of its batch (cyclically)
+    images[4] = images[5] = b"broken"  # batch [4, 5] wholly bad: takes sample 6 from the next batch
+    root = make_shardset(tmp_path, (7,), images=images)
+    loader = make_loader(root, batch_size=2, kind="cpu", shuffle=False, num_workers=num_workers, with_keys=True)
+    batches = list(loader)
+    assert numbers(batches) == [[0, 0], [2, 3], [6, 6], [6, 0]]
+    assert [b["real"].tolist() for b in batches] == [[True, False], [True, True], [False, False], [True, False]]
+    real_keys = [k for b in batches for k, r in zip(b["keys"], b["real"].tolist(), strict=True) if r]
+    assert real_keys == ["s000000", "s000002", "s000003", "s000006"]  # each usable sample once
 
 
 def test_preprocess_image_is_what_the_loader_gives(tmp_path):

@@ -80,6 +80,9 @@ def test_dali_skips_bad_samples_like_the_cpu_loader(tmp_path):
     assert order == [[0, 2, 2, 3], [4, 5, 7, 7], [0, 0, 0, 0]]
     assert [[sample_number(r) for r in b["ids"]] for b in cpu] == order
     assert dali_loader.skipped == cpu_loader.skipped == {"decode_error": 6}
+    # substitutes are not real: the split's usable samples are each counted once
+    real = [[True, False, True, True], [True, True, False, True], [False] * 4]
+    assert [b["real"].tolist() for b in dali] == [b["real"].tolist() for b in cpu] == real
     assert all(levels(c["images"], d["images"]).max() <= MAX_LEVELS for c, d in zip(cpu, dali, strict=True))
 
 
@@ -110,6 +113,7 @@ def test_dali_rejecting_a_good_batch_falls_back_to_pillow(photos, monkeypatch, c
     assert loader.fallback_batches == 1 and loader.skipped == {}
     assert "decoded it with Pillow" in caplog.text
     assert [b["keys"] for b in dali] == [b["keys"] for b in cpu]
+    assert [b["real"].tolist() for b in dali] == [b["real"].tolist() for b in cpu]
     for c, d in zip(cpu, dali, strict=True):
         assert torch.equal(c["ids"], d["ids"]) and d["images"].dtype == torch.float32
         assert levels(c["images"], d["images"]).max() <= MAX_LEVELS

@@ -69,10 +69,10 @@ def test_eval_counts_each_sample_once_and_groups_by_image_pixels():
     images = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 2, 2)
     batches = [
         {"images": images[:3], "ids": torch.zeros(3, 65, dtype=torch.long), "keys": ["a", "b", "c"],
-         "num_real": 3},
+         "real": torch.tensor([True, True, True])},
         # the loader pads its last batch with the first samples again
         {"images": images[[3, 0, 1]], "ids": torch.zeros(3, 65, dtype=torch.long), "keys": ["d", "a", "b"],
-         "num_real": 1},
+         "real": torch.tensor([True, False, False])},
     ]
     seen = [b["keys"] for b in RealSamples(batches)]
     assert seen == [["a", "b", "c"], ["d"]]

@@ -20,6 +20,7 @@ from grr_data.check import check_dataset  # noqa: E402
 from grr_data.layout import check_layout  # noqa: E402
 from grr_data.records import decode_ids, iter_tar_samples, read_index  # noqa: E402
 from grr_data.shard import shard_dataset  # noqa: E402
+from grr_data.shard_input import InputError  # noqa: E402
 from grr_data.tokenizer import load_tokenizer  # noqa: E402
 
 WORDS = "red blue dog cat man woman tree car beach street sitting near a the on old small".split()
@@ -176,7 +177,8 @@ def test_duplicate_images_stay_in_one_split(tmp_path):
     assert check_dataset(tmp_path / "out", progress=False).ok
 
 
-def test_source_splits_from_folders_drop_cross_split_copies(tmp_path):
+def test_source_splits_from_folders_drop_cross_split_copies(tmp_path, caplog):
+    caplog.set_level("INFO")
     make_fetch_output(tmp_path / "in", num_tars=1, per_tar=6, split_folder="train")
     # val holds new pictures plus one (image 0) that is also in train
     write_tar(tmp_path / "in" / "validation" / "00000.tar", [
@@ -188,6 +190,7 @@ def test_source_splits_from_folders_drop_cross_split_copies(tmp_path):
     # image 0 has two captions in train; both are dropped, val keeps its copy
     assert counts == {"train": 4, "val": 4}  # no test split in the source, none in the set
     assert manifest["skipped"] == {"duplicate_across_splits": 2}
+    assert "in the order test, val, train" in caplog.text  # why the progress shows val before train
     assert check_dataset(tmp_path / "out", progress=False).ok
 
 
@@ -203,6 +206,8 @@ def test_planted_bad_samples_are_counted_per_reason(tmp_path, caplog):
         {"key": "noimage", "txt": "a red dog"},
         {"key": "good", "jpg": good, "txt": "a red dog"},
         {"key": "bigpng", "png": jpeg(8, size=(600, 400), fmt="PNG"), "txt": "an old car"},
+        {"key": "html", "jpg": jpeg(9), "txt": "a <s>red</s> dog"},  # `</s>` is T5's EOS piece
+        {"key": "tags", "jpg": jpeg(10), "txt": "a <cls> dog <bos>"},  # added tokens: ordinary text
     ]
     write_tar(tmp_path / "in" / "00000.tar", bad)
     # a second tar cut inside its third sample's image: two samples survive, the rest is lost
@@ -215,11 +220,13 @@ def test_planted_bad_samples_are_counted_per_reason(tmp_path, caplog):
     assert manifest["skipped"] == {
         "corrupt_image": 1, "truncated_image": 1, "empty_caption": 1, "invalid_utf8_caption": 1,
         "missing_caption": 1, "missing_image": 1, "damaged_tar": 1, "lost_in_damaged_tar": 3,
+        "special_token_in_caption": 1,
     }
     assert manifest["truncated_captions"] == 1
     assert manifest["resized_images"] == 1
     kept = {k: m for s in read_set(tmp_path / "out").values() for k, m in s.items()}
-    assert sorted(kept) == ["00000_bigpng", "00000_good", "00000_long", "00001_0000", "00001_0001"]
+    assert sorted(kept) == ["00000_bigpng", "00000_good", "00000_long", "00000_tags", "00001_0000", "00001_0001"]
+    assert load_tokenizer(None).decode(decode_ids(kept["00000_tags"]["ids"])) == "a <cls> dog <bos>"
     resized = Image.open(io.BytesIO(kept["00000_bigpng"]["jpg"]))
     assert resized.format == "JPEG" and resized.size == (432, 288)
     assert json.loads(kept["00000_bigpng"]["json"])["original_size"] == [600, 400]
@@ -237,3 +244,40 @@ def test_refuses_a_complete_or_foreign_output(sharded, flat_input, tmp_path):
         shard_dataset(flat_input[0], tmp_path / "other", workers=1, progress=False)
     with pytest.raises(ValueError, match="percentages summing to 100"):
         shard_dataset(flat_input[0], tmp_path / "x", split="95/6", workers=1, progress=False)
+
+
+def test_cut_and_short_tars_are_counted_and_unfinished_fetches_refused(tmp_path):
+    def five(t):
+        return [{"key": f"{i:04d}", "jpg": jpeg(10 * t + i), "txt": caption(i)} for i in range(5)]
+
+    for t in range(3):
+        write_tar(tmp_path / "in" / f"{t:05d}.tar", five(t))
+    # 00000.tar cut exactly where its third sample begins: tarfile alone reads two whole samples;
+    # the second may have lost members to the cut (no way to tell), so only the first is kept
+    cut = tmp_path / "in" / "00000.tar"
+    data = cut.read_bytes()
+    cut.write_bytes(data[: data.index(b"0002.jpg")])
+    # 00001.tar is whole but its stats file says img2dataset wrote 7 samples into it
+    (tmp_path / "in" / "00001_stats.json").write_text(json.dumps({"successes": 7}))
+    manifest, _ = shard_dataset(tmp_path / "in", tmp_path / "out", shard_size=100, workers=1, progress=False)
+    assert manifest["skipped"] == {"damaged_tar": 1, "lost_in_damaged_tar": 4, "lost_in_short_tar": 2}
+    assert sum(s["num_samples"] for s in manifest["splits"].values()) == 1 + 5 + 5
+
+    # a killed fetch leaves a tar without its stats file: refused, naming it
+    (tmp_path / "in" / "00002_stats.json").unlink()
+    with pytest.raises(InputError, match=r"00002\.tar.*rerun `grr data fetch`"):
+        shard_dataset(tmp_path / "in", tmp_path / "out2", workers=1, progress=False)
+
+
+def test_a_rotated_phone_jpeg_is_stored_upright():
+    from grr_data.fetch.convert import resize_to_jpeg
+    from grr_data.shard_input import prepare_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view": the pixels are stored sideways
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(3, size=(384, 288)))).save(out, format="JPEG", quality=95, exif=exif)
+    stored, size, resized = prepare_image(out.getvalue())
+    assert resized and size == (288, 384) and Image.open(io.BytesIO(stored)).size == (288, 384)
+    # the fetch converters store the same bytes: one resize rule
+    assert resize_to_jpeg(out.getvalue())[0] == stored

@@ -1,8 +1,10 @@
 """A killed `grr data shard` run, restarted, gives byte-identical shards without decoding again the
 input tars it had finished (their completion records stand in)."""
 
+import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,3 +116,85 @@ def test_a_record_restores_samples_and_their_images(tmp_path):
     write_tar(tmp_path / "00000.tar", [{"key": "a", "jpg": jpeg(3), "txt": "a red dog"}])
     with pytest.raises(RuntimeError, match="00000.tar: a.jpg is missing or changed"):
         InputImages().jpg(job.path, again.samples[0])
+
+
+def _fail_at_second_shard(reference, out):
+    shards = []
+
+    def fail(path):
+        shards.append(path)
+        if len(shards) == 2:
+            raise RuntimeError("injected failure")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        shard_dataset(reference / "in", out, workers=1, on_shard=fail, **ARGS)
+
+
+def test_cli_reports_run_and_output_errors_without_a_traceback(reference, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    def run(out):
+        return CliRunner().invoke(app, ["data", "shard", "--input", str(reference / "in"), "--out", str(out),
+                                        "--split", "70/30", "--shard-size", "3", "--workers", "1"])
+
+    (tmp_path / "a-file").write_text("in the way")
+    result = run(tmp_path / "a-file" / "out")  # the output cannot be created
+    assert result.exit_code == 1 and "error:" in result.output and "a-file" in result.output
+    assert isinstance(result.exception, SystemExit)  # no traceback
+    # a resumed run whose completion record belongs to another input tar
+    out = tmp_path / "out"
+    _fail_at_second_shard(reference, out)
+    record = next((out / ".work" / "tars").glob("*.json.gz"))
+    with gzip.open(record, "rt") as f:
+        data = json.load(f)
+    with gzip.open(record, "wt") as f:
+        json.dump(data | {"tar": "/elsewhere/00000.tar"}, f)
+    result = run(out)
+    assert result.exit_code == 1 and "error:" in result.output and "another run's work" in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_resume_rewrites_a_cut_shard_and_refuses_a_refetched_input(reference, tmp_path):
+    out = tmp_path / "out"
+    _fail_at_second_shard(reference, out)
+    kept = sorted(out.glob("*/shard-*.tar"))
+    assert kept
+    # a shard whose tar lost its end (its index is whole): rewritten, not kept
+    kept[0].write_bytes(kept[0].read_bytes()[:-10240])
+    _, stats = shard_dataset(reference / "in", out, workers=1, **ARGS)
+    assert stats["kept_shards"] == len(kept) - 1
+    assert shard_hashes(out) == shard_hashes(reference / "whole")
+
+    # an input tar refetched with the same size but other content: its completion record is stale
+    inputs = tmp_path / "in"
+    shutil.copytree(reference / "in", inputs)
+    out = tmp_path / "out2"
+    with pytest.raises(ZeroDivisionError):
+        shard_dataset(inputs, out, workers=1, on_shard=lambda path: 1 / 0, **ARGS)
+    tar = inputs / "00000.tar"
+    data = bytearray(tar.read_bytes())
+    at = data.index(b"00000001.txt") + 512  # the caption of the second sample
+    data[at] = ord("X") if data[at] != ord("X") else ord("Y")
+    stat = tar.stat()
+    tar.write_bytes(bytes(data))
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(FileExistsError, match="other arguments or input"):
+        shard_dataset(inputs, out, workers=1, **ARGS)
+
+
+def test_shard_writer_fsyncs_before_publishing(tmp_path, monkeypatch):
+    from grr_data.records import ShardWriter, sample_members
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with ShardWriter(tmp_path / "s.tar") as writer:
+        writer.write("a", sample_members(b"jpg", "a dog", [0] * 65, {}))
+    assert str(tmp_path / "s.tar.tmp") in synced and str(tmp_path / "s.idx.tmp") in synced

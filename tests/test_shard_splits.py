@@ -92,3 +92,22 @@ def test_source_split_of_a_flat_input_comes_from_the_json(tmp_path):
                                                                          "test": ["2"]}
     assert all(json.loads(m["json"])["split"] == n for n, s in stored.items() for m in s.values())
     assert check_dataset(tmp_path / "out", progress=False).ok
+
+
+def test_a_known_image_id_decides_before_the_content_hash():
+    import hashlib
+
+    from grr_data.split import SampleIdentity, SplitAssigner, SplitRule
+
+    rule = SplitRule.parse("50/50")
+    split_of = {i: rule.split_of_hash(hashlib.sha256(f"image_id:id{i}".encode()).digest()) for i in range(20)}
+    a = next(i for i in split_of if split_of[i] == "train")
+    b = next(i for i in split_of if split_of[i] == "val")
+    x, y, z = (hashlib.sha256(t).digest() for t in (b"x", b"y", b"z"))
+    assigner = SplitAssigner(rule)
+    assert assigner.assign(SampleIdentity(x, f"id{b}")) == "val"
+    assert assigner.assign(SampleIdentity(y, f"id{a}")) == "train"
+    assert assigner.assign(SampleIdentity(z, f"id{a}")) == "train"  # a new picture of image a: a's split
+    # a caption of image a carrying b's bytes: following either would put a or those bytes in two splits
+    assert assigner.assign(SampleIdentity(x, f"id{a}")) is None
+    assert assigner.assign(SampleIdentity(y, None)) == "train"  # no id: the content decides

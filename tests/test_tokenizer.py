@@ -104,3 +104,15 @@ def test_bos_and_cls_must_be_the_last_two_ids():
     hf.add_tokens(["<after>"])  # pushes CLS off V-1
     with pytest.raises(TokenizerError, match="do not follow the layout"):
         CaptionTokenizer(hf, "broken")
+
+
+def test_special_tokens_in_caption_text_never_reach_a_layout(tok):
+    captions = ["a <s>red</s> dog", "a <pad> dog", "a <cls> dog <bos>", "a red dog"]
+    ids, truncated, invalid = tok.encode_captions(captions)
+    # `</s>` and `<pad>` are pieces of T5's vocabulary: flagged; `<bos>`/`<cls>` are split into text
+    assert invalid.tolist() == [True, True, False, False]
+    for row in ids[2:]:
+        assert check_layout(row.tolist(), tok.special) is None
+    assert tok.decode(ids[2]) == "a <cls> dog <bos>"
+    with pytest.raises(ValueError, match="caption 0"):
+        tok.encode_batch(captions)

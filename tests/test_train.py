@@ -2,7 +2,9 @@
 
 Fits the data, resumes exactly (per-step losses equal an uninterrupted run's, dropout on,
 gradient accumulation, an epoch boundary with validation in between), saves on SIGTERM, and
-fine-tunes with the soft-reset early stopper.
+fine-tunes with the soft-reset early stopper; refuses a NaN early-stopping loss, stops
+validation between batches on a signal, times steps without validation and saves, says when
+max_steps is already reached, and purges TensorBoard past the checkpoint on resume.
 """
 
 import json
@@ -151,3 +153,104 @@ def test_paper_split_warns_and_run_records_the_tokenizer(tmp_path, capsys):
     assert config["tokenizer"] == manifest["tokenizer"]
     _, info = load_model(tmp_path / "run")
     assert info["tokenizer"] == manifest["tokenizer"]
+
+
+def test_early_stop_refuses_a_val_split_smaller_than_a_chunk(tmp_path, small_data):
+    cfg = tiny(small_data, early_stop=True, val_contrastive_batch_size=8)  # the val split has 4 samples
+    with pytest.raises(ValueError, match=r"4 samples.*lower --set val_contrastive_batch_size="):
+        run_training(cfg, tmp_path / "run")
+
+
+def test_early_stop_refuses_a_nan_validation_loss(tmp_path, small_data, monkeypatch):
+    import grr_train.trainer as trainer
+
+    def nan_validate(*args, **kwargs):
+        return {"loss": float("nan"), "contrastive": float("nan"), "caption": 1.0, "perplexity": 2.7,
+                "contrastive_batch_size": 2, "num_samples": 4, "num_tokens": 9, "num_contrastive_dropped": 0}
+
+    monkeypatch.setattr(trainer, "validate", nan_validate)
+    with pytest.raises(trainer.NonFiniteLoss, match="cannot rank"):
+        run_training(tiny(small_data, per_device_batch_size=4, early_stop=True), tmp_path / "run")
+
+
+def test_a_signal_stops_validation_between_batches(tmp_path, small_data, monkeypatch):
+    # Validation in 2 batches of 2; SIGTERM arrives while the first is validated: the run must
+    # save and stop before the second, not finish validating and train another step.
+    import grr_train.trainer as trainer
+
+    real_validate, seen, handler_after = trainer.validate, [], []
+    before = signal.getsignal(signal.SIGTERM)
+
+    def signalling(loader):
+        for batch in loader:
+            seen.append(batch)
+            yield batch
+            os.kill(os.getpid(), signal.SIGTERM)
+            handler_after.append(signal.getsignal(signal.SIGTERM))
+
+    monkeypatch.setattr(trainer, "validate", lambda model, loader, *a, **k: real_validate(
+        model, signalling(loader), *a, **k))
+    run = tmp_path / "run"
+    summary = run_training(tiny(small_data, per_device_batch_size=4, val_batch_size=2, epochs=3), run)
+    assert summary["stop_reason"] == "signal" and summary["step"] == 1 and summary["epoch"] == 0
+    assert len(seen) == 1 and read_metrics(run, "val") == []
+    assert handler_after == [before]  # a second SIGTERM is not caught again
+    assert signal.getsignal(signal.SIGTERM) == before
+    # The epoch's validation is redone on resume, then training goes on.
+    monkeypatch.setattr(trainer, "validate", real_validate)
+    resumed = run_training(resume_config(run, max_steps=2), run, resume=True)
+    assert resumed["step"] == 2 and [r["step"] for r in read_metrics(run, "val")] == [1, 2]
+
+
+def test_step_time_excludes_validation_and_saves(tmp_path, data, monkeypatch):
+    # Validation and saves move the trainer's clock on by an hour instead of taking time, so the
+    # check does not depend on how busy the machine is.
+    import types
+
+    import grr_train.trainer as trainer
+
+    hour, offset = 3600.0, [0.0]
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(
+        perf_counter=lambda: time.perf_counter() + offset[0], time=time.time))
+    for name in ("run_validation", "save"):
+        def slow(self, _original=getattr(trainer.Trainer, name)):
+            offset[0] += hour
+            return _original(self)
+
+        monkeypatch.setattr(trainer.Trainer, name, slow)
+    cfg = tiny(data, epochs=2, val_every=1, checkpoint_every=1)  # 3 steps per epoch; both after every step
+    run_training(cfg, tmp_path / "run")
+    seconds = [cfg.global_batch_size / r["samples_per_s"] for r in read_metrics(tmp_path / "run", "train")]
+    assert len(seconds) == 6 and max(seconds) < hour, seconds
+
+
+def test_resume_at_max_steps_says_so(tmp_path, small_data, capsys):
+    cfg = tiny(small_data, per_device_batch_size=4, max_steps=1, val_split="none")
+    run_training(cfg, tmp_path / "run")
+    capsys.readouterr()
+    summary = run_training(resume_config(tmp_path / "run"), tmp_path / "run", resume=True)
+    assert summary["step"] == 1 and summary["stop_reason"] == "max_steps"
+    assert "max_steps 1 already reached" in capsys.readouterr().out
+
+
+def test_resume_purges_tensorboard_events_past_the_checkpoint(tmp_path, small_data, monkeypatch):
+    # tensorboard is optional (not installed here): a stand-in SummaryWriter records its arguments.
+    import types
+
+    writers = []
+
+    class Writer:
+        def __init__(self, log_dir, **kwargs):
+            writers.append(kwargs)
+
+        def add_scalar(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    cfg = tiny(small_data, per_device_batch_size=4, max_steps=2, tensorboard=True, val_split="none")
+    run_training(cfg, tmp_path / "run")
+    run_training(resume_config(tmp_path / "run", max_steps=3), tmp_path / "run", resume=True)
+    assert writers == [{}, {"purge_step": 3}]

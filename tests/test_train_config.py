@@ -47,3 +47,35 @@ def test_resume_changes_only_resumable_keys(tmp_path):
     assert (cfg.seed, cfg.checkpoint_every, cfg.max_steps) == (4, 5, 20)
     with pytest.raises(ValueError, match="cannot change seed"):
         resume_config(tmp_path, ["seed=1"])
+
+
+def finetune_cli_config(monkeypatch, tmp_path, *args) -> TrainConfig:
+    """The TrainConfig `grr train finetune ARGS` would train with (training itself stubbed out)."""
+    from typer.testing import CliRunner
+
+    import grr_train.trainer
+    from cli.main import app
+
+    seen = []
+    monkeypatch.setattr(grr_train.trainer, "run_training", lambda cfg, out, resume=False: seen.append(cfg))
+    result = CliRunner().invoke(app, ["train", "finetune", *args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def test_finetune_cli_keeps_data_and_init_from_given_by_set_or_config(monkeypatch, tmp_path):
+    cfg = finetune_cli_config(monkeypatch, tmp_path, "roco", "--from", "runs/pre")
+    assert (cfg.data, cfg.init_from, cfg.dataset) == ("data/roco/shards", "runs/pre", "roco")  # the defaults
+    cfg = finetune_cli_config(monkeypatch, tmp_path, "roco", "--set", "data=elsewhere", "--set", "init_from=runs/a")
+    assert (cfg.data, cfg.init_from) == ("elsewhere", "runs/a")
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"data": "from-file", "init_from": "runs/b"}))
+    cfg = finetune_cli_config(monkeypatch, tmp_path, "roco", "--config", str(f))
+    assert (cfg.data, cfg.init_from) == ("from-file", "runs/b")
+    cfg = finetune_cli_config(monkeypatch, tmp_path, "roco", "--config", str(f), "--data", "flag", "--from", "c")
+    assert (cfg.data, cfg.init_from) == ("flag", "c")  # dedicated flags come last
+
+
+def test_finetune_without_weights_says_how_to_give_them():
+    with pytest.raises(ValueError, match="--from RUN_OR_CHECKPOINT, or --set init_from="):
+        resolve_config("finetune", defaults={"data": "data/roco/shards"})

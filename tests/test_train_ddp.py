@@ -4,6 +4,7 @@ The loader plan gives global step s the same samples whatever the world size, th
 negatives are gathered across ranks and the caption loss is normalised by the global token
 count, so with dropout off the two runs compute the same losses and gradients up to float
 summation order. Tolerance: 1e-4 relative on loss and gradient norm over 3 steps.
+Also the peak-FLOPs table MFU divides by (parallel.py).
 """
 
 import subprocess
@@ -45,3 +46,16 @@ def test_two_processes_match_one(tmp_path):
     assert val_two[0]["loss"] == pytest.approx(val_one[0]["loss"], rel=1e-4)
     ckpt = tmp_path / "two" / "checkpoints" / "step-0000003"
     assert (ckpt / "model.safetensors").exists()  # rank 0 wrote it
+
+
+def test_peak_flops_tells_h100_variants_apart(monkeypatch):
+    import torch
+
+    from grr_train.parallel import peak_flops
+
+    cuda = torch.device("cuda", 0)
+    for name, flops in (("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                        ("NVIDIA H100 PCIe", 756e12), ("Some other GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, _n=name: _n)
+        assert peak_flops(cuda) == flops, name
+    assert peak_flops(torch.device("cpu")) is None

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from grr_data.files import write_json_atomic
+from grr_data.image import IMAGE_SIZE, JPEG_QUALITY
 from grr_data.manifests import load_manifest
 from grr_data.records import sha256_file
 
-IMAGE_SIZE = 288  # shorter side, DESIGN.md
-JPEG_QUALITY = 95
 FETCH_MANIFEST = "fetch_manifest.json"
 WORK_DIR = "_work"  # URL lists and logs; holds no tars, so readers of OUT/*.tar never see it
 
@@ -106,12 +106,6 @@ def count_folder(folder: Path) -> tuple[SplitCounts, Counter]:
 def complete_shards(folder: Path) -> list[Path]:
     """The tars of `folder` whose stats file exists (a tar without one is being, or was never, finished)."""
     return [p for p in sorted(folder.glob("*.tar")) if (folder / f"{p.stem}_stats.json").exists()]
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def describe_source(path_or_url: str | Path) -> dict:

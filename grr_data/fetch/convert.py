@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
+from PIL import Image
 
-from grr_data.fetch.common import IMAGE_SIZE, JPEG_QUALITY
+from grr_data.image import to_stored_jpeg
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count
 
@@ -44,21 +44,12 @@ class SourceImage:
 
 
 def resize_to_jpeg(raw: bytes) -> tuple[bytes, dict]:
-    """Resize so the shorter side is IMAGE_SIZE (as img2dataset's keep_ratio: area down, lanczos up)."""
+    """Resize so the shorter side is IMAGE_SIZE (grr_data.image: as img2dataset's keep_ratio)."""
     with Image.open(io.BytesIO(raw)) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode != "RGB":
-            img = img.convert("RGBA").convert("RGB") if "transparency" in img.info else img.convert("RGB")
-        width, height = img.size
-        scale = IMAGE_SIZE / min(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.LANCZOS
-        img = img.resize(size, resample)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        jpg, (width, height), size = to_stored_jpeg(img)
     info = {"width": size[0], "height": size[1], "original_width": width, "original_height": height,
             "sha256": sha256(raw).hexdigest()}
-    return buf.getvalue(), info
+    return jpg, info
 
 
 def _key(shard_id: int, index: int, shard_size: int) -> str:

@@ -136,6 +136,9 @@ def run_img2dataset(url_list: Path, out_dir: Path, options: FetchOptions, num_ro
     log_path = work / f"img2dataset-{out_dir.name}.log" if options.quiet else None
     expected_shards = math.ceil(num_rows / options.shard_size)
     if len(complete_shards(out_dir)) < expected_shards:
+        # img2dataset's own bar counts shards and has no label: say what it counts
+        print(f"downloading {num_rows:,} images into {expected_shards} shard(s) in {out_dir} "
+              "(img2dataset's bar counts shards)", file=sys.stderr, flush=True)
         sigint = signal.getsignal(signal.SIGINT)
         try:
             with _stdout_to(log_path):

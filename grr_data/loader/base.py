@@ -2,9 +2,10 @@
 
 Output (CONTRACTS.md "Loader"): `images` (B, 3, 288, 288) in the requested float dtype,
 resized bilinearly to 288x288 (aspect not kept, paper 3.2), scaled to [0, 1] and normalised
-with the ImageNet mean and std; `ids` (B, 65) int64; `num_real` (int): how many leading
-samples of the batch are not padding repeats (`Plan.num_real`), so split-level metrics count
-every sample once; `keys` when asked for.
+with the ImageNet mean and std; `ids` (B, 65) int64; `real` (B,) bool on the CPU: True where
+the slot holds its own sample, read for the first time this epoch; False for the plan's
+padding repeats (`Plan.num_real`) and for substitutes of unusable samples (below), so
+split-level metrics count every usable sample exactly once; `keys` when asked for.
 
 Position: `epoch` and `batches_done` (batches of this epoch already handed out). Iterating
 yields the epoch's batches from `batches_done` on and then moves to the next epoch, so a
@@ -15,6 +16,18 @@ loader restored with `load_state_dict` yields exactly what an uninterrupted one 
 A sample that cannot be used is replaced, inside its batch, by the next usable sample of the
 same batch (cyclically); when no sample of a batch is usable, by the first usable sample after
 it in the rank's plan. Batches keep their shape and ranks stay in step.
+
+Subclasses yield each batch with `nums` (B,) int64: the global sample number each slot holds.
+A slot is real when it holds the sample the plan put there (a substitute is always another
+sample: the one it replaces is unusable) and that slot is not padding.
+
+No usable sample at all: when no sample of a rank's whole plan can be used, that rank raises
+RuntimeError and the other ranks are not told. Under `torchrun` (how `grr train` starts
+several processes) its agent sees the failed process and stops the others within seconds
+(checked: a rank raising while the other waits in an all_reduce ends the run with exit code
+1 in ~6 s); in a process group started any other way the other ranks wait in their next
+collective until its timeout. Telling them would cost a collective per batch for a set that
+is broken anyway.
 """
 
 from __future__ import annotations
@@ -148,7 +161,11 @@ class LoaderBase:
         self.shards.load_indexes()
         batches = self.plan.rank_batches(self.epoch)
         for batch in self._iter_batches(batches, self.batches_done):
-            batch["num_real"] = self.plan.num_real(self.batches_done)
+            nums = batch.pop("nums")  # (B,) int64, CPU
+            own = nums == torch.from_numpy(batches[self.batches_done])
+            batch["real"] = own & (torch.arange(len(nums)) < self.plan.num_real(self.batches_done))
+            if self.with_keys:
+                batch["keys"] = [self.shards.key(int(g)) for g in nums]
             self.batches_done += 1
             yield batch
         self.epoch, self.batches_done = self.epoch + 1, 0

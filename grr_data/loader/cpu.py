@@ -63,11 +63,10 @@ def preprocess_image(image: bytes | str | os.PathLike, dtype: torch.dtype = torc
 
 
 class BatchStream(IterableDataset):
-    """Yields this worker's share of `batches[start:]` as dicts of numpy/tensors plus skip events."""
+    """Yields this worker's share of `batches[start:]` as dicts of tensors plus skip events."""
 
-    def __init__(self, shards, batches: np.ndarray, start: int, with_keys: bool, draft: bool):
-        self.shards, self.batches, self.start = shards, batches, start
-        self.with_keys, self.draft = with_keys, draft
+    def __init__(self, shards, batches: np.ndarray, start: int, draft: bool):
+        self.shards, self.batches, self.start, self.draft = shards, batches, start, draft
 
     def _load(self, g: int):
         jpg, ids = self.shards.read(int(g))
@@ -91,14 +90,12 @@ class BatchStream(IterableDataset):
                 slots.append(None)
                 skips.append((err.reason, int(g), str(err)))
         filled = fill_batch(slots, lambda: self._fallback(b))
-        out = {
+        return {
             "images": torch.from_numpy(np.stack([s[0] for s in filled])),  # (B, 288, 288, 3) uint8
             "ids": torch.from_numpy(np.stack([s[1] for s in filled])),
+            "nums": torch.tensor([s[2] for s in filled], dtype=torch.int64),
             "skips": skips,
         }
-        if self.with_keys:
-            out["keys"] = [self.shards.key(s[2]) for s in filled]
-        return out
 
     def __iter__(self):
         info = get_worker_info()
@@ -127,7 +124,7 @@ class CpuLoader(LoaderBase):
         self.num_workers, self.draft, self.prefetch = num_workers, draft, prefetch
 
     def _iter_batches(self, batches, start):
-        stream = BatchStream(self.shards, batches, start, self.with_keys, self.draft)
+        stream = BatchStream(self.shards, batches, start, self.draft)
         cuda = self.device.type == "cuda"
         workers = min(self.num_workers, len(batches) - start)
         # DataLoader's prefetch_factor counts per worker; `prefetch` counts batches in all.

@@ -183,7 +183,7 @@ class DaliLoader(LoaderBase):
                 mean=[m * 255 for m in MEAN],
                 std=[s * 255 for s in STD],
             )
-            # ids go to the GPU inside DALI; sample numbers stay on the CPU (they name keys).
+            # ids go to the GPU inside DALI; sample numbers stay on the CPU (keys, the real mask).
             return images, ids.gpu() if gpu else ids, nums
 
         return pipe()
@@ -227,13 +227,11 @@ class DaliLoader(LoaderBase):
             "with Pillow instead (%d such batches so far)", b, self.epoch, err, self.fallback_batches
         )
         pixels = torch.from_numpy(np.stack([s[0] for s in slots])).to(self.device)  # (B, 288, 288, 3) uint8
-        batch = {
+        return {
             "images": normalize(pixels, self.dtype),
             "ids": torch.from_numpy(np.stack([s[1] for s in slots])).to(self.device),
+            "nums": torch.from_numpy(np.concatenate([s[2] for s in slots])),
         }
-        if self.with_keys:
-            batch["keys"] = [self.shards.key(int(s[2][0])) for s in slots]
-        return batch
 
     def _iter_batches(self, batches, start):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -251,9 +249,8 @@ class DaliLoader(LoaderBase):
                 for out in it:
                     out = out[0]
                     self._record(feed.events.pop(b, []))
-                    batch = {"images": out["images"].to(self.device, self.dtype), "ids": out["ids"]}
-                    if self.with_keys:
-                        batch["keys"] = [self.shards.key(int(g)) for g in out["nums"][:, 0]]
+                    batch = {"images": out["images"].to(self.device, self.dtype), "ids": out["ids"],
+                             "nums": out["nums"][:, 0]}
                     b += 1
                     yield batch
             except RuntimeError as err:
