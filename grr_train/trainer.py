@@ -10,7 +10,7 @@ One optimizer step takes `accumulation` micro-batches of `per_device_batch_size`
   each micro-batch's token-loss sum is divided by the step's total token count (one small
   all-reduce before the forward passes), so accumulation and DDP give the same caption loss
   as one big batch would.
-- Training does not use the loader's `num_real`: when the split does not fill the epoch's last
+- Training does not use the loader's `real` mask: when the split does not fill the epoch's last
   global step, the loader pads that one step per epoch with repeats of the plan's samples, and
   they are trained on like the others (a repeated pair in a contrastive batch is also a
   negative of its twin). Validation counts each sample once.
