@@ -50,6 +50,8 @@ Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a settin
 MaxSteps = Annotated[int | None, typer.Option(help="Stop after this many optimizer steps in total.")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")]
 NprocPerNode = Annotated[int, typer.Option(help=NPROC_HELP)]
+Loader = Annotated[str | None, typer.Option(help="auto (DALI when a GPU and DALI are present), dali or cpu; "
+                                            "the same as --set loader=.")]
 
 
 @train_app.command()
@@ -62,11 +64,12 @@ def pretrain(
     max_steps: MaxSteps = None,
     resume: Resume = False,
     nproc_per_node: NprocPerNode = 1,
+    loader: Loader = None,
 ) -> None:
     """Pretrain CoCa with the paper's recipe (DDP; see README for several nodes)."""
     out = out or Path(f"runs/pretrain-{preset or 'grr-coca'}")
     _run("pretrain", out, resume, config, set_ or [], nproc_per_node, preset=preset,
-         data=str(data) if data else None, max_steps=max_steps)
+         data=str(data) if data else None, max_steps=max_steps, loader=loader)
 
 
 @train_app.command()
@@ -80,10 +83,11 @@ def finetune(
     max_steps: MaxSteps = None,
     resume: Resume = False,
     nproc_per_node: NprocPerNode = 1,
+    loader: Loader = None,
 ) -> None:
     """Fine-tune a pretrained model with the paper's recipe (early stopping with soft reset)."""
     out = out or Path(f"runs/finetune-{dataset}")
-    flags = {"max_steps": max_steps, "data": str(data) if data else None}
+    flags = {"max_steps": max_steps, "data": str(data) if data else None, "loader": loader}
     defaults = None
     if not resume:
         # --from may also come from --config or --set init_from=; the config check says so if none does.

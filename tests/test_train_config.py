@@ -79,3 +79,12 @@ def test_finetune_cli_keeps_data_and_init_from_given_by_set_or_config(monkeypatc
 def test_finetune_without_weights_says_how_to_give_them():
     with pytest.raises(ValueError, match="--from RUN_OR_CHECKPOINT, or --set init_from="):
         resolve_config("finetune", defaults={"data": "data/roco/shards"})
+
+
+def test_loader_flag_sets_the_loader_setting(monkeypatch, tmp_path):
+    cfg = finetune_cli_config(monkeypatch, tmp_path, "roco", "--from", "runs/pre")
+    assert cfg.loader == "auto"
+    cfg = finetune_cli_config(monkeypatch, tmp_path, "roco", "--from", "runs/pre", "--loader", "cpu")
+    assert cfg.loader == "cpu"
+    with pytest.raises(AssertionError, match="loader"):
+        finetune_cli_config(monkeypatch, tmp_path, "roco", "--from", "runs/pre", "--loader", "gpu")
