@@ -71,15 +71,7 @@ def test_killed_run_resumes_to_identical_shards(reference, tmp_path):
 
 def test_failed_run_resumes_and_other_arguments_are_refused(reference, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    shards = []
-
-    def fail_after_two(path):
-        shards.append(path)
-        if len(shards) == 2:
-            raise RuntimeError("injected failure")
-
-    with pytest.raises(RuntimeError, match="injected"):
-        shard_dataset(reference / "in", out, workers=1, on_shard=fail_after_two, **ARGS)
+    _fail_at_second_shard(reference, out)
     assert not list(out.glob("*/*.tmp"))  # an exception aborts open writers
     with pytest.raises(FileExistsError, match="other arguments"):
         shard_dataset(reference / "in", out, workers=1, **(ARGS | {"shard_size": 4}))
