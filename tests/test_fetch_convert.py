@@ -191,3 +191,34 @@ def test_mscoco_from_local_folders(tmp_path):
     train = read_split(tmp_path / "out" / "train")
     assert [m["image_id"] for m in train] == ["1"] * 5 + ["2"] * 3
     assert train[0]["caption"] == "A photo 1 number 0." and train[0]["size"] == (384, 288)
+
+
+def test_staged_images_come_in_key_order_whatever_the_download_order(tmp_path):
+    import pyarrow as pa
+
+    from grr_data.fetch.staged import _staged_images
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    rows = []
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for key in ["000000002", "000000000", "000000003"]:  # as img2dataset's threads finished
+            meta = {"url": f"u{key}", "image_id": f"im{key}", "source_split": "train", "captions": '["c"]',
+                    "width": 1, "height": 1, "original_width": 1, "original_height": 1, "sha256": key}
+            add(tar, f"{key}.jpg", key.encode())
+            add(tar, f"{key}.json", json.dumps(meta).encode())
+            rows.append({"key": key, "url": f"u{key}", "status": "success", "error_message": None,
+                         "image_id": f"im{key}", "source_split": "train", "captions": '["c"]'})
+    rows.insert(1, {"key": "000000001", "url": "u1", "status": "failed_to_download", "error_message": "404",
+                    "image_id": "im000000001", "source_split": "train", "captions": '["c"]'})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "00000.parquet")
+    (tmp_path / "00000_stats.json").write_text("{}")
+
+    images = list(_staged_images(tmp_path))
+    fetched = [im for im in images if im.error is None]
+    assert [im.image_id for im in fetched] == ["im000000000", "im000000002", "im000000003"]
+    assert [im.read() for im in fetched] == [b"000000000", b"000000002", b"000000003"]
+    assert [im.image_id for im in images if im.error] == ["im000000001"]

@@ -9,6 +9,7 @@ without re-encoding. The staging folder is removed once `fetch_manifest.json` is
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,7 +18,6 @@ from tqdm import tqdm
 from grr_data.fetch.common import WORK_DIR, FetchOptions, FetchReport, complete_shards
 from grr_data.fetch.convert import PairWriter, SourceImage
 from grr_data.fetch.img2ds import run_img2dataset, write_url_list
-from grr_data.records import iter_tar_samples
 
 STAGED_COLUMNS = ["image_id", "source_split", "captions"]
 
@@ -34,19 +34,32 @@ def url_list_columns(images: list[dict]) -> dict[str, list]:
 
 
 def _staged_images(staging: Path):
-    """SourceImages from the staging folder: fetched ones from the tars, failed ones from the parquets."""
+    """SourceImages from the staging folder in key order: fetched ones from the tars, failed ones
+    from the parquets.
+
+    img2dataset writes a shard's samples in the order its download threads finish; its keys follow
+    the URL list. Reading in key order makes a rerun of the same fetch write the same pairs in the
+    same order (and so the same shards, and the same demo results under one seed).
+    """
     for tar_path in complete_shards(staging):
-        for _, members in iter_tar_samples(tar_path):
-            meta = json.loads(members["json"])
-            jpg = members["jpg"]
-            yield SourceImage(
-                image_id=meta["image_id"], captions=json.loads(meta["captions"]), source=meta["url"],
-                read=lambda jpg=jpg: jpg, extra={"source_split": meta["source_split"]},
-                final={k: meta[k] for k in ("width", "height", "original_width", "original_height", "sha256")},
-            )
+        with tarfile.open(tar_path) as tar:
+            members: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for info in tar:
+                if info.isfile():
+                    key, _, ext = info.name.rpartition("/")[2].partition(".")
+                    members.setdefault(key, {})[ext] = info
+            for key in sorted(members):
+                meta = json.loads(tar.extractfile(members[key]["json"]).read())
+                jpg = tar.extractfile(members[key]["jpg"]).read()
+                yield SourceImage(
+                    image_id=meta["image_id"], captions=json.loads(meta["captions"]), source=meta["url"],
+                    read=lambda jpg=jpg: jpg,
+                    extra={"source_split": meta["source_split"]},
+                    final={k: meta[k] for k in ("width", "height", "original_width", "original_height", "sha256")},
+                )
         failed = pq.read_table(tar_path.with_suffix(".parquet"),
-                               columns=["url", "status", "error_message", *STAGED_COLUMNS]).to_pylist()
-        for row in failed:
+                               columns=["key", "url", "status", "error_message", *STAGED_COLUMNS]).to_pylist()
+        for row in sorted(failed, key=lambda r: r["key"]):
             if row["status"] != "success":
                 yield SourceImage(image_id=row["image_id"], captions=json.loads(row["captions"]),
                                   source=row["url"], read=None, extra={"source_split": row["source_split"]},
