@@ -36,13 +36,13 @@ from grr_data.layout import LAYOUT_VERSION, SEQ_LEN
 from grr_data.records import (
     ShardWriter,
     index_path,
-    read_index_entries,
+    read_index,
     sample_members,
     sha256_file,
-    tar_size_for_index,
 )
 from grr_data.shard_input import FOLDER_ORDER, InputError, ShardError, TarJob, TarResult, find_inputs
 from grr_data.shard_resume import InputImages, record_path, run_job
+from grr_data.skips import SkipLog
 from grr_data.split import SplitAssigner, SplitRule, declared_overlaps
 from grr_data.tokenizer import load_tokenizer
 
@@ -58,12 +58,12 @@ def _indexed_keys(tar: Path) -> list[str] | None:
     if not (tar.is_file() and idx.is_file()):
         return None
     try:
-        entries = read_index_entries(idx)
-    except (ValueError, IndexError):
+        table = read_index(idx)
+    except ValueError:
         return None
-    if tar.stat().st_size != tar_size_for_index(entries):
+    if tar.stat().st_size != table.tar_size():
         return None
-    return [entry[0][3].rsplit(".", 1)[0] for entry in entries]
+    return table.keys
 
 
 class _SplitSink:
@@ -125,19 +125,6 @@ def _results(jobs: list[TarJob], workers: int) -> Iterator[TarResult]:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-class _ProblemLog:
-    """Logs bad samples at a bounded rate: the first 5 of each reason, then every power of ten."""
-
-    def __init__(self):
-        self.counts: Counter = Counter()
-
-    def __call__(self, reason: str, where: str, detail: str) -> None:
-        self.counts[reason] += 1
-        n = self.counts[reason]
-        if n <= 5 or (n >= 10 and str(n).rstrip("0") == "1"):
-            log.warning("skipped %s (%s #%d): %s", where, reason, n, detail)
 
 
 def _read_fetch_manifest(input_dir: Path) -> dict | None:
@@ -217,7 +204,7 @@ def shard_dataset(
     images = InputImages()
     num_decoded = num_reused = 0
     skipped: Counter = Counter()
-    problem_log = _ProblemLog()
+    problem_log = SkipLog(log)
     num_truncated = num_resized = 0
     if has_folders:
         log.info("reading the split folders in the order %s (not train first): an image in two splits "
@@ -230,14 +217,14 @@ def shard_dataset(
             num_reused += result.from_record
             skipped.update(result.skipped)
             for problem in result.problems:
-                problem_log(*problem)
+                problem_log.add(*problem)
             num_truncated += result.num_truncated
             num_resized += result.num_resized
             for sample in result.samples:
                 name = assigner.assign(sample.identity)
                 if name is None:
                     skipped["duplicate_across_splits"] += 1
-                    problem_log("duplicate_across_splits", sample.meta["source_key"],
+                    problem_log.add("duplicate_across_splits", sample.meta["source_key"],
                                 f"the same image is already in another split (source split "
                                 f"{sample.identity.source_split}, image id {sample.identity.image_id})")
                     continue

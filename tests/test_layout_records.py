@@ -1,5 +1,7 @@
 """Token layout and shard record contracts (grr_data/layout.py, grr_data/records.py)."""
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -62,7 +64,7 @@ def test_shard_round_trip_and_index_offsets(tmp_path):
     samples = list(iter_tar_samples(shard))
     assert [k for k, _ in samples] == ["k000", "k001", "k002"]
     raw = shard.read_bytes()
-    for (key, members), entry in zip(samples, read_index(index_path(shard)), strict=True):
+    for (key, members), entry in zip(samples, read_index(index_path(shard)).entries(), strict=True):
         for ext, (offset, size) in entry.items():
             assert raw[offset : offset + size] == members[ext]
         assert decode_ids(members["ids"]).tolist()[: 1 + int(key[-1])] == [SPECIAL.bos] + [5] * int(key[-1])
@@ -100,7 +102,7 @@ def test_damaged_tar_error_names_the_file(tmp_path):
     shard = tmp_path / "d.tar"
     _write_shard(shard, count=4)
     whole = shard.read_bytes()
-    boundary = min(offset for offset, _ in read_index(index_path(shard))[2].values()) - tarfile.BLOCKSIZE
+    boundary = min(offset for offset, _ in read_index(index_path(shard)).entries()[2].values()) - tarfile.BLOCKSIZE
     # inside a header, inside a member, inside the ids record, exactly between two samples
     for cut in (2000, 2100, 3300, boundary):
         shard.write_bytes(whole[:cut])
@@ -112,3 +114,45 @@ def test_damaged_tar_error_names_the_file(tmp_path):
 def test_layout_refuses_a_special_id_among_the_words(special_id):
     with pytest.raises(ValueError, match="special_token_in_caption"):
         build_layout([5, special_id, 6], SPECIAL)
+
+
+def test_index_parser_reads_uneven_samples_like_even_ones(tmp_path):
+    """The one index parser has a column fast path and a per-line path; both give one table."""
+    even, uneven = tmp_path / "even.tar", tmp_path / "uneven.tar"
+    _write_shard(even, count=3)
+    with ShardWriter(uneven) as writer:
+        writer.write("a", {"jpg": b"\xff\xd8", "ids": bytes(520)})
+        writer.write("b", {"ids": bytes(520), "txt": b"x"})
+    table = read_index(index_path(even))
+    assert table.exts == ("jpg", "txt", "ids", "json") and table.keys == ["k000", "k001", "k002"]
+    assert table.tar_size() == even.stat().st_size
+    odd = read_index(index_path(uneven))
+    assert odd.exts == ("jpg", "ids", "txt") and odd.keys == ["a", "b"]
+    assert odd.offsets[1, 0] == -1 and odd.entries()[1].keys() == {"ids", "txt"}
+    assert odd.tar_size() == uneven.stat().st_size
+    index_path(uneven).write_text("v1.2 3\njpg 0 10 a.jpg\n")
+    with pytest.raises(ValueError, match="uneven.idx.*says 3 samples"):
+        read_index(index_path(uneven))
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    from grr_data import files
+
+    target = tmp_path / "state.json"
+    files.write_json_atomic(target, {"v": 1})
+    real_replace = os.replace
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="No space"):
+        files.write_json_atomic(target, {"v": 2})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert json.loads(target.read_text()) == {"v": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    # a finished folder replaces an older one whole
+    old, new = tmp_path / "ckpt", tmp_path / ".ckpt.tmp"
+    old.mkdir(), new.mkdir()
+    (old / "a").write_text("old"), (new / "b").write_text("new")
+    files.publish(new, old)
+    assert [p.name for p in old.iterdir()] == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "state.json"]

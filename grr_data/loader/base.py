@@ -33,8 +33,6 @@ is broken anyway.
 from __future__ import annotations
 
 import logging
-import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -42,6 +40,7 @@ import numpy as np
 import torch
 
 from grr_data.loader.plan import Plan
+from grr_data.skips import SkipLog
 
 IMAGE_SIZE = 288
 MEAN = (0.485, 0.456, 0.406)
@@ -81,28 +80,6 @@ def plan_after(batches, after: int):
     return np.roll(batches.reshape(-1), -(after + 1) * batches.shape[1])
 
 
-class SkipLog:
-    """Counts unusable samples by reason; logs the first few in full, then one summary a minute."""
-
-    def __init__(self, first: int = 10, interval_s: float = 60.0):
-        self.counts: Counter[str] = Counter()
-        self.first, self.interval_s = first, interval_s
-        self._logged, self._last = 0, 0.0
-
-    def add(self, reason: str, where: Callable[[], str], message: str) -> None:
-        """`where()` names the shard and key; it is called only when a line is logged."""
-        self.counts[reason] += 1
-        now = time.monotonic()
-        if self._logged < self.first:
-            self._logged += 1
-            log.warning("skipped sample %s (%s): %s", where(), reason, message)
-        elif now - self._last >= self.interval_s:
-            log.warning("skipped samples so far: %s (latest: %s, %s)", dict(self.counts), where(), reason)
-        else:
-            return
-        self._last = now
-
-
 class LoaderBase:
     """Position, state and bookkeeping; subclasses implement `_iter_batches(batches, start)`."""
 
@@ -113,7 +90,7 @@ class LoaderBase:
         self.device, self.dtype, self.with_keys = torch.device(device), dtype, with_keys
         self.special = shards.special
         self.epoch, self.batches_done = 0, 0
-        self._skips = SkipLog()
+        self._skips = SkipLog(log)
 
     @property
     def skipped(self) -> dict[str, int]:

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds
-from grr_data.records import INDEX_VERSION, decode_ids, index_path
+from grr_data.records import INDEX_VERSION, decode_ids, index_path, read_index
 
 MAX_OPEN = 128
 
@@ -39,34 +39,14 @@ class ShardIndex:
     keys: list[str] | None
 
 
-def _parse_index(path: Path, keep_keys: bool) -> ShardIndex:
-    head, _, body = path.read_text().partition("\n")
-    count = int(head.split()[1])
-    tokens = body.split()
-    width = len(body[: body.find("\n")].split()) if count else 0
-    offsets = np.full((count, 2), -1, dtype=np.int64)
-    sizes = np.zeros((count, 2), dtype=np.int64)
-    if count and width % 4 == 0 and len(tokens) == count * width:
-        # Every sample has the same members: take whole columns at once (~5x faster).
-        exts = [tokens[j] for j in range(0, width, 4)]
-        if all(tokens[j::width].count(ext) == count for j, ext in zip(range(0, width, 4), exts, strict=True)):
-            for col, ext in enumerate(("jpg", "ids")):
-                if ext in exts:
-                    j = 4 * exts.index(ext)
-                    offsets[:, col] = np.fromiter(map(int, tokens[j + 1 :: width]), np.int64, count)
-                    sizes[:, col] = np.fromiter(map(int, tokens[j + 2 :: width]), np.int64, count)
-            keys = [n.rsplit(".", 1)[0] for n in tokens[3::width]] if keep_keys else None
-            return ShardIndex(offsets, sizes, keys)
-    keys = [] if keep_keys else None
-    for i, line in enumerate(body.splitlines()[:count]):
-        parts = line.split()
-        for j in range(0, len(parts) - 3, 4):
-            col = {"jpg": 0, "ids": 1}.get(parts[j])
-            if col is not None:
-                offsets[i, col], sizes[i, col] = int(parts[j + 1]), int(parts[j + 2])
-        if keys is not None:
-            keys.append(parts[3].rsplit(".", 1)[0] if len(parts) >= 4 else f"#{i}")
-    return ShardIndex(offsets, sizes, keys)
+def _shard_index(path: Path, keep_keys: bool) -> ShardIndex:
+    table = read_index(path, keep_keys)
+    offsets = np.full((len(table), 2), -1, dtype=np.int64)
+    sizes = np.zeros((len(table), 2), dtype=np.int64)
+    for col, ext in enumerate(("jpg", "ids")):
+        if (c := table.column(ext)) is not None:
+            offsets[:, col], sizes[:, col] = table.offsets[:, c], table.sizes[:, c]
+    return ShardIndex(offsets, sizes, table.keys)
 
 
 class ShardSet:
@@ -127,7 +107,7 @@ class ShardSet:
 
     def _index(self, shard: int) -> ShardIndex:
         if shard not in self._indexes:
-            self._indexes[shard] = _parse_index(index_path(self.paths[shard]), self.keep_keys)
+            self._indexes[shard] = _shard_index(index_path(self.paths[shard]), self.keep_keys)
         return self._indexes[shard]
 
     def load_indexes(self) -> None:
@@ -152,7 +132,7 @@ class ShardSet:
     def describe(self, g: int) -> str:
         """'shard-000001.tar key' for log lines."""
         shard, local = self.locate(g)
-        index = self._index(shard) if self.keep_keys else _parse_index(index_path(self.paths[shard]), True)
+        index = self._index(shard) if self.keep_keys else _shard_index(index_path(self.paths[shard]), True)
         return f"{self.paths[shard].name} {index.keys[local]}"
 
     def key(self, g: int) -> str:
