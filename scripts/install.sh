@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Creates .venv and installs grr into it. Torch first: on a machine without a GPU a CPU build
-# (a local wheel where the platform provides one), with a GPU the default CUDA build.
-# GRR_EXTRAS overrides the extras (default: dev, plus gpu where the DALI wheel exists).
+# Creates .venv and installs grr (distribution grr-coca, command grr) into it; safe to rerun.
+# Torch first: an installed torch is kept; otherwise torch==$GRR_TORCH_VERSION from the index.
+# Then grr with the extras dev and tensorboard ($GRR_EXTRAS replaces that list), plus DALI only where
+# an NVIDIA GPU is present, matching torch's CUDA version (scripts/choose_dali.py; GRR_DALI=auto|cu12|cu13|none).
+# GRR_SIMD=1 ends with pillow-simd in place of Pillow (built from source: needs a C compiler and
+# the libjpeg and zlib headers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,13 +19,51 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     pip install --quiet "torch==$TORCH_VERSION"
 fi
 
-extras=${GRR_EXTRAS:-dev}
-case "$(uname -sm)" in
-    "Linux x86_64"|"Linux aarch64") extras="${GRR_EXTRAS:-dev,gpu}" ;;
-esac
-echo "installing grr[$extras]"
-if ! pip install --quiet -e ".[$extras]"; then
-    echo "grr[$extras] failed to install; retrying without DALI (the CPU loader still works)" >&2
-    pip install --quiet -e ".[dev]"
+# The distribution was called `grr` before (a name the package index gives to another project):
+# remove that editable install of this checkout so that two distributions do not both own `grr`.
+if pip show grr 2>/dev/null | grep -x "Editable project location: $PWD" >/dev/null; then
+    echo "removing the old editable install named grr (now grr-coca)"
+    pip uninstall --quiet -y grr
 fi
-.venv/bin/python -c "import torch, grr_train, grr_data; print('torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+
+dali=$(.venv/bin/python scripts/choose_dali.py)
+extras=${GRR_EXTRAS:-dev,tensorboard}${dali:+,$dali}
+echo "installing grr-coca[$extras]"
+if ! pip install --quiet -e ".[$extras]"; then
+    [ -n "$dali" ] || exit 1
+    echo "grr-coca[$extras] failed to install; retrying without DALI (the CPU loader still works)" >&2
+    pip install --quiet -e ".[${GRR_EXTRAS:-dev,tensorboard}]"
+fi
+
+if [ "${GRR_SIMD:-0}" = 1 ]; then
+    # Pillow and pillow-simd share the PIL folder and Pillow is a dependency of matplotlib and
+    # scikit-image, so pip reinstalls it on every run: end by replacing it with pillow-simd again.
+    if [ "$(.venv/bin/python -c 'from grr_data.pil_info import pil_build; print(pil_build()["build"])')" != pillow-simd ]; then
+        echo "replacing Pillow with pillow-simd (built from source once, then from pip's cache)"
+        pip uninstall --quiet -y pillow pillow-simd
+        case "$(uname -m)" in x86_64) export CC=${CC:-"cc -mavx2"} ;; esac
+        pip install --quiet pillow-simd
+    fi
+fi
+
+.venv/bin/python - <<'EOF'
+import importlib.util, shutil, sys, torch
+from importlib import metadata
+from grr_data.pil_info import describe_pil_build
+sys.path.insert(0, "scripts")
+from choose_dali import list_gpus
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "| GPU available:", torch.cuda.is_available())
+print(describe_pil_build())
+dali = []
+for name in ("nvidia-dali-cuda120", "nvidia-dali-cuda130"):
+    try:
+        dali.append(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        pass
+if dali and not list_gpus(shutil.which("nvidia-smi")):
+    print(f"DALI: {', '.join(dali)} installed earlier, but no NVIDIA GPU here; "
+          f"`.venv/bin/pip uninstall {' '.join(d.split()[0] for d in dali)}` frees about 1 GB (the DALI tests then skip)")
+else:
+    print("DALI:", ", ".join(dali) or "not installed (the CPU loader is used)")
+print("tensorboard:", "installed" if importlib.util.find_spec("tensorboard") else "not installed (runs write no TensorBoard logs)")
+EOF

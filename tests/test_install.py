@@ -1,0 +1,190 @@
+"""Installing: which DALI wheel scripts/install.sh picks (a fake nvidia-smi, a fake torch CUDA version),
+the extras and pins in pyproject.toml, and which PIL build is in use."""
+
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "choose_dali.py"
+spec = importlib.util.spec_from_file_location("choose_dali", SCRIPT)
+choose_dali = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(choose_dali)
+
+GPU_LINE = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0b1c2d3e-0000-0000-0000-000000000000)"
+ON_DALI_PLATFORM = (platform.system(), platform.machine()) in choose_dali.DALI_PLATFORMS
+needs_dali_platform = pytest.mark.skipif(not ON_DALI_PLATFORM, reason="auto picks no DALI off Linux x86_64/aarch64")
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+ (tomllib)")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def fake_nvidia_smi(tmp_path: Path, stdout: str, status: int = 0) -> Path:
+    path = tmp_path / "nvidia-smi"
+    path.write_text(f"#!/bin/sh\n[ \"$1\" = -L ] || exit 64\nprintf '%s\\n' '{stdout}'\nexit {status}\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize(("cuda", "extra"), [("13.0", "gpu-cu13"), ("13.2", "gpu-cu13"), ("12.8", "gpu-cu12"),
+                                             ("12.4", "gpu-cu12")])
+def test_wheel_follows_torch_cuda_major(cuda, extra):
+    assert choose_dali.choose("auto", cuda, [GPU_LINE], "Linux", "x86_64")[0] == extra
+
+
+@pytest.mark.parametrize(("want", "cuda", "gpus", "system", "why"), [
+    ("auto", "13.0", [], "Linux", "no NVIDIA GPU"),
+    ("auto", None, [GPU_LINE], "Linux", "torch is a CPU build"),
+    ("auto", "11.8", [GPU_LINE], "Linux", "CUDA 11.8"),
+    ("auto", "13.0", [GPU_LINE], "Darwin", "no DALI wheel for Darwin"),
+    ("none", "13.0", [GPU_LINE], "Linux", "GRR_DALI=none"),
+])
+def test_no_dali_and_why(want, cuda, gpus, system, why):
+    extra, reason = choose_dali.choose(want, cuda, gpus, system, "x86_64")
+    assert extra is None and why in reason
+
+
+def test_explicit_choice_needs_no_gpu():
+    # what .ci/run uses to test DALI's CPU path on a CPU machine
+    assert choose_dali.choose("cu12", None, [], "Linux", "x86_64")[0] == "gpu-cu12"
+    assert choose_dali.choose("cu13", None, [], "Linux", "x86_64")[0] == "gpu-cu13"
+    with pytest.raises(ValueError, match="GRR_DALI='gpu'"):
+        choose_dali.choose("gpu", "13.0", [GPU_LINE], "Linux", "x86_64")
+
+
+def test_gpus_are_what_nvidia_smi_lists(tmp_path):
+    assert choose_dali.list_gpus(str(fake_nvidia_smi(tmp_path, GPU_LINE))) == [GPU_LINE]
+    # a driver that is installed but cannot reach a GPU fails, and says so on stdout
+    failing = fake_nvidia_smi(tmp_path, "NVIDIA-SMI has failed because it could not communicate with the "
+                              "NVIDIA driver.", status=9)
+    assert choose_dali.list_gpus(str(failing)) == []
+    assert choose_dali.list_gpus(str(fake_nvidia_smi(tmp_path, "No devices found."))) == []
+    assert choose_dali.list_gpus(str(tmp_path / "missing")) == []
+    assert choose_dali.list_gpus(None) == []
+
+
+def _run_script(*args, env=None):
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
+    return result.returncode, result.stdout.strip(), result.stderr.strip()
+
+
+@needs_dali_platform
+def test_script_with_a_fake_nvidia_smi(tmp_path):
+    smi = str(fake_nvidia_smi(tmp_path, GPU_LINE))
+    assert _run_script("--nvidia-smi", smi, "--torch-cuda", "13.0", "--want", "auto")[1] == "gpu-cu13"
+    assert _run_script("--nvidia-smi", smi, "--torch-cuda", "12.6", "--want", "auto")[1] == "gpu-cu12"
+    status, out, err = _run_script("--nvidia-smi", str(tmp_path / "absent"), "--torch-cuda", "13.0",
+                                   "--want", "auto")
+    assert (status, out) == (0, "") and "no NVIDIA GPU" in err
+    assert _run_script("--nvidia-smi", smi, "--torch-cuda", "13.0", env={"GRR_DALI": "none"})[1] == ""
+    status, _, err = _run_script("--torch-cuda", "13.0", env={"GRR_DALI": "yes"})
+    assert status == 2 and err.startswith("error: GRR_DALI='yes'")
+
+
+def _fake_venv(tmp_path: Path, cuda: str, old_grr: bool) -> tuple[Path, Path]:
+    """A copy of install.sh whose .venv/bin/python logs every pip call (and installs nothing), and
+    answers choose_dali.py as if torch were built for `cuda`; everything else runs the real Python."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    for name in ("install.sh", "choose_dali.py"):
+        (root / "scripts" / name).write_text((REPO / "scripts" / name).read_text())
+    (root / "grr_data").symlink_to(REPO / "grr_data")
+    log = tmp_path / "pip.log"
+    old = f'echo "Editable project location: {root}"; exit 0' if old_grr else "exit 1"
+    python = root / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"""#!/bin/bash
+if [ "$1 $2" = "-m pip" ]; then
+    echo "${{*:3}}" >> {log}
+    if [ "$3 $4" = "show grr" ]; then {old}; fi
+    [ "$3" != show ] || exit 1
+    exit 0
+fi
+if [ "$1" = scripts/choose_dali.py ]; then shift; exec {sys.executable} scripts/choose_dali.py --torch-cuda {cuda} "$@"; fi
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    return root, log
+
+
+@pytest.mark.slow  # each run imports torch twice
+@needs_dali_platform
+@pytest.mark.parametrize(("gpu", "cuda", "dali"), [(False, "13.0", ""), (True, "13.0", ",gpu-cu13"),
+                                                   (True, "12.4", ",gpu-cu12"), (True, "none", "")])
+def test_install_sh_installs_dali_only_with_a_gpu(tmp_path, gpu, cuda, dali):
+    root, log = _fake_venv(tmp_path, cuda, old_grr=gpu)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if gpu:
+        fake_nvidia_smi(bin_dir, GPU_LINE)
+    env = {k: v for k, v in os.environ.items() if k not in ("GRR_DALI", "GRR_EXTRAS", "GRR_SIMD")}
+    env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    result = subprocess.run(["bash", str(root / "scripts" / "install.sh")], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    installs = [c for c in calls if c.startswith("install") and "-e" in c.split()]
+    assert installs == [f"install --quiet -e .[dev,tensorboard{dali}]"]
+    assert not any("torch" in c for c in calls), "an installed torch must be kept"
+    assert ("uninstall --quiet -y grr" in calls) == gpu  # the old distribution name, only where installed
+    assert "PIL: " in result.stdout and "tensorboard: " in result.stdout
+
+
+def test_pyproject_extras_and_pins():
+    project = pyproject()["project"]
+    assert project["name"] == "grr-coca" and project["scripts"] == {"grr": "cli.main:app"}
+    extras = project["optional-dependencies"]
+    assert set(choose_dali.EXTRAS.values()) <= set(extras)
+    assert "simd" not in extras and "gpu" not in extras
+    for extra, wheel in (("gpu-cu12", "nvidia-dali-cuda120"), ("gpu-cu13", "nvidia-dali-cuda130")):
+        (req,) = [Requirement(r) for r in extras[extra]]
+        assert req.name == wheel
+        # the floor must exclude the placeholders: cuda120 1.40 and 1.52, cuda130 1.51.2 (1.6 kB sdists)
+        for placeholder in ("1.40.0", "1.52.0", "1.51.2"):
+            assert not req.specifier.contains(placeholder)
+        assert req.specifier.contains("1.53.0") and req.specifier.contains("2.4.0")
+    assert any(Requirement(r).name == "tensorboard" for r in extras["tensorboard"])
+
+
+def test_transformers_pin_is_the_installed_major():
+    (req,) = [Requirement(r) for r in pyproject()["project"]["dependencies"] if Requirement(r).name == "transformers"]
+    installed = Version(metadata.version("transformers"))
+    assert req.specifier.contains(installed), f"transformers {installed} does not satisfy {req}"
+    # one major only: 4.x and 5.x tokenize a literal <bos> in a caption differently
+    assert not req.specifier.contains(f"{installed.major - 1}.99") and not req.specifier.contains(f"{installed.major + 1}.0")
+
+
+def test_pil_build_names_the_build_in_use():
+    import PIL
+
+    from grr_data.pil_info import describe_pil_build, pil_build
+
+    info = pil_build()
+    assert info["version"] == PIL.__version__
+    assert info["build"] in ("Pillow", "pillow-simd")
+    assert info["installed"][info["build"]] == PIL.__version__
+    assert describe_pil_build().startswith(f"PIL: {info['build']} {PIL.__version__} (")
+
+
+def test_pil_build_when_both_are_installed(monkeypatch):
+    import PIL
+
+    from grr_data import pil_info
+
+    versions = {"Pillow": PIL.__version__, "pillow-simd": "9.5.0.post2"}
+    monkeypatch.setattr(pil_info, "_installed", versions.get)
+    info = pil_info.pil_build()
+    assert info["build"] == "Pillow" and "both" in info["warning"] and "GRR_SIMD=1" in info["warning"]
+    versions["Pillow"], versions["pillow-simd"] = "10.0.0", PIL.__version__
+    assert pil_info.pil_build()["build"] == "pillow-simd"
