@@ -43,6 +43,10 @@ def fetch_command(
     except FetchError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from err
+    except KeyboardInterrupt as err:
+        typer.secho(f"interrupted: the fetch into {options.out} is not complete. Finished shards are kept; "
+                    "rerun the same command to continue.", fg=typer.colors.RED, err=True)
+        raise typer.Exit(130) from err  # 128 + SIGINT, what a shell reports, so `fetch && shard` stops
     for line in summary_lines(data):
         typer.echo(line)
     typer.echo(f"  wrote {options.out / 'fetch_manifest.json'}")

@@ -3,11 +3,16 @@ cc12m and mscoco against small stand-ins served on 127.0.0.1. img2dataset really
 (spawned processes importing torch and albumentations, ~4 s each) is most of the time, so the sample
 goes through the full spawned path and cc12m / mscoco skip only the worker pool (`no_worker_pool`)."""
 
+import functools
+import http.server
 import importlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -138,3 +143,60 @@ def test_mscoco_fetches_each_image_once_and_writes_pairs(server, tmp_path, no_wo
     assert {m["image_id"] for m in read_split(tmp_path / "out" / "val")} == {"9"}
     assert not (tmp_path / "out" / "_work" / "download").exists()
     shutil.rmtree(tmp_path / "out")
+
+
+class _HeldHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files only once `release` is set; `requested` tells the test a download has started."""
+
+    requested = threading.Event()
+    release = threading.Event()
+
+    def do_GET(self):  # noqa: N802  (the base class's name)
+        type(self).requested.set()
+        type(self).release.wait(timeout=60)
+        super().do_GET()
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+
+@pytest.mark.slow  # two img2dataset runs with their spawned processes
+def test_ctrl_c_exits_130_and_a_rerun_continues(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    for i in range(4):
+        Image.new("RGB", (320, 300), (60 * i, 90, 120)).save(root / f"img{i}.jpg")
+    handler = type("Held", (_HeldHandler,), {"requested": threading.Event(), "release": threading.Event()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    tsv = tmp_path / "cc12m.tsv"
+    tsv.write_text("".join(f"{base}/img{i}.jpg\tpicture {i}\n" for i in range(4)))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "cli.main", "data", "fetch", "cc12m", "--from", str(tsv), "--out", str(out),
+               "--workers", "1", "--threads", "2", "--retries", "0", "--timeout", "30", "--shard-size", "2"]
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}
+    try:
+        # its own process group, as a shell gives a foreground job: Ctrl-C signals the whole group
+        proc = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            assert handler.requested.wait(timeout=120), "img2dataset never started downloading"
+            os.killpg(proc.pid, signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=120)
+        finally:
+            handler.release.set()
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 130, stdout + stderr
+        assert "interrupted" in stderr and "rerun the same command to continue" in stderr
+        assert not (out / "fetch_manifest.json").exists()
+        rerun = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert rerun.returncode == 0, rerun.stderr
+    assert "all: 4 done, 0 failed" in rerun.stdout
+    assert sorted(m["caption"] for m in read_split(out)) == [f"picture {i}" for i in range(4)]

@@ -19,7 +19,10 @@ __all__ = ["DATASETS", "FetchError", "FetchOptions", "fetch", "summary_lines"]
 
 
 def fetch(name: str, options: FetchOptions) -> dict:
-    """Fetch dataset `name` into `options.out`; returns what was written to `fetch_manifest.json`."""
+    """Fetch dataset `name` into `options.out`; returns what was written to `fetch_manifest.json`.
+
+    Ctrl-C raises KeyboardInterrupt (img2dataset's own handler would exit with status 0); finished
+    shards are kept, so calling it again continues."""
     if name not in DATASETS:
         raise FetchError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     module = importlib.import_module(f"grr_data.fetch.{name}")

@@ -144,8 +144,13 @@ def run_img2dataset(url_list: Path, out_dir: Path, options: FetchOptions, num_ro
             with _stdout_to(log_path):
                 download(url_list=str(url_list), output_folder=str(out_dir), input_format="parquet",
                          url_col="url", caption_col="caption", **opts)
+        except SystemExit as err:
+            # img2dataset's SIGINT handler removes its temporary folder and calls sys.exit(0), which
+            # would end a fetch that finished nothing with status 0; it is an interrupt.
+            if err.code not in (0, None):
+                raise
+            raise KeyboardInterrupt from err
         finally:
-            # img2dataset installs a SIGINT handler that exits with status 0; put ours back.
             signal.signal(signal.SIGINT, sigint)
     done = len(complete_shards(out_dir))
     if done < expected_shards:
