@@ -37,20 +37,20 @@ class SplitInfo:
 
 @dataclass(frozen=True)
 class TokenizerRecord:
-    """The tokenizer a set was made with: a name `grr_data.tokenizer.load_tokenizer` accepts."""
+    """The tokenizer a set was made with: a name `grr_data.tokenizer.load_tokenizer` accepts, its
+    special ids, and the manifest's whole entry (which may also fingerprint the tokenizer)."""
 
     name: str
     special: SpecialIds
+    entry: Mapping[str, object]
 
     @property
     def vocab_size(self) -> int:
         return self.special.vocab_size
 
     def to_dict(self) -> dict:
-        """The manifest's form, which runs record in their config and checkpoints."""
-        s = self.special
-        return {"name": self.name, "vocab_size": s.vocab_size, "pad": s.pad, "eos": s.eos, "bos": s.bos,
-                "cls": s.cls}
+        """The manifest's entry as it stands, which runs record in their config and checkpoints."""
+        return json.loads(json.dumps(dict(self.entry)))  # a deep copy: the caller may change it
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,6 @@ class DatasetInfo:
             for name, split in raw["splits"].items()
         }
         overlaps = {str(pair): int(count) for pair, count in (raw.get("overlapping_splits") or {}).items()}
-        return cls(root=root, tokenizer=TokenizerRecord(str(tok["name"]), special),
+        return cls(root=root, tokenizer=TokenizerRecord(str(tok["name"]), special, MappingProxyType(dict(tok))),
                    splits=MappingProxyType(splits), split_mode=raw.get("split_mode"),
                    overlapping_splits=MappingProxyType(overlaps))

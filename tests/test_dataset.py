@@ -43,11 +43,17 @@ def test_reads_what_the_shard_writer_records(tmp_path):
 
 
 def test_paper_split_and_its_overlaps(tmp_path):
-    _write(tmp_path, _manifest(split_mode="paper", overlapping_splits={"train/val": 2}))
+    manifest = _manifest(split_mode="paper", overlapping_splits={"train/val": 2})
+    manifest["tokenizer"]["files_sha256"] = {"spiece.model": "ab12"}
+    _write(tmp_path, manifest)
     info = DatasetInfo.read(tmp_path)
     assert info.split_mode == "paper" and dict(info.overlapping_splits) == {"train/val": 2}
     assert list(info.splits) == ["train", "val"]
     assert info.tokenizer.name == "grr-sample-tokenizer" and info.tokenizer.vocab_size == 300
+    record = info.tokenizer.to_dict()
+    assert record == manifest["tokenizer"]  # every field of the entry, a fingerprint included
+    record["files_sha256"]["spiece.model"] = "changed"
+    assert info.tokenizer.to_dict() == manifest["tokenizer"]  # a copy
 
 
 def test_unknown_split_names_the_ones_there(tmp_path):
