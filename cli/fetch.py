@@ -33,11 +33,15 @@ def fetch_command(
     shard_size: int = typer.Option(10_000, help="Samples per output tar."),
     paper_split: bool = typer.Option(False, "--paper-split", help="roco: the paper's leaky split (val inside train)."),
     karpathy: Path = typer.Option(None, help="flickr30k: dataset_flickr30k.json (default: beside --from)."),
+    num_pairs: int = typer.Option(None, "--num-pairs", help="shapes: how many image-caption pairs to draw "
+                                  "(default 2000; about 10% go to val, 10% to test)."),
+    seed: int = typer.Option(None, help="shapes: the seed the pairs are drawn from (default 0)."),
 ) -> None:
     """Fetch a dataset into 288-px JPEG shards with captions; resumable: rerun to continue."""
     options = FetchOptions(out=out or Path("data/fetched") / name.value, source=source, workers=workers,
                            threads=threads, distributor=distributor.value, timeout=timeout, retries=retries,
-                           shard_size=shard_size, paper_split=paper_split, karpathy=karpathy)
+                           shard_size=shard_size, paper_split=paper_split, karpathy=karpathy,
+                           num_pairs=num_pairs, seed=seed)
     try:
         data = fetch(name.value, options)
     except FetchError as err:

@@ -13,7 +13,7 @@ import shutil
 
 from grr_data.fetch.common import FETCH_MANIFEST, WORK_DIR, FetchError, FetchOptions, summary_lines
 
-DATASETS = ("cc12m", "mscoco", "roco", "flickr30k", "sample")
+DATASETS = ("cc12m", "mscoco", "roco", "flickr30k", "sample", "shapes")
 
 __all__ = ["DATASETS", "FetchError", "FetchOptions", "fetch", "summary_lines"]
 
@@ -25,7 +25,11 @@ def fetch(name: str, options: FetchOptions) -> dict:
     shards are kept, so calling it again continues."""
     if name not in DATASETS:
         raise FetchError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name != "shapes" and (options.num_pairs is not None or options.seed is not None):
+        raise FetchError(f"--num-pairs and --seed are for the generated `shapes` set, not {name}")
     module = importlib.import_module(f"grr_data.fetch.{name}")
+    if hasattr(module, "check_options"):  # before "already complete": a folder made with other options
+        module.check_options(options)
     done = options.out / FETCH_MANIFEST
     if done.exists():
         # The manifest is written last, so its presence means the fetch finished.

@@ -40,6 +40,8 @@ class FetchOptions:
     shard_size: int = 10_000
     paper_split: bool = False  # roco only
     karpathy: Path | None = None  # flickr30k only
+    num_pairs: int | None = None  # shapes only (default there: 2000)
+    seed: int | None = None  # shapes only (default there: 0)
     quiet: bool = True  # send img2dataset's chatter to OUT/_work/*.log
 
 
