@@ -19,11 +19,13 @@ from pathlib import Path
 RECIPES = ("pretrain", "finetune")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOADERS = ("auto", "dali", "cpu")
+# auto: per-block compile on CUDA (measured fastest, docs/LOG.md), eager elsewhere.
+COMPILE_MODES = ("auto", "off", "blocks", "model")
 
 # Settings a resumed run may change: they do not alter what the run computes.
 RESUMABLE_KEYS = frozenset(
     {"data", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "loader", "compile",
-     "val_every", "tensorboard"}
+     "val_every", "tensorboard", "activation_checkpointing"}
 )
 
 
@@ -36,9 +38,14 @@ class TrainConfig:
     init_from: str | None = None  # fine-tuning: the run or checkpoint the weights come from
     seed: int = 0
 
-    # Batch: accumulation = global / (per_device * world_size), derived at start.
+    # Batch. The contrastive loss sees `contrastive_batch_size` pairs per micro-step whatever the
+    # number of processes (the paper's 48 per GPU x 4 GPUs): each process's micro-batch is
+    # contrastive_batch_size / world_size, and accumulation = global / contrastive_batch_size.
+    # `per_device_batch_size`, when set, overrides that micro-batch (the contrastive batch is then
+    # per_device_batch_size x world_size). `micro_batch_size` and `accumulation_steps` derive them.
     global_batch_size: int = 768
-    per_device_batch_size: int = 48
+    contrastive_batch_size: int = 192
+    per_device_batch_size: int | None = None
     epochs: int = 21
     max_steps: int | None = None  # optimizer steps in total, across resumes
 
@@ -77,7 +84,10 @@ class TrainConfig:
     loader: str = "auto"
     num_workers: int = 4
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    compile: bool = False  # torch.compile each transformer block
+    compile: str = "auto"  # one of COMPILE_MODES; a compile failure falls back to eager with a warning
+    # Recompute each transformer block in backward instead of keeping its activations: for a
+    # micro-batch that does not fit otherwise (README: which cards need it). Same results.
+    activation_checkpointing: bool = False
     skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient is NaN/Inf
     tensorboard: bool = True
 
@@ -102,7 +112,11 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.loader not in LOADERS:
             raise ValueError(f"loader must be one of {LOADERS}, got {self.loader!r}")
-        for name in ("global_batch_size", "per_device_batch_size", "epochs", "val_batch_size",
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.per_device_batch_size is not None and self.per_device_batch_size < 1:
+            raise ValueError(f"per_device_batch_size must be at least 1, got {self.per_device_batch_size}")
+        for name in ("global_batch_size", "contrastive_batch_size", "epochs", "val_batch_size",
                      "val_contrastive_batch_size", "checkpoint_every", "keep_checkpoints",
                      "patience_per_level", "num_lr_levels"):
             if getattr(self, name) < 1:
@@ -115,13 +129,29 @@ class TrainConfig:
             raise ValueError("fine-tuning needs the weights to start from (--from RUN_OR_CHECKPOINT, "
                              "or --set init_from=)")
 
+    def micro_batch_size(self, world_size: int) -> int:
+        """Samples per micro-batch on each process."""
+        if self.per_device_batch_size is not None:
+            return self.per_device_batch_size
+        if self.contrastive_batch_size % world_size:
+            raise ValueError(
+                f"contrastive_batch_size {self.contrastive_batch_size} does not divide over {world_size} "
+                f"processes; choose a multiple of {world_size} (--set contrastive_batch_size=) or another "
+                "number of processes"
+            )
+        return self.contrastive_batch_size // world_size
+
+    def contrastive_batch(self, world_size: int) -> int:
+        """Pairs in each micro-step's contrastive loss (negatives gathered across processes)."""
+        return self.micro_batch_size(world_size) * world_size
+
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each process."""
-        per_step = self.per_device_batch_size * world_size
+        per_step = self.contrastive_batch(world_size)
         if self.global_batch_size % per_step:
             raise ValueError(
-                f"global_batch_size {self.global_batch_size} is not a multiple of "
-                f"per_device_batch_size {self.per_device_batch_size} x {world_size} processes; "
+                f"global_batch_size {self.global_batch_size} is not a multiple of the contrastive batch "
+                f"{per_step} ({self.micro_batch_size(world_size)} per process x {world_size} processes); "
                 "change one of them with --set"
             )
         return self.global_batch_size // per_step
@@ -203,12 +233,16 @@ def _parse_value(key: str, text: str):
             return int(text)
         if kind is float:
             return float(text)
+        if key == "compile" and text.lower() in ("true", "false"):  # the old boolean spelling
+            return "blocks" if text.lower() == "true" else "off"
         return text
     except ValueError:
         raise ValueError(f"--set {key}={text}: expected a {kind.__name__}") from None
 
 
 def _check_type(key: str, value):
+    if key == "compile" and isinstance(value, bool):  # runs and files from before compile modes
+        value = "blocks" if value else "off"
     kinds, optional = _base_types(_field_type(key))
     if value is None:
         if optional:

@@ -45,24 +45,64 @@ def counted_targets(targets: torch.Tensor, ignore_ids: Iterable[int]) -> torch.T
     return valid
 
 
+# Rows of logits per float32 chunk of the caption loss: 2,048 x 32,102 x 4 bytes = 263 MB at most.
+CAPTION_CHUNK_ROWS = 2048
+
+
+class _TokenCrossEntropySum(torch.autograd.Function):
+    """sum over counted rows of logsumexp(row) - row[target], chunk by chunk in float32.
+
+    What `F.cross_entropy(logits.float(), ...)` computes, without its full float32 copy of the
+    (B x 64, V) logits and without keeping a float32 log-softmax for backward (1.6 GB each at a
+    micro-batch of 192): backward recomputes each chunk's softmax from the saved logits and the
+    per-row logsumexp. The gradient has the logits' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # logits (N, V), targets (N,) int64, weights (N,) float32: 1 for counted rows, 0 for ignored
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], CAPTION_CHUNK_ROWS):
+            rows = slice(start, start + CAPTION_CHUNK_ROWS)
+            chunk = logits[rows].float()
+            lse[rows] = torch.logsumexp(chunk, dim=-1)
+            picked = chunk.gather(1, targets[rows, None])[:, 0]
+            total += ((lse[rows] - picked) * weights[rows]).sum()
+        ctx.save_for_backward(logits, targets, weights, lse)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        logits, targets, weights, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        scale = weights * grad_total  # (N,)
+        for start in range(0, logits.shape[0], CAPTION_CHUNK_ROWS):
+            rows = slice(start, start + CAPTION_CHUNK_ROWS)
+            probs = (logits[rows].float() - lse[rows, None]).exp_()  # softmax of the chunk
+            probs.scatter_add_(1, targets[rows, None], -torch.ones_like(lse[rows, None]))
+            grad[rows] = probs.mul_(scale[rows, None])
+        return grad, None, None
+
+
 def caption_loss(
     logits: torch.Tensor, targets: torch.Tensor, ignore_ids: Iterable[int], reduction: str = "mean"
 ) -> torch.Tensor:
     """Cross-entropy of logits (B, T, V) against targets (B, T) = ids[:, 1:], eq. 3-4.
 
     Targets equal to any of `ignore_ids` (BOS, PAD, CLS) count nothing. 'sum' is eq. 4's summed
-    loss; 'mean' divides by the number of counted targets (0 when there is none).
+    loss; 'mean' divides by the number of counted targets (0 when there is none). Computed in
+    float32 whatever the logits' dtype, in chunks (see `_TokenCrossEntropySum`).
     """
     if logits.shape[:2] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction {reduction!r}; expected 'mean' or 'sum'")
     valid = counted_targets(targets, ignore_ids)
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    total = (per_token * valid.flatten()).sum()
+    total = _TokenCrossEntropySum.apply(logits.flatten(0, 1), targets.flatten(), valid.flatten().float())
     if reduction == "sum":
         return total
-    if reduction == "mean":
-        return total / valid.sum().clamp(min=1)
-    raise ValueError(f"reduction {reduction!r}; expected 'mean' or 'sum'")
+    return total / valid.sum().clamp(min=1)
 
 
 def coca_loss(

@@ -1,4 +1,5 @@
-"""All parallelism and speed wiring in one place, outside the model: process group, DDP, compile.
+"""All parallelism and speed wiring in one place, outside the model: process group, DDP, compile,
+activation checkpointing.
 
 Processes are started by torchrun (`python -m torch.distributed.run`), which sets RANK,
 LOCAL_RANK and WORLD_SIZE; `grr train ... --nproc-per-node N` starts it for one node.
@@ -7,6 +8,7 @@ GPUs talk over NCCL, CPU processes over gloo.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 # Dense bf16 peak FLOP/s per device, for MFU; matched against the device name in this order.
 BF16_PEAK_FLOPS = (
@@ -73,26 +76,74 @@ def enable_fast_math(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """torch.compile every element of every ModuleList (the transformer blocks), in place.
-
-    In place (`Module.compile`) keeps parameter names, so checkpoints do not change.
-    """
-    count = 0
+def _blocks(model: nn.Module):
+    """Every element of every ModuleList: the transformer blocks."""
     for module in model.modules():
         if isinstance(module, nn.ModuleList):
-            for block in module:
-                block.compile()
-                count += 1
+            yield from module
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile every transformer block, in place (`Module.compile` keeps parameter names,
+    so checkpoints do not change). Returns how many."""
+    count = 0
+    for block in _blocks(model):
+        block.compile()
+        count += 1
     return count
 
 
-def parallelize(model: nn.Module, info: DistInfo, compile: bool = False) -> nn.Module:
-    """Move to the device, optionally compile the blocks, wrap in DDP when there are peers."""
+def resolve_compile(mode: str, device: torch.device) -> str:
+    """'auto' -> per-block compile on CUDA, eager elsewhere; other modes as given."""
+    if mode == "auto":
+        return "blocks" if device.type == "cuda" else "off"
+    return mode
+
+
+def apply_compile(model: nn.Module, mode: str) -> None:
+    """Compile per block ('blocks') or the whole model ('model'), in place; 'off' does nothing.
+
+    A graph that fails to compile runs eagerly instead (dynamo's `suppress_errors`), with a warning
+    naming the failure, never a crash.
+    """
+    if mode == "off":
+        return
+    torch._dynamo.config.suppress_errors = True
+    if mode == "blocks":
+        compile_blocks(model)
+    elif mode == "model":
+        model.compile()
+    else:
+        raise ValueError(f"unknown compile mode {mode!r}; expected 'off', 'blocks' or 'model'")
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():  # evaluation and decoding keep nothing for backward anyway
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Activation checkpointing per transformer block, in place (parameter names do not change).
+
+    Backward recomputes each block's forward; the RNG state is replayed, so dropout draws the same
+    masks and the results equal a run without it.
+    """
+    count = 0
+    for block in _blocks(model):
+        block.forward = functools.partial(_checkpointed, block.forward)
+        count += 1
+    return count
+
+
+def parallelize(model: nn.Module, info: DistInfo, compile: str = "off",
+                activation_checkpointing: bool = False) -> nn.Module:
+    """Move to the device; checkpoint and compile blocks as asked; wrap in DDP when there are peers."""
     model.to(info.device)
     enable_fast_math(info.device)
-    if compile:
-        compile_blocks(model)
+    if activation_checkpointing:
+        checkpoint_blocks(model)
+    apply_compile(model, resolve_compile(compile, info.device))
     if info.distributed:
         model = DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None

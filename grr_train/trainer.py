@@ -1,15 +1,10 @@
-"""The training loop: `Trainer.train -> train_step -> forward_backward_step`, read top to bottom.
+"""The training loop: `Trainer.train -> run_epoch -> train_step` (the step itself: grr_train/step.py), read top to bottom.
 
-One optimizer step takes `accumulation` micro-batches of `per_device_batch_size` on each of
-`world_size` processes (global batch = their product). Two loss choices a reader should know:
+One optimizer step takes `accumulation` micro-batches of `micro_batch_size` on each of
+`world_size` processes (global batch = their product); the contrastive loss sees each micro-step's
+`micro_batch_size x world_size` pairs, `contrastive_batch_size` (192) by default whatever the number
+of processes. The step itself (losses, accumulation, clipping, AdamW) is `grr_train/step.py`.
 
-- The contrastive loss is computed per micro-batch (over `per_device_batch_size x world_size`
-  pairs, negatives gathered across ranks) and averaged over micro-batches, as the paper did
-  with gradient accumulation; it is not the loss of the whole global batch.
-- The caption loss of a step is the mean over every valid target token of the global batch:
-  each micro-batch's token-loss sum is divided by the step's total token count (one small
-  all-reduce before the forward passes), so accumulation and DDP give the same caption loss
-  as one big batch would.
 - Training does not use the loader's `real` mask: when the split does not fill the epoch's last
   global step, the loader pads that one step per epoch with repeats of the plan's samples, and
   they are trained on like the others (a repeated pair in a contrastive batch is also a
@@ -34,7 +29,6 @@ import math
 import random
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +40,6 @@ from grr_data.loader import make_loader
 from grr_train import checkpoint as ckpt
 from grr_train.config import TrainConfig
 from grr_train.early_stop import IMPROVED, RESET, STOP, SoftResetEarlyStopper
-from grr_train.losses import caption_loss, contrastive_loss, counted_targets
 from grr_train.metrics_log import MetricsLog, truncate_metrics
 from grr_train.model import ModelConfig, build_model, get_config
 from grr_train.model.summary import flops_per_sample
@@ -61,8 +54,9 @@ from grr_train.parallel import (
     peak_flops,
     unwrap,
 )
-from grr_train.precision import autocast_context, autocast_dtype
+from grr_train.precision import autocast_dtype
 from grr_train.schedule import lr_at, set_lr
+from grr_train.step import StepSettings, TrainStep
 from grr_train.validate import validate
 
 
@@ -94,13 +88,14 @@ class Trainer:
         self.cfg = cfg
         self.device = info.device
         self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
+        self.micro_batch_size = cfg.micro_batch_size(info.world_size)
         self.accumulation = cfg.accumulation_steps(info.world_size)
         self._seed_everything(cfg.seed + info.rank)  # ranks differ so their dropout masks differ
 
         self.data_manifest = self._read_manifest()
         # A step takes all its micro-batches before any GPU work (it needs their token count),
         # so the loader must work at least that far ahead or the GPU waits on decoding.
-        self.train_loader = self._make_loader(cfg.data, "train", cfg.per_device_batch_size, shuffle=True,
+        self.train_loader = self._make_loader(cfg.data, "train", self.micro_batch_size, shuffle=True,
                                               prefetch=self.accumulation + 1)
         self.special: SpecialIds = self.train_loader.special
         self.val_loader = self._make_val_loader()
@@ -112,11 +107,16 @@ class Trainer:
             )
 
         model = self._build_model(resume)
-        self.model = parallelize(model, info, compile=cfg.compile)
+        self.model = parallelize(model, info, compile=cfg.compile,
+                                 activation_checkpointing=cfg.activation_checkpointing)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2),
-            weight_decay=cfg.weight_decay, fused=self.device.type == "cuda",
+            weight_decay=cfg.weight_decay, fused=True,
         )
+        self.train_step_fn = TrainStep(self.model, self.optimizer, self.special, StepSettings(
+            lambda_con=cfg.lambda_con, lambda_cap=cfg.lambda_cap, grad_clip=cfg.grad_clip,
+            temperature=self._model_config.temperature, world_size=info.world_size,
+            autocast_dtype=self.autocast_dtype), self.device)
         self.stopper = SoftResetEarlyStopper(cfg.patience_per_level, cfg.num_lr_levels, cfg.lr_reduction)
         self.step = self.epoch = self.step_in_epoch = self.num_skipped = 0
         self.last_saved_step = -1
@@ -198,60 +198,21 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over this rank's micro-batches; returns the step's global metrics."""
-        self.model.train()
-        # Counted where the ids already are; forward_backward_step moves them to the device.
-        local_tokens = sum(int(counted_targets(b["ids"][:, 1:], self.special.ignored_targets).sum())
-                           for b in micro_batches)
-        global_tokens = all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64,
-                                                    device=self.device)).item()
-
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # contrastive, caption_sum
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            # DDP all-reduces gradients on the last micro-batch only.
-            sync = nullcontext() if last or not self.info.distributed else self.model.no_sync()
-            with sync:
-                sums += self.forward_backward_step(batch["images"], batch["ids"], global_tokens)
-
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         lr = lr_at(self.step, lr_max=self.cfg.lr_max, lr_min=self.cfg.lr_min, warmup_steps=self.cfg.warmup_steps,
                    cycle_steps=self.steps_per_epoch, scale=self.stopper.lr_scale)
         set_lr(self.optimizer, lr)
-        flags = torch.tensor([float(self._signal is not None)], dtype=torch.float64, device=self.device)
-        totals = all_reduce_sum(torch.cat([sums, flags])).tolist()
-        contrastive = totals[0] / (len(micro_batches) * self.info.world_size)
-        caption = totals[1] / global_tokens
-        loss = self.cfg.lambda_con * contrastive + self.cfg.lambda_cap * caption
-        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
-        if finite:
-            self.optimizer.step()
-        elif self.cfg.skip_nonfinite:
+        m = self.train_step_fn(micro_batches, stop_flag=self._signal is not None)
+        if not m["finite"]:
+            if not self.cfg.skip_nonfinite:
+                raise NonFiniteLoss(
+                    f"step {self.step + 1}: loss {m['loss']} / gradient norm {m['grad_norm']} is not finite; "
+                    f"the last good checkpoint is in {self.run_dir / 'checkpoints'} (set skip_nonfinite=true "
+                    "to skip such steps instead)"
+                )
             self.num_skipped += 1
-            self.log.log({"kind": "event", "step": self.step + 1, "what": "skip_nonfinite", "loss": loss,
-                          "grad_norm": float(grad_norm), "num_skipped": self.num_skipped, "time": time.time()})
-        else:
-            raise NonFiniteLoss(
-                f"step {self.step + 1}: loss {loss} / gradient norm {float(grad_norm)} is not finite; "
-                f"the last good checkpoint is in {self.run_dir / 'checkpoints'} (set skip_nonfinite=true "
-                "to skip such steps instead)"
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "contrastive": contrastive, "caption": caption, "lr": lr,
-                "grad_norm": float(grad_norm), "stop_requested": totals[2] > 0}
-
-    def forward_backward_step(self, images: torch.Tensor, ids: torch.Tensor, global_tokens: float) -> torch.Tensor:
-        """Forward and backward one micro-batch; returns (contrastive, caption token-loss sum), detached."""
-        images = images.to(self.device, non_blocking=True)
-        ids = ids.to(self.device, non_blocking=True)
-        with autocast_context(self.autocast_dtype, self.device):
-            out = self.model(images, ids)
-        contrastive = contrastive_loss(out.image_embed, out.text_embed, self._model_config.temperature, gather=True)
-        caption_sum = caption_loss(out.logits, ids[:, 1:], self.special.ignored_targets, reduction="sum")
-        # DDP averages gradients over ranks, hence x world_size on the token-normalised caption sum.
-        loss = (self.cfg.lambda_con * contrastive / self.accumulation
-                + self.cfg.lambda_cap * caption_sum * (self.info.world_size / global_tokens))
-        loss.backward()
-        return torch.stack([contrastive.detach(), caption_sum.detach()]).double()
+            self.log.log({"kind": "event", "step": self.step + 1, "what": "skip_nonfinite", "loss": m["loss"],
+                          "grad_norm": m["grad_norm"], "num_skipped": self.num_skipped, "time": time.time()})
+        return {**m, "lr": lr}
 
     def end_epoch(self) -> None:
         result = None

@@ -41,7 +41,7 @@ SETTINGS = dict(
     max_steps=None, lambda_con=2.0, lambda_cap=1.0, dropout=0.15, lr_max=1e-3, lr_min=1e-4, warmup_steps=2,
     beta1=0.9, beta2=0.999, weight_decay=0.001, grad_clip=1.0, early_stop=False, val_every=0,
     val_split="none", checkpoint_every=1000, keep_checkpoints=1, loader="cpu", num_workers=0,
-    precision="fp32", compile=False, skip_nonfinite=False, tensorboard=False,
+    precision="fp32", compile="off", skip_nonfinite=False, tensorboard=False,
 )
 NUM_THREADS = 1  # intra-op threads: fixed so the reduction order does not follow the machine's cores
 

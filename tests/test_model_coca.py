@@ -159,8 +159,8 @@ def test_cached_decode_equals_full_forward(tiny):
 def eager_attention(q, k, v, attn_mask=None, dropout_p=0.0):
     # SDPA's CPU kernels are invisible to FlopCounterMode; these matmuls are counted.
     scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    if attn_mask is not None:  # boolean (True where allowed) or additive
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
     return scores.softmax(-1) @ v
 
 
@@ -170,6 +170,8 @@ def test_eager_attention_is_sdpa():
     mask |= torch.eye(5, dtype=torch.bool)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(eager_attention(q, k, v, mask), expected)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(eager_attention(q, k, v, additive), expected)
 
 
 @pytest.mark.parametrize("preset", ["grr-tiny", "baseline-tiny"])

@@ -18,7 +18,7 @@ def test_recipes_hold_the_paper_values():
 
 def test_set_parses_types_and_rejects_bad_values():
     assert parse_set(["seed=3", "lambda_con=1", "compile=true", "max_steps=none", "loader=cpu"]) == {
-        "seed": 3, "lambda_con": 1.0, "compile": True, "max_steps": None, "loader": "cpu"}
+        "seed": 3, "lambda_con": 1.0, "compile": "blocks", "max_steps": None, "loader": "cpu"}
     with pytest.raises(ValueError, match="expected a int"):
         parse_set(["seed=1.5"])
     with pytest.raises(ValueError, match="unknown setting 'sed'"):

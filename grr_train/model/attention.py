@@ -1,8 +1,11 @@
 """Multi-head attention through `scaled_dot_product_attention`, for self- and cross-attention.
 
 Parameters match nn.MultiheadAttention (4 * D * D + 4 * D: q, k, v and out projections with
-biases), which the paper's counts assume for every attention layer (DESIGN.md). Keys/values
-and queries are computed separately so decoders can cache keys and values between steps.
+biases), which the paper's counts assume for every attention layer (DESIGN.md). Self-attention
+projects q, k and v with one matmul (`qkv`, rows q then k then v) and rotates q and k together;
+cross-attention keeps `q` apart from `kv`, whose keys and values a decoder computes once per image.
+Masks are additive, in the attention's compute dtype (`attention_dtype`), built once per forward by
+the caller: a boolean mask would be converted (and, under autocast, cast) again in every layer.
 """
 
 from __future__ import annotations
@@ -13,44 +16,64 @@ from torch import nn
 
 from grr_train.model.rope import apply_rope
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (T, head_dim / 2)
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (T, head_dim), see rope.py
+
+
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention computes in for activations like x: autocast's where it is on."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `allowed`, -inf elsewhere, in `dtype` (SDPA adds it to the scores)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, cross: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.dropout = dropout
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
+        self.cross = cross
+        if cross:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(dim, 2 * dim)
+        else:
+            # Initialised like separate q and kv layers: one normal draw in the same row order.
+            self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # (B, H, T, hd)
+    def _heads(self, x: torch.Tensor, num: int) -> torch.Tensor:
+        # (B, T, num * D) -> (num, B, H, T, hd), a view
+        b, t, _ = x.shape
+        return x.view(b, t, num, self.heads, -1).permute(2, 0, 3, 1, 4)
 
-    def keys_values(
-        self, source: torch.Tensor, rope: Rope | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (B, H, S, hd) of `source` (B, S, D); keys rotated when `rope` is given."""
-        k, v = self.kv(source).chunk(2, dim=-1)
-        k, v = self._split(k), self._split(v)
-        if rope is not None:
-            k = apply_rope(k, *rope)
+    def self_qkv(
+        self, x: torch.Tensor, rope: Rope | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (B, H, T, hd) of x (B, T, D); q and k rotated when `rope` is given."""
+        qkv = self._heads(self.qkv(x), 3)  # (3, B, H, T, hd)
+        if rope is None:
+            return qkv[0], qkv[1], qkv[2]
+        q, k = apply_rope(qkv[:2], *rope)  # both rotated in one pass
+        return q, k, qkv[2]
+
+    def cross_q(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries (B, H, T, hd) of x (B, T, D) for cross-attention."""
+        return self._heads(self.q(x), 1)[0]
+
+    def cross_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, S, hd) of the context (B, S, D) for cross-attention (never rotated)."""
+        k, v = self._heads(self.kv(context), 2)
         return k, v
 
     def attend(
-        self,
-        x: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        rope: Rope | None = None,
-        mask: torch.Tensor | None = None,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Queries from x (B, T, D) attend to k, v; mask (B or 1, 1, T, S) is True where allowed."""
-        q = self._split(self.q(x))
-        if rope is not None:
-            q = apply_rope(q, *rope)
+        """q (B, H, T, hd) attends to k, v (B, H, S, hd) -> (B, T, D); an additive mask (B or 1, 1, T, S)."""
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -64,9 +87,12 @@ class Attention(nn.Module):
         rope: Rope | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Self-attention over x, or cross-attention to `context` (never rotated) when given."""
-        if context is None:
-            k, v = self.keys_values(x, rope)
-            return self.attend(x, k, v, rope, mask)
-        k, v = self.keys_values(context)
-        return self.attend(x, k, v, None, mask)
+        """Self-attention over x, or (a cross module) attention from x to `context`."""
+        if self.cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context")
+            return self.attend(self.cross_q(x), *self.cross_kv(context), mask)
+        if context is not None:
+            raise ValueError("this is a self-attention module; it takes no context")
+        return self.attend(*self.self_qkv(x, rope), mask)
+

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019): a weight and no bias, as the paper's counts need.
 
-    Computed in float32 whatever the input dtype, so bf16 autocast does not lose the statistic.
-    `affine=False` gives the parameter-free form used where the counts leave no room for a weight.
+    Through `F.rms_norm`: one fused kernel each way on a GPU, accumulating in float32 whatever the
+    input dtype (so bf16 activations do not lose the statistic), where the hand-written float32
+    form cost ~22 operators per call. The weight is given in the input's dtype, which the fused
+    kernel needs. `affine=False` gives the parameter-free form used where the counts leave no room
+    for a weight.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
@@ -19,11 +23,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.to(x.dtype)
+        weight = self.weight
+        if weight is not None and weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
 def make_norm(kind: str, dim: int, affine: bool = True) -> nn.Module:

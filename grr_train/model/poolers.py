@@ -23,7 +23,7 @@ class CascadedPoolers(nn.Module):
         super().__init__()
         self.num_queries = num_queries
         self.queries = nn.Parameter(torch.empty(num_queries + 1, dim))  # generative ones, then contrastive
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout, cross=True)
         # CoCa normalises the pooled tokens; the counts leave no room for a learnable norm, so it
         # is parameter-free. Without it the second stage attends over tokens of ~1e-3 scale and
         # the contrastive gradients start at ~1e3-1e4.

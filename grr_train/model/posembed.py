@@ -6,6 +6,7 @@ baseline and the paper's 685,656 difference would no longer come out (DESIGN.md)
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,3 +22,15 @@ def sincos_1d(num_positions: int, dim: int, device=None) -> torch.Tensor:
     table[:, 0::2] = torch.sin(positions * inv_freq)
     table[:, 1::2] = torch.cos(positions * inv_freq)
     return table
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_sincos(num_positions: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return sincos_1d(num_positions, dim, device=device).to(dtype)
+
+
+def sincos_table(num_positions: int, dim: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """`sincos_1d` in `dtype`, computed once per shape, device and dtype (outside torch.compile)."""
+    if torch.compiler.is_compiling():
+        return sincos_1d(num_positions, dim, device=device).to(dtype)
+    return _cached_sincos(num_positions, dim, torch.device(device), dtype)

@@ -2,11 +2,18 @@
 
 Rotation acts on interleaved pairs (x[2i], x[2i+1]), so 1D and 2D share `apply_rope`: 2D gives
 the first half of the pairs row angles and the second half column angles, so a query-key score
-depends only on the row offset and the column offset. There are no parameters and no buffers:
-angles are computed from positions on the fly, which also lets a KV cache continue at any offset.
+depends only on the row offset and the column offset. There are no parameters and no buffers.
+
+Tables come expanded to the head size, (T, head_dim): `cos` repeats each pair's cosine twice and
+`sin` holds (-sin, +sin) per pair, so a rotation is `x * cos + swap_pairs(x) * sin`: four kernels in
+the activations' own dtype, where rotating pairs in float32 cost ~23 per call (issue 9's profile).
+In float32 this is the same arithmetic as the textbook form, bit for bit. `rope_tables` caches
+them per shape, device and dtype, so a training step computes them once per decoder or ViT shape.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -17,27 +24,59 @@ def _pair_angles(positions: torch.Tensor, num_pairs: int, theta: float) -> torch
     return positions.float()[:, None] * inv_freq[None, :]
 
 
+def _expand(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # (T, P) angles -> cos (T, 2P) as (c0, c0, c1, c1, ..) and sin (T, 2P) as (-s0, s0, -s1, s1, ..)
+    cos, sin = angles.cos(), angles.sin()
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
 def rope_1d(
     positions: torch.Tensor, head_dim: int, theta: float = 10_000.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (T, head_dim / 2), for integer positions (T,)."""
-    angles = _pair_angles(positions, head_dim // 2, theta)
-    return angles.cos(), angles.sin()
+    """cos and sin tables, each (T, head_dim), for integer positions (T,)."""
+    return _expand(_pair_angles(positions, head_dim // 2, theta))
 
 
 def rope_2d(
     grid_h: int, grid_w: int, head_dim: int, theta: float = 10_000.0, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (grid_h * grid_w, head_dim / 2), for a row-major patch grid (axial RoPE)."""
+    """cos and sin tables, each (grid_h * grid_w, head_dim), for a row-major patch grid (axial RoPE)."""
     rows = torch.arange(grid_h, device=device).repeat_interleave(grid_w)
     cols = torch.arange(grid_w, device=device).repeat(grid_h)
     quarter = head_dim // 4
     angles = torch.cat([_pair_angles(rows, quarter, theta), _pair_angles(cols, quarter, theta)], dim=-1)
-    return angles.cos(), angles.sin()
+    return _expand(angles)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(kind: str, start: int, length: int, head_dim: int, theta: float, device: torch.device,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "1d":
+        cos, sin = rope_1d(torch.arange(start, start + length, device=device), head_dim, theta)
+    else:
+        side = int(round(length**0.5))
+        cos, sin = rope_2d(side, side, head_dim, theta, device=device)
+    return cos.to(dtype), sin.to(dtype)
+
+
+def rope_tables(kind: str, start: int, length: int, head_dim: int, theta: float, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables for positions start..start+length-1 ("1d") or a square grid of `length` patches ("2d").
+
+    Cached outside torch.compile; inside a compiled graph they are computed (and constant-folded).
+    """
+    if kind not in ("1d", "2d"):
+        raise ValueError(f"unknown RoPE kind {kind!r}; expected '1d' or '2d'")
+    if torch.compiler.is_compiling():
+        return _cached.__wrapped__(kind, start, length, head_dim, theta, device, dtype)
+    return _cached(kind, start, length, head_dim, theta, torch.device(device), dtype)
+
+
+def swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(.., 2P) -> (.., 2P) with each pair's two elements exchanged: (x1, x0, x3, x2, ..)."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., T, head_dim) by per-position angles cos/sin (T, head_dim / 2)."""
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
-    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    """Rotate x (..., T, head_dim) by per-position tables cos/sin (T, head_dim), in x's dtype."""
+    return x * cos.to(x.dtype) + swap_pairs(x) * sin.to(x.dtype)

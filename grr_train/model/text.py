@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grr_train.model.attention import Attention, Rope
+from grr_train.model.attention import Attention, Rope, additive_mask, attention_dtype
 from grr_train.model.ffn import GEGLU
 from grr_train.model.norms import RMSNorm
-from grr_train.model.rope import rope_1d
+from grr_train.model.rope import rope_tables
 
 
 def decoder_mask(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
@@ -37,7 +37,7 @@ class DecoderBlock(nn.Module):
         self.norm1 = RMSNorm(dim)
         self.self_attn = Attention(dim, heads, dropout)
         self.norm_cross = RMSNorm(dim) if cross else None
-        self.cross_attn = Attention(dim, heads, dropout) if cross else None
+        self.cross_attn = Attention(dim, heads, dropout, cross=True) if cross else None
         self.norm2 = RMSNorm(dim)
         self.ffn = GEGLU(dim, hidden)
         self.drop = nn.Dropout(dropout)
@@ -50,16 +50,15 @@ class DecoderBlock(nn.Module):
         context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: dict | None = None,
     ) -> torch.Tensor:
-        h = self.norm1(x)
-        k, v = self.self_attn.keys_values(h, rope)
+        q, k, v = self.self_attn.self_qkv(self.norm1(x), rope)
         if cache is not None:
             if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        x = x + self.drop(self.self_attn.attend(h, k, v, rope, mask))
+        x = x + self.drop(self.self_attn.attend(q, k, v, mask))
         if self.cross_attn is not None:
-            x = x + self.drop(self.cross_attn.attend(self.norm_cross(x), *context_kv))
+            x = x + self.drop(self.cross_attn.attend(self.cross_attn.cross_q(self.norm_cross(x)), *context_kv))
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
@@ -77,7 +76,7 @@ class TextDecoder(nn.Module):
 
     def context_keys_values(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys and values of the image tokens, per block (computed once per image)."""
-        return [block.cross_attn.keys_values(context) for block in self.blocks]
+        return [block.cross_attn.cross_kv(context) for block in self.blocks]
 
     def forward(
         self,
@@ -93,10 +92,9 @@ class TextDecoder(nn.Module):
         """
         num_new = x.shape[1]
         offset = key_valid.shape[1] - num_new
-        rope = rope_1d(
-            torch.arange(offset, offset + num_new, device=x.device), self.head_dim, self.rope_theta
-        )
-        mask = decoder_mask(key_valid, num_new)
+        dtype = attention_dtype(x)
+        rope = rope_tables("1d", offset, num_new, self.head_dim, self.rope_theta, x.device, dtype)
+        mask = additive_mask(decoder_mask(key_valid, num_new), dtype)
         if self.cross and context_kv is None:
             if context is None:
                 raise ValueError("the multimodal decoder needs the image tokens as context")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grr_train.model.attention import Attention, Rope
+from grr_train.model.attention import Attention, Rope, attention_dtype
 from grr_train.model.config import ModelConfig
 from grr_train.model.ffn import make_ffn
 from grr_train.model.norms import make_norm
-from grr_train.model.posembed import sincos_1d
-from grr_train.model.rope import rope_1d, rope_2d
+from grr_train.model.posembed import sincos_table
+from grr_train.model.rope import rope_tables
 
 
 class ViTBlock(nn.Module):
@@ -43,13 +43,12 @@ class VisionTransformer(nn.Module):
         # so it normalises without parameters (DESIGN.md count argument).
         self.norm = make_norm(cfg.vit_norm, cfg.width, affine=False)
 
-    def _rope(self, device) -> Rope | None:
+    def _rope(self, x: torch.Tensor) -> Rope | None:
         cfg = self.cfg
-        if cfg.vit_pos == "rope1d":
-            return rope_1d(torch.arange(cfg.num_patches, device=device), cfg.head_dim, cfg.rope_theta)
-        if cfg.vit_pos == "rope2d":
-            return rope_2d(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_theta, device=device)
-        return None
+        if cfg.vit_pos == "sincos":
+            return None
+        kind = "1d" if cfg.vit_pos == "rope1d" else "2d"
+        return rope_tables(kind, 0, cfg.num_patches, cfg.head_dim, cfg.rope_theta, x.device, attention_dtype(x))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) -> patch tokens (B, N, D), N = (S / patch)^2, normalised."""
@@ -61,9 +60,9 @@ class VisionTransformer(nn.Module):
             )
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
         if cfg.vit_pos == "sincos":
-            x = x + sincos_1d(x.shape[1], cfg.width, device=x.device).to(x.dtype)
+            x = x + sincos_table(x.shape[1], cfg.width, x.device, x.dtype)
         x = self.drop(x)
-        rope = self._rope(x.device)
+        rope = self._rope(x)
         for block in self.blocks:
             x = block(x, rope)
         return self.norm(x)
