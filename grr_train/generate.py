@@ -9,7 +9,9 @@ tokens between BOS and EOS), turned into text with the tokenizer's `decode_words
 
 Beam search keeps `beams` hypotheses per image, ranks finished ones by their summed log
 probability divided by their length in tokens (EOS included), and stops once `beams`
-hypotheses have ended or at `max_len`.
+hypotheses have ended or at `max_len`. All images of a call are searched together, their
+hypotheses one batch; the cache follows the surviving hypotheses by `index_select` on its
+batch dim.
 """
 
 from __future__ import annotations
@@ -150,51 +152,85 @@ def _words(row: list[int], special) -> list[int]:
     return out
 
 
+def reorder_cache(cache, index: torch.Tensor, with_context: bool):
+    """The cache's rows (B, ...) picked by `index`: `index_select` along the batch dim, no deep copy.
+
+    The image tokens' cross-attention keys and values (`cross_kv`) are the same for every row of
+    an image, so while `index` only moves rows between the beams of one image they stay as they
+    are; `with_context` reorders them too (when finished images leave the batch)."""
+    rows = cache.key_valid.shape[0]
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, index) if t.ndim and t.shape[0] == rows else t
+
+    changes = {f.name: map_cache(getattr(cache, f.name), pick) for f in dataclasses.fields(cache)
+               if with_context or f.name != "cross_kv"}
+    return dataclasses.replace(cache, **changes)
+
+
 @torch.no_grad()
-def _beam_search_one(model, image_tokens, special, options: DecodeOptions) -> list[int]:
-    """Beam search for one image; image_tokens (1, N, D)."""
+def _beam_search(model, image_tokens, special, options: DecodeOptions) -> list[list[int]]:
+    """Beam search for B images at once; image_tokens (B, N, D).
+
+    The `beams` hypotheses of every image still searching form one batch (row a * k + j: the
+    a-th such image, beam j), so each step is one `decode` call whatever the number of images.
+    Each image ranks and stops on its own, exactly as if it were searched alone; an image that
+    has finished leaves the batch."""
     k, device = options.beams, image_tokens.device
-    image_tokens = image_tokens.expand(k, *image_tokens.shape[1:])
-    seqs = torch.full((k, 1), special.bos, dtype=torch.long, device=device)
-    # all beams start equal: only the first may expand at the first step
-    scores = torch.full((k,), float("-inf"), device=device)
-    scores[0] = 0.0
-    finished: list[tuple[float, list[int]]] = []
+    neg_inf = float("-inf")
+    image_tokens = image_tokens.repeat_interleave(k, dim=0)  # (B * k, N, D)
+    active = list(range(image_tokens.shape[0] // k))  # images still searching, in row order
+    seqs = torch.full((len(active) * k, 1), special.bos, dtype=torch.long, device=device)
+    # all beams start equal: only the first of each image may expand at the first step
+    scores = torch.full((len(active), k), neg_inf, device=device)
+    scores[:, 0] = 0.0
+    scores = scores.flatten()
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in active]
     logp, cache = _step(model, image_tokens, seqs, seqs, None, options.use_cache)
     for num_words in range(options.max_len + 1):
         logp = _constrain(logp, special, num_words, options)
         vocab = logp.shape[-1]
-        candidates = (scores[:, None] + logp).flatten()
-        top_scores, top_index = torch.topk(candidates, 2 * k)
-        keep_beam, keep_token, keep_score = [], [], []
-        for score, index in zip(top_scores.tolist(), top_index.tolist(), strict=True):
-            if score == float("-inf"):
-                break
-            beam, token = divmod(index, vocab)
-            if token == special.eos:
-                words = seqs[beam, 1:].tolist()
-                finished.append((score / (len(words) + 1), words))
-            else:
-                keep_beam.append(beam)
-                keep_token.append(token)
-                keep_score.append(score)
-            if len(keep_beam) == k:
-                break
-        if len(finished) >= k or not keep_beam:
+        candidates = (scores[:, None] + logp).view(len(active), k * vocab)
+        top_scores, top_index = torch.topk(candidates, 2 * k, dim=1)
+        prefixes = seqs[:, 1:].tolist()
+        still, rows, tokens, new_scores = [], [], [], []
+        for a, (image, row_scores, row_index) in enumerate(
+            zip(active, top_scores.tolist(), top_index.tolist(), strict=True)
+        ):
+            keep = []  # (row, token, score) of the live hypotheses this image keeps
+            for score, index in zip(row_scores, row_index, strict=True):
+                if score == neg_inf:
+                    break
+                beam, token = divmod(index, vocab)
+                if token == special.eos:
+                    words = prefixes[a * k + beam]
+                    finished[image].append((score / (len(words) + 1), words))
+                else:
+                    keep.append((a * k + beam, token, score))
+                if len(keep) == k:
+                    break
+            if len(finished[image]) >= k or not keep:
+                continue  # this image is done
+            # fewer live hypotheses than beams: pad with dead copies of the first
+            keep += [(keep[0][0], keep[0][1], neg_inf)] * (k - len(keep))
+            still.append(image)
+            for row, token, score in keep:
+                rows.append(row)
+                tokens.append(token)
+                new_scores.append(score)
+        if not still:
             break
-        beam_index = torch.tensor(keep_beam, device=device)
-        tokens = torch.tensor(keep_token, device=device)
-        seqs = torch.cat([seqs[beam_index], tokens[:, None]], dim=1)
-        scores = torch.tensor(keep_score, device=device)
-        if len(keep_beam) < k:  # fewer live hypotheses than beams: pad with dead copies
-            pad = k - len(keep_beam)
-            beam_index = torch.cat([beam_index, beam_index[:1].expand(pad)])
-            seqs = torch.cat([seqs, seqs[:1].expand(pad, -1)])
-            scores = torch.cat([scores, torch.full((pad,), float("-inf"), device=device)])
+        index = torch.tensor(rows, device=device)
+        seqs = torch.cat([seqs.index_select(0, index), torch.tensor(tokens, device=device)[:, None]], dim=1)
+        scores = torch.tensor(new_scores, device=device)
+        shrinking = len(still) < len(active)
+        if shrinking:
+            image_tokens = image_tokens.index_select(0, index)
         if options.use_cache:
-            cache = map_cache(cache, lambda t, idx=beam_index: t.index_select(0, idx) if t.shape[:1] == (k,) else t)
+            cache = reorder_cache(cache, index, with_context=shrinking)
+        active = still
         logp, cache = _step(model, image_tokens, seqs, seqs[:, -1:], cache, options.use_cache)
-    return max(finished, key=lambda item: item[0])[1]
+    return [max(f, key=lambda item: item[0])[1] for f in finished]
 
 
 @torch.no_grad()
@@ -202,7 +238,7 @@ def generate_from_tokens(model, image_tokens: torch.Tensor, special, options: De
     """Word ids of one caption per image; image_tokens (B, N, D) from `model.encode_image`."""
     options.check()
     if options.beams > 1:
-        return [_beam_search_one(model, image_tokens[i : i + 1], special, options) for i in range(image_tokens.shape[0])]
+        return _beam_search(model, image_tokens, special, options)
     return _greedy_or_sample(model, image_tokens, special, options)
 
 

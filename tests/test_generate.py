@@ -40,6 +40,25 @@ def test_cached_equals_uncached(model_and_special, images, beams):
     assert len({tuple(w) for w in cached}) > 1  # the captions depend on the image
 
 
+@pytest.mark.parametrize("beams, use_cache", [(2, True), (3, True), (3, False)])
+def test_batched_beam_search_equals_one_image_at_a_time(model_and_special, beams, use_cache):
+    model, special = model_and_special
+    torch.manual_seed(1)
+    images = torch.randn(6, 3, 288, 288)
+    options = DecodeOptions(beams=beams, max_len=12, use_cache=use_cache)
+    with torch.no_grad():
+        model.lm_head.bias[special.eos] += 5.0  # some images end at once, others run to max_len
+    try:
+        batched = generate(model, images, special, options)
+        alone = [generate(model, images[i : i + 1], special, options)[0] for i in range(len(images))]
+    finally:
+        with torch.no_grad():
+            model.lm_head.bias[special.eos] -= 5.0
+    assert batched == alone
+    # images finished at different steps, so some left the batch while others searched on
+    assert len({len(words) for words in batched}) > 1
+
+
 def test_sampling_is_seeded_and_cache_independent(model_and_special, images):
     model, special = model_and_special
     opts = dict(top_k=20, top_p=0.95, temperature=1.5, seed=7, max_len=8)
