@@ -239,14 +239,28 @@ def write_report(
 
 def compare_runs(
     run_a: str | os.PathLike, run_b: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
-    split: str = "val", title: str | None = None, names: tuple[str, str] = ("Baseline CoCa", "GRR-CoCa"),
-    contrastive_batch_size: int | None = None, **eval_kwargs,
+    split: str = "val", title: str | None = None, names: tuple[str | None, str | None] = (None, None),
+    contrastive_batch_size: int | None = None, tokenizer: str | os.PathLike | None = None, **eval_kwargs,
 ) -> dict:
-    """Evaluate both runs on the same split (and contrastive batch size) and write the report."""
+    """Evaluate both runs on the same split (and contrastive batch size) and write the report.
+
+    Both runs, the set and its split are checked before either run is evaluated, so a typo in
+    the second run costs nothing. `names` default to the runs' folder names; captions are
+    decoded with `tokenizer`, else run A's (see `grr_train.captioning.decode_words_for`)."""
+    from grr_data.dataset import DatasetInfo
+    from grr_train.captioning import decode_words_for
+    from grr_train.checkpoint import resolve_checkpoint
     from grr_train.evaluate import evaluate_run
 
-    eval_a = evaluate_run(run_a, data_dir, split, contrastive_batch_size=contrastive_batch_size, **eval_kwargs)
+    for run in (run_a, run_b):
+        resolve_checkpoint(run)
+    DatasetInfo.read(data_dir).num_samples(split)
+    names = (names[0] or Path(run_a).resolve().name, names[1] or Path(run_b).resolve().name)
+    decode_words = decode_words_for(run_a, tokenizer, data_dir)
+    eval_a = evaluate_run(run_a, data_dir, split, contrastive_batch_size=contrastive_batch_size,
+                          decode_words=decode_words, **eval_kwargs)
     # B gets A's contrastive batch size, so the two contrastive losses are comparable
-    eval_b = evaluate_run(run_b, data_dir, split, contrastive_batch_size=eval_a["contrastive_batch_size"], **eval_kwargs)
+    eval_b = evaluate_run(run_b, data_dir, split, contrastive_batch_size=eval_a["contrastive_batch_size"],
+                          decode_words=decode_words, **eval_kwargs)
     section = Section(title or f"{Path(data_dir).name}: {split}", eval_a, eval_b, str(run_a), str(run_b))
     return write_report([section], out_dir, names)

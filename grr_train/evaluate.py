@@ -1,46 +1,47 @@
 """`grr eval`: a checkpoint's Table 2 metrics on a split, plus retrieval and caption quality.
 
-Two passes over the split, each usable sample counted once (the loader repeats a few samples
-to fill its last batch and replaces unusable ones; each batch's `real` mask says which to keep):
+One pass over the split: each batch is decoded once and goes through the model once, and its
+outputs feed every metric. Each usable sample counts once (the loader repeats a few samples to
+fill its last batch and replaces unusable ones; each batch's `real` mask says which to keep).
 
-1. `grr_train.validate.validate`: CoCa loss with the run's own lambdas, perplexity over the
-   split, and contrastive loss over chunks of a stated batch size (the paper's metrics).
-2. Retrieval and captioning. Samples are grouped by image through a SHA-1 of the decoded,
-   normalised image tensor: captions of one image share its JPEG, hence its decoded pixels,
-   so this needs nothing beyond the loader contract and also merges exact duplicate images
-   (which are, for retrieval, the same image). Image-to-text and text-to-image recall@1/5/10
-   run over unique images (`grr_train.retrieval`). One caption is generated per unique image
-   (greedy by default, over the KV cache) and scored with BLEU-4 and CIDEr-D against all of
-   that image's reference captions (`grr_train.caption_metrics`).
+- `grr_train.validate.validate`: CoCa loss with the run's own lambdas, perplexity over the
+  split, and contrastive loss over chunks of a stated batch size (the paper's metrics).
+- Retrieval and captioning, from the same forward pass (its image and text embeddings and its
+  image tokens). Samples are grouped by image through a SHA-1 of the decoded, normalised image
+  tensor: captions of one image share its JPEG, hence its decoded pixels, so this needs nothing
+  beyond the loader contract and also merges exact duplicate images (which are, for retrieval,
+  the same image). Image-to-text and text-to-image recall@1/5/10 run over unique images
+  (`grr_train.retrieval`). One caption is generated per unique image from its image tokens
+  (greedy by default, over the KV cache; the batch's new images together) and scored with
+  BLEU-4 and CIDEr-D against all of that image's reference captions (`grr_train.caption_metrics`).
 
-Precision: both passes run under the autocast the run trained (and validated) with, unless
-told otherwise: `precision="auto"` takes the run's `precision` setting (its config.json) and
+Precision: the pass runs under the autocast the run trained (and validated) with, unless told
+otherwise: `precision="auto"` takes the run's `precision` setting (its config.json) and
 resolves it as training does (its own "auto": bf16 on a GPU, fp32 on the CPU); the result
 records the precision used.
 
 Captions need the set's tokenizer to become text; the caller passes its `decode_words`
-(grr_train may not import the tokenizer), and without one captioning is left out.
+(`grr_train.captioning.decode_words_for`), and without one captioning is left out.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from grr_data.dataset import DatasetInfo
 from grr_data.layout import caption_word_ids
 from grr_data.loader import make_loader
 from grr_train.caption_metrics import caption_scores
 from grr_train.checkpoint import load_model
 from grr_train.config import PRECISIONS
 from grr_train.generate import DecodeOptions, generate_from_tokens
-from grr_train.precision import autocast_context, autocast_dtype
+from grr_train.precision import autocast_dtype
 from grr_train.retrieval import group_by_image, recall_at_k
 from grr_train.validate import validate
 
@@ -86,56 +87,81 @@ def image_hash(image: torch.Tensor) -> str:
     return hashlib.sha1(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def split_size(data_dir: str | os.PathLike, split: str) -> int:
-    """Samples in a split, from the set's manifest.json."""
-    path = Path(data_dir) / "manifest.json"
-    try:
-        splits = json.loads(path.read_text())["splits"]
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path}: cannot read the split sizes ({err}); is {data_dir} a sharded set?") from err
-    if split not in splits:
-        raise ValueError(f"{path}: no split {split!r}; the set has {', '.join(splits)}")
-    return int(splits[split]["num_samples"])
+class RetrievalAndCaptions:
+    """Collects, batch by batch, what recall@k and caption scores need: a text embedding per
+    sample, an image embedding and a generated caption per unique image, the reference captions
+    of each image."""
 
+    def __init__(self, model, special, decode_words: Callable | None, options: DecodeOptions | None):
+        self.model, self.special, self.decode_words, self.options = model, special, decode_words, options
+        self.image_embeds: list[torch.Tensor] = []
+        self.text_embeds: list[torch.Tensor] = []
+        self.image_keys: list[str] = []  # per sample: the hash of its image
+        self.references: dict[str, list[str]] = {}
+        self.generated: dict[str, str] = {}
+        self.first_key: dict[str, str] = {}  # per image: the key of its first sample
 
-@torch.no_grad()
-def retrieval_and_captions(model, batches, special, decode_words: Callable | None,
-                           options: DecodeOptions | None) -> tuple[dict, dict | None]:
-    """Recall@k over unique images and caption scores of one generated caption per image."""
-    image_embeds, text_embeds, image_keys = [], [], []
-    references: dict[str, list[str]] = {}
-    generated: dict[str, str] = {}
-    first_key: dict[str, str] = {}
-    device = next(model.parameters()).device
-    for batch in batches:
-        images, ids = batch["images"].to(device), batch["ids"].to(device)
-        hashes = [image_hash(img) for img in batch["images"]]
-        new = [i for i, h in enumerate(hashes) if h not in first_key and h not in hashes[:i]]
-        text_embeds.append(model.encode_text(ids).float().cpu())
-        image_keys.extend(hashes)
+    def add(self, images, ids, keys: list[str], image_embed, text_embed, image_tokens) -> None:
+        """One batch of real samples: images (B, 3, S, S), ids (B, 65), and the model's outputs
+        for them: embeddings (B, D), image tokens (B, Q, D)."""
+        hashes = [image_hash(img) for img in images]
+        new = [i for i, h in enumerate(hashes) if h not in self.first_key and h not in hashes[:i]]
+        self.text_embeds.append(text_embed.float().cpu())
+        self.image_keys.extend(hashes)
         if new:
-            embed, tokens = model.encode_image(images[new])
-            image_embeds.append(embed.float().cpu())
+            self.image_embeds.append(image_embed[new].float().cpu())
             for i in new:
-                first_key[hashes[i]] = batch["keys"][i]
-            if decode_words is not None and options is not None:
-                for i, words in zip(new, generate_from_tokens(model, tokens, special, options), strict=True):
-                    generated[hashes[i]] = decode_words(words)
-        if decode_words is not None:
+                self.first_key[hashes[i]] = keys[i]
+            if self.decode_words is not None and self.options is not None:
+                captions = generate_from_tokens(self.model, image_tokens[new], self.special, self.options)
+                for i, words in zip(new, captions, strict=True):
+                    self.generated[hashes[i]] = self.decode_words(words)
+        if self.decode_words is not None:
             for h, row in zip(hashes, ids.tolist(), strict=True):
-                references.setdefault(h, []).append(decode_words(caption_word_ids(row, special)))
-    text_to_image, _ = group_by_image(image_keys)
-    retrieval = recall_at_k(torch.cat(image_embeds), torch.cat(text_embeds), text_to_image)
-    if not generated:
-        return retrieval, None
-    order = list(generated)
-    captioning = caption_scores([generated[h] for h in order], [references[h] for h in order])
-    captioning["decoding"] = options.describe()
-    captioning["tokenization"] = "lower case, COCO punctuation removed, whitespace split"
-    captioning["examples"] = [
-        {"key": first_key[h], "generated": generated[h], "references": references[h]} for h in order[:NUM_EXAMPLES]
-    ]
-    return retrieval, captioning
+                self.references.setdefault(h, []).append(self.decode_words(caption_word_ids(row, self.special)))
+
+    def results(self) -> tuple[dict, dict | None]:
+        """Recall@k over unique images, and caption scores (None when no caption was generated)."""
+        text_to_image, _ = group_by_image(self.image_keys)
+        retrieval = recall_at_k(torch.cat(self.image_embeds), torch.cat(self.text_embeds), text_to_image)
+        if not self.generated:
+            return retrieval, None
+        order = list(self.generated)
+        captioning = caption_scores([self.generated[h] for h in order], [self.references[h] for h in order])
+        captioning["decoding"] = self.options.describe()
+        captioning["tokenization"] = "lower case, COCO punctuation removed, whitespace split"
+        captioning["examples"] = [
+            {"key": self.first_key[h], "generated": self.generated[h], "references": self.references[h]}
+            for h in order[:NUM_EXAMPLES]
+        ]
+        return retrieval, captioning
+
+
+class _OnePass(torch.nn.Module):
+    """The model as `validate` calls it, also handing each batch's outputs to `collector`: the
+    embeddings from its output, the image tokens from the poolers' output (a forward hook, as
+    `CocaOutput` does not carry them), the keys from `batches`, which tags each batch as
+    `validate` takes it."""
+
+    def __init__(self, model, collector: RetrievalAndCaptions):
+        super().__init__()
+        self.model, self.collector = model, collector
+        self.keys: list[str] = []
+        self._image_tokens: list[torch.Tensor] = []
+
+    def batches(self, samples: RealSamples) -> Iterator[dict]:
+        for batch in samples:
+            self.keys = batch["keys"]
+            yield batch
+
+    def forward(self, images, ids):
+        handle = self.model.poolers.register_forward_hook(lambda _m, _inputs, out: self._image_tokens.append(out[1]))
+        try:
+            out = self.model(images, ids)
+        finally:
+            handle.remove()
+        self.collector.add(images, ids, self.keys, out.image_embed, out.text_embed, self._image_tokens.pop())
+        return out
 
 
 def evaluate_run(
@@ -157,7 +183,7 @@ def evaluate_run(
     model, info = load_model(run_or_ckpt, device=device)
     train_cfg = info["train_config"]
     precision = resolve_precision(precision, train_cfg, device)
-    size = split_size(data_dir, split)
+    size = DatasetInfo.read(data_dir).num_samples(split)
     num_samples = min(size, max_samples) if max_samples is not None else size
     if contrastive_batch_size is None:
         contrastive_batch_size = int(train_cfg.get("val_contrastive_batch_size", 192))
@@ -167,27 +193,22 @@ def evaluate_run(
             f"evaluated from split {split!r} of {data_dir}; pass --contrastive-batch-size {num_samples} or less"
         )
     decode_options = decode_options or DecodeOptions()
-
-    def loader():
-        return make_loader(data_dir, split=split, batch_size=batch_size, kind=loader_kind, shuffle=False,
-                           num_workers=num_workers, device=device, with_keys=True)
+    decode_options.check()
 
     lambda_con, lambda_cap = float(train_cfg["lambda_con"]), float(train_cfg["lambda_cap"])
     temperature = float(info["model_config"].temperature)
-    first = loader()
-    if first.special != info["special"]:
-        raise ValueError(f"{data_dir} was tokenized with special ids {first.special}, the model was trained with "
+    loader = make_loader(data_dir, split=split, batch_size=batch_size, kind=loader_kind, shuffle=False,
+                         num_workers=num_workers, device=device, with_keys=True)
+    if loader.special != info["special"]:
+        raise ValueError(f"{data_dir} was tokenized with special ids {loader.special}, the model was trained with "
                          f"{info['special']}: evaluate on a set sharded with the run's tokenizer")
-    paper = validate(model, RealSamples(first, max_samples, f"{split}: losses"), special=info["special"],
-                     lambda_con=lambda_con, lambda_cap=lambda_cap, temperature=temperature,
-                     contrastive_batch_size=contrastive_batch_size,
+    collector = RetrievalAndCaptions(model, info["special"], decode_words, decode_options)
+    one_pass = _OnePass(model, collector)
+    paper = validate(one_pass, one_pass.batches(RealSamples(loader, max_samples, f"{split}: eval")),
+                     special=info["special"], lambda_con=lambda_con, lambda_cap=lambda_cap,
+                     temperature=temperature, contrastive_batch_size=contrastive_batch_size,
                      autocast_dtype=autocast_dtype(precision, device))
-    second = loader()
-    with autocast_context(autocast_dtype(precision, device), device):
-        retrieval, captioning = retrieval_and_captions(
-            model, RealSamples(second, max_samples, f"{split}: retrieval and captions"), info["special"],
-            decode_words, decode_options,
-        )
+    retrieval, captioning = collector.results()
     return {
         "run": str(run_or_ckpt),
         "checkpoint": str(info["checkpoint"]),
@@ -203,7 +224,7 @@ def evaluate_run(
         **paper,
         "retrieval": retrieval,
         "captioning": captioning,
-        "skipped": dict(second.skipped),
+        "skipped": dict(loader.skipped),
     }
 
 

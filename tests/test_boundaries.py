@@ -1,6 +1,7 @@
 """The one-way data flow of DESIGN.md, checked on the source: grr_data never imports grr_train,
 grr_train imports only grr_data's contract (the token layout, the loader, the set's manifest
-reader) and its atomic-write helper, and the model imports neither data nor training code."""
+reader) and its atomic-write helper, the model imports neither data nor training code, only
+grr_data reads a set's manifest.json, and the CLI's modules hang off its groups, not off each other."""
 
 import ast
 from pathlib import Path
@@ -9,18 +10,32 @@ ROOT = Path(__file__).resolve().parent.parent
 # What grr_train may use of grr_data: the token layout, the loader, the manifest's one reader,
 # and atomic file writes (infrastructure kept once).
 DATA_CONTRACT = ("grr_data.layout", "grr_data.loader", "grr_data.dataset", "grr_data.files")
+# The grr_train modules that need more of grr_data, and what: turning caption ids into text
+# needs the tokenizer; the demo runs every stage, fetch and shard included.
+DATA_EXTRAS = {
+    "grr_train/captioning.py": ("grr_data.tokenizer",),
+    "grr_train/demo.py": ("grr_data.fetch", "grr_data.shard"),
+}
+
+
+def sources(*packages: str, root: Path = ROOT):
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            yield str(path.relative_to(root)), ast.parse(path.read_text(), filename=str(path))
 
 
 def imported_modules(package: str) -> dict[str, set[str]]:
     found = {}
-    for path in sorted((ROOT / package).rglob("*.py")):
+    for path, tree in sources(package):
         names = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names.add(node.module)
-        found[str(path.relative_to(ROOT))] = names
+                # `from cli import evaluate` imports the module cli.evaluate
+                names |= {f"{node.module}.{alias.name}" for alias in node.names if node.module == "cli"}
+        found[path] = names
     return found
 
 
@@ -37,7 +52,7 @@ def test_grr_train_uses_only_the_data_contract():
     def allowed(path, name):
         if not name.startswith("grr_data"):
             return True
-        return name in DATA_CONTRACT and "model/" not in path
+        return name in DATA_CONTRACT + DATA_EXTRAS.get(path, ()) and "model/" not in path
 
     assert offenders("grr_train", allowed) == []
 
@@ -49,3 +64,51 @@ def test_the_model_imports_no_training_code():
         return name.startswith("grr_train.model")
 
     assert offenders("grr_train", allowed) == []
+
+
+def manifest_readers(*packages: str, root: Path = ROOT) -> list[str]:
+    """Where code builds the path of a set's manifest: the literal "manifest.json" as a path
+    part (`root / "manifest.json"`, `open("data/manifest.json")`). Error messages that mention
+    the file inside an f-string are not reads; "fetch_manifest.json" is the fetch's own file."""
+    found = []
+    for path, tree in sources(*packages, root=root):
+        in_messages = {id(part) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr)
+                       for part in ast.walk(node)}
+        found += [f"{path}:{node.lineno}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in in_messages
+                  and node.value.rsplit("/", 1)[-1] == "manifest.json"]
+    return found
+
+
+# Still reading manifest.json itself until it moves to DatasetInfo (issue 13); delete then.
+KNOWN_READERS = ("grr_train/trainer.py",)
+
+
+def test_only_grr_data_reads_the_manifest():
+    """grr_data.dataset.DatasetInfo is the one reader: the schema of manifest.json is grr_data's."""
+    assert [r for r in manifest_readers("cli", "grr_train") if r.split(":")[0] not in KNOWN_READERS] == []
+
+
+def test_the_check_sees_a_manifest_read(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(
+        'import json\nfrom pathlib import Path\n'
+        'def read(d):\n    return json.loads((Path(d) / "manifest.json").read_text())\n'
+        'def message(d):\n    return f"{d}/manifest.json is broken; fetch_manifest.json too"\n'
+        'def other(d):\n    return open("data/manifest.json")\n'
+    )
+    assert sorted(manifest_readers("pkg", root=tmp_path)) == ["pkg/m.py:4", "pkg/m.py:8"]
+
+
+def test_cli_modules_hang_off_the_groups():
+    """Commands register one way: each cli module adds its commands to an app of cli.groups with
+    its decorators; only cli.main imports the command modules, and only cli.groups makes apps."""
+    imports = imported_modules("cli")
+    wrong = [f"{path}: {name}" for path, names in imports.items() for name in sorted(names)
+             if name.startswith("cli.") and name != "cli.groups" and path != "cli/main.py"]
+    assert wrong == []
+    commands = {f"cli.{Path(p).stem}" for p in imports if Path(p).stem not in ("__init__", "main", "groups")}
+    assert commands <= imports["cli/main.py"], "cli/main.py must import every command module"
+    makers = [path for path, tree in sources("cli") for node in ast.walk(tree)
+              if isinstance(node, ast.Attribute) and node.attr == "Typer" and path != "cli/groups.py"]
+    assert makers == []

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from shardset import VOCAB_SIZE, make_shardset
 
 from grr_data.dataset import DatasetInfo
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds
-from shardset import VOCAB_SIZE, make_shardset
 
 
 def _manifest(**changes) -> dict:

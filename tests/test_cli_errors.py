@@ -1,0 +1,97 @@
+"""Mistakes a user makes in `grr eval`, `grr caption`, `grr compare` and `grr model summary`:
+each is one line on stderr saying what to do, a non-zero exit, no traceback, and no work done
+before the arguments are checked."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from grr_data.layout import SpecialIds
+from grr_train import checkpoint as ckpt
+from grr_train.model import build_model, get_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder holding one checkpoint of an untrained tiny model."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = get_config("grr-tiny", vocab_size=100)
+    meta = {"step": 1, "epoch": 0, "world_size": 1, "model_config": cfg.to_dict(),
+            "train_config": {"recipe": "pretrain", "data": str(run / "no-data")},
+            "special": SpecialIds.for_vocab(100).to_dict()}
+    ckpt.save_checkpoint(run, build_model(cfg), {}, meta, keep=1)
+    return run
+
+
+def grr(*args) -> tuple[int, str]:
+    """Exit code and stderr of `grr ARGS`, checked to be one line without a traceback."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # an error we raised, not a crash
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return result.exit_code, lines[0]
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch):
+    """Fails the test if a run is evaluated: the arguments must be refused first."""
+    import grr_train.evaluate
+
+    def evaluate_run(*args, **kwargs):
+        raise AssertionError("evaluate_run called before the arguments were checked")
+
+    monkeypatch.setattr(grr_train.evaluate, "evaluate_run", evaluate_run)
+
+
+def test_eval_on_cuda_without_a_gpu(run, tmp_path, no_cuda, no_evaluation):
+    code, line = grr("eval", run, "--data", tmp_path, "--device", "cuda")
+    assert code == 1
+    assert line.startswith("error: device 'cuda': no CUDA GPU is usable here") and "--device cpu" in line
+
+
+def test_caption_on_cuda_without_a_gpu(run, tmp_path, no_cuda):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"not read: the device is checked first")
+    code, line = grr("caption", image, "--ckpt", run, "--device", "cuda:1")
+    assert code == 1 and "device 'cuda:1': no CUDA GPU" in line and "--device cpu" in line
+
+
+def test_unknown_device_is_named(run, tmp_path, no_evaluation):
+    _, line = grr("eval", run, "--data", tmp_path, "--device", "gpu")
+    assert "device 'gpu' is not one of cpu, cuda, cuda:N, auto" in line
+
+
+def test_caption_names_a_missing_image_before_loading_the_model(run, tmp_path, monkeypatch):
+    import grr_train.captioning
+
+    monkeypatch.setattr(grr_train.captioning, "load_model",
+                        lambda *a, **k: pytest.fail("model loaded before the images were checked"))
+    _, line = grr("caption", tmp_path / "nope.jpg", tmp_path / "nope2.jpg", "--ckpt", run, "--device", "cpu")
+    assert line == f"error: {tmp_path / 'nope.jpg'}: no such image file (and 1 more)"
+
+
+def test_compare_checks_both_runs_and_the_data_before_evaluating(run, tmp_path, no_evaluation):
+    missing = tmp_path / "runs" / "nope"
+    _, line = grr("compare", run, missing, "--data", tmp_path, "--device", "cpu", "--out", tmp_path / "cmp")
+    assert str(missing) in line and "not a run folder with checkpoints" in line
+    _, line = grr("compare", missing, run, "--data", tmp_path, "--device", "cpu", "--out", tmp_path / "cmp")
+    assert str(missing) in line
+    _, line = grr("compare", run, run, "--data", tmp_path / "shards", "--device", "cpu", "--out", tmp_path / "cmp")
+    assert f"{tmp_path / 'shards' / 'manifest.json'} not found" in line and "grr data shard" in line
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_model_summary_unknown_preset_lists_the_presets():
+    from grr_train.model import PRESETS
+
+    code, line = grr("model", "summary", "grr-huge")
+    assert code == 2
+    assert line == f"unknown preset 'grr-huge'; known: {', '.join(PRESETS)}"

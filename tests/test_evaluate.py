@@ -1,0 +1,91 @@
+"""`evaluate_run` in one pass: one loader over the split, each image encoded once, and every
+number the same as when losses, retrieval and captions are computed from separate passes."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from shardset import VOCAB_SIZE, jpeg_bytes, make_shardset
+
+import grr_train.evaluate as evaluate
+from grr_data.layout import SpecialIds
+from grr_data.loader import make_loader
+from grr_train import checkpoint as ckpt
+from grr_train.generate import DecodeOptions, generate_from_tokens
+from grr_train.losses import caption_loss
+from grr_train.model import build_model, get_config
+from grr_train.retrieval import group_by_image, recall_at_k
+
+SPECIAL = SpecialIds.for_vocab(VOCAB_SIZE)
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+
+
+@pytest.fixture(scope="module")
+def data_and_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    # 7 samples, 3 distinct images: captions of one image share its JPEG, as in MSCOCO
+    images = [jpeg_bytes(Image.fromarray(np.full((288, 320, 3), COLOURS[i % 3], np.uint8))) for i in range(7)]
+    data = make_shardset(root / "shards", shard_sizes=(4, 3), split="val", images=images)
+    torch.manual_seed(0)
+    cfg = get_config("grr-tiny", vocab_size=VOCAB_SIZE)
+    model = build_model(cfg)
+    meta = {"step": 3, "epoch": 0, "world_size": 1, "model_config": cfg.to_dict(),
+            "train_config": {"recipe": "pretrain", "lambda_con": 1.0, "lambda_cap": 2.0, "precision": "fp32",
+                             "val_contrastive_batch_size": 2},
+            "special": SPECIAL.to_dict()}
+    ckpt.save_checkpoint(root / "run", model, {}, meta, keep=1)
+    return data, root / "run"
+
+
+def words(ids) -> str:
+    return " ".join(f"w{t}" for t in ids)
+
+
+def test_one_pass_reads_and_encodes_each_image_once(data_and_run, monkeypatch):
+    data, run = data_and_run
+    loaders, encoded = [], []
+
+    def counting_loader(*args, **kwargs):
+        loaders.append(make_loader(*args, **kwargs))
+        return loaders[-1]
+
+    real_load_model = evaluate.load_model
+
+    def counting_model(*args, **kwargs):
+        model, info = real_load_model(*args, **kwargs)
+        model.vit.register_forward_hook(lambda _m, inputs, _out: encoded.append(inputs[0].shape[0]))
+        return model, info
+
+    monkeypatch.setattr(evaluate, "make_loader", counting_loader)
+    monkeypatch.setattr(evaluate, "load_model", counting_model)
+    result = evaluate.evaluate_run(run, data, "val", batch_size=3, decode_words=words,
+                                   decode_options=DecodeOptions(beams=2, max_len=4), num_workers=0)
+    assert len(loaders) == 1
+    assert sum(encoded) == 7  # every sample's image once, none a second time for retrieval or captions
+    assert result["num_samples"] == 7 and result["retrieval"]["num_images"] == 3
+    assert result["captioning"]["num_images"] == 3
+
+
+def test_one_pass_equals_separate_passes(data_and_run):
+    data, run = data_and_run
+    options = DecodeOptions(beams=2, max_len=4)
+    result = evaluate.evaluate_run(run, data, "val", batch_size=3, contrastive_batch_size=7, decode_words=words,
+                                   decode_options=options, num_workers=0)
+
+    model, _ = ckpt.load_model(run)
+    batches = list(make_loader(data, split="val", batch_size=7, shuffle=False, num_workers=0, with_keys=True))
+    assert len(batches) == 1 and bool(batches[0]["real"].all())
+    images, ids = batches[0]["images"], batches[0]["ids"]
+    with torch.no_grad():
+        image_embed, image_tokens = model.encode_image(images)
+        text_embed = model.encode_text(ids)
+        logits = model(images, ids).logits
+    caption = float(caption_loss(logits, ids[:, 1:], SPECIAL.ignored_targets))
+    assert result["caption"] == pytest.approx(caption, rel=1e-5)
+
+    text_to_image, first = group_by_image([evaluate.image_hash(img) for img in images])
+    expected = recall_at_k(image_embed[first], text_embed, text_to_image)
+    assert result["retrieval"] == expected
+    generated = [words(w) for w in generate_from_tokens(model, image_tokens[first], SPECIAL, options)]
+    assert [ex["generated"] for ex in result["captioning"]["examples"]] == generated
+    assert [ex["key"] for ex in result["captioning"]["examples"]] == [batches[0]["keys"][i] for i in first]
