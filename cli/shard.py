@@ -20,8 +20,11 @@ def shard(
                                              "google-t5/t5-base. Default: the small bundled test tokenizer."),
     shard_size: int = typer.Option(10_000, help="Samples per output shard."),
     workers: int = typer.Option(None, help="Processes over input tars (default: CPU count)."),
+    break_lock: bool = typer.Option(False, "--break-lock", help="Take over --out's lock left by a run on "
+                                                               "another host that is known to be dead."),
 ) -> None:
     """Tokenize captions, split, and write train, val (and test) shards with DALI indexes and manifest.json."""
+    from grr_data.lock import LockedError
     from grr_data.shard import shard_dataset
     from grr_data.shard_input import InputError, ShardError
     from grr_data.tokenizer import TokenizerError
@@ -31,9 +34,9 @@ def shard(
         typer.echo("note: using the bundled grr-sample-tokenizer (tests only); pass --tokenizer for real runs")
     try:
         manifest, stats = shard_dataset(input, out, split=split, tokenizer=tokenizer, shard_size=shard_size,
-                                        workers=workers)
+                                        workers=workers, break_lock=break_lock)
     # OSError: the output cannot be written (permissions, full disk, a file in the way)
-    except (InputError, ShardError, TokenizerError, ValueError, OSError) as err:
+    except (InputError, ShardError, TokenizerError, LockedError, ValueError, OSError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"wrote {out} in {stats['seconds']:.1f} s ({manifest['split_rule']}; tokenizer "
@@ -42,6 +45,8 @@ def shard(
         typer.echo(f"  {name:5s} {info['num_samples']:>10,} samples in {len(info['shards'])} shards")
     skipped = ", ".join(f"{k} {v:,}" for k, v in manifest["skipped"].items()) or "none"
     typer.echo(f"  skipped: {skipped}")
+    if manifest["damaged_tars"]:
+        typer.echo(f"  damaged input tars: {manifest['damaged_tars']:,} (their lost samples are counted above)")
     typer.echo(f"  truncated captions {manifest['truncated_captions']:,}; duplicate images "
                f"{manifest['duplicate_images']:,}; resized images {manifest['resized_images']:,}")
     if stats["reused_tars"] or stats["kept_shards"]:

@@ -1,9 +1,11 @@
 """`grr data check`: verify a sharded set against its `manifest.json`.
 
 Checks that every listed shard exists with the recorded sha256 and sample count, that its DALI
-index matches the tar member by member, that each sample has all four members and a valid token
-layout, that no key is stored twice and no image (sha256 of the stored JPEG) is in two splits,
-and that no shard on disk is missing from the manifest. The one allowed overlap is one the
+index matches the tar member by member, that every member's CRC32 is the one its checksum file
+recorded (what the loaders verify per sample; sets sharded before checksums get a warning),
+that each sample has all four members and a valid token layout, that no key is stored twice
+and no image (sha256 of the stored JPEG) is in two splits, and that no shard on disk is
+missing from the manifest. The one allowed overlap is one the
 manifest declares (`overlapping_splits`, from ROCO's paper split): it is reported as a warning
 when exactly the declared number of images is shared, and as a problem otherwise.
 """
@@ -14,6 +16,7 @@ import hashlib
 import json
 import os
 import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds, check_layout
-from grr_data.records import EXTENSIONS, decode_ids, index_path, read_index, sha256_file
+from grr_data.records import (
+    EXTENSIONS,
+    SAMPLE_CHECKSUMS,
+    checksum_path,
+    decode_ids,
+    index_path,
+    read_checksums,
+    read_index,
+    sha256_file,
+)
 from grr_data.split import pair_name
 
 MAX_PROBLEMS_PER_SHARD = 20
@@ -39,25 +51,50 @@ class CheckReport:
         return not self.problems
 
 
-def _tar_samples(path: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], dict[str, bytes], dict[str, str]]:
-    """Per sample (key, {ext: (offset, size)}) in tar order, plus ids bytes and jpg sha256 by key
-    (hashed as read: a 10k-sample shard's JPEGs are ~400 MB)."""
+def _tar_samples(path: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], dict[str, bytes],
+                                      dict[str, str], list[dict[str, int]]]:
+    """Per sample (key, {ext: (offset, size)}) in tar order, ids bytes and jpg sha256 by key, and
+    per sample {ext: CRC32} (hashed as read: a 10k-sample shard's JPEGs are ~400 MB)."""
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    crcs: list[dict[str, int]] = []
     ids, jpg_hashes = {}, {}
     with tarfile.open(path, "r") as tar:
         for info in tar:
             key, _, ext = info.name.partition(".")
             if not samples or samples[-1][0] != key:
                 samples.append((key, {}))
+                crcs.append({})
             samples[-1][1][ext] = (info.offset_data, info.size)
+            data = tar.extractfile(info).read()
+            crcs[-1][ext] = zlib.crc32(data)
             if ext == "ids":
-                ids[key] = tar.extractfile(info).read()
+                ids[key] = data
             elif ext == "jpg":
-                jpg_hashes[key] = hashlib.sha256(tar.extractfile(info).read()).hexdigest()
-    return samples, ids, jpg_hashes
+                jpg_hashes[key] = hashlib.sha256(data).hexdigest()
+    return samples, ids, jpg_hashes, crcs
 
 
-def _check_shard(root: Path, entry: dict, special: SpecialIds, problems: list[str]) -> tuple[list[str], list[str]]:
+def _check_crcs(path: Path, samples: list, crcs: list[dict[str, int]], problem) -> None:
+    """Each member's CRC32 against the shard's checksum file: what the loaders verify per sample."""
+    crc_path = checksum_path(path)
+    try:
+        recorded = read_checksums(crc_path)
+    except (OSError, ValueError) as err:
+        problem(f"checksum file {crc_path.name} missing or unreadable ({err}); the loaders cannot verify "
+                "this shard's samples: re-shard or restore it")
+        return
+    if len(recorded) != len(samples):
+        problem(f"checksum file {crc_path.name} lists {len(recorded)} samples, the tar holds {len(samples)}")
+        return
+    for (key, _), found, row in zip(samples, crcs, recorded, strict=True):
+        changed = [ext for col, ext in enumerate(EXTENSIONS) if ext in found and found[ext] != row[col]]
+        if changed:
+            problem(f"sample {key}: CRC32 of {', '.join('.' + e for e in changed)} differs from {crc_path.name} "
+                    "(the bytes changed since sharding; the loaders skip this sample)")
+
+
+def _check_shard(root: Path, entry: dict, special: SpecialIds, checksums: bool,
+                 problems: list[str]) -> tuple[list[str], list[str]]:
     """Check one listed shard; returns its keys and image hashes (for the disjointness check)."""
     path = root / entry["path"]
     start = len(problems)
@@ -72,7 +109,7 @@ def _check_shard(root: Path, entry: dict, special: SpecialIds, problems: list[st
     if sha256_file(path) != entry.get("sha256"):
         problem("sha256 differs from manifest.json (the file changed or is damaged)")
     try:
-        samples, ids, jpg_hashes = _tar_samples(path)
+        samples, ids, jpg_hashes, crcs = _tar_samples(path)
     except (tarfile.TarError, OSError, EOFError) as err:
         problem(f"unreadable tar ({err})")
         return [], []
@@ -84,6 +121,8 @@ def _check_shard(root: Path, entry: dict, special: SpecialIds, problems: list[st
             problem(f"index {idx.name} does not match the tar (offsets, sizes or members differ)")
     except (OSError, ValueError) as err:
         problem(f"index {idx.name} missing or unreadable ({err})")
+    if checksums:
+        _check_crcs(path, samples, crcs, problem)
     for key, members in samples:
         if sorted(members) != sorted(EXTENSIONS):
             problem(f"sample {key} has members {sorted(members)}, expected {sorted(EXTENSIONS)}")
@@ -136,6 +175,14 @@ def check_dataset(data_dir: str | os.PathLike, progress: bool = True) -> CheckRe
             report.problems.append(f"{manifest_path}: split {name} says {split.get('num_samples')} samples, "
                                    f"its shards list {listed}")
     _find_unlisted(root, splits, report)
+    checksums = manifest.get("sample_checksums") == SAMPLE_CHECKSUMS
+    if manifest.get("sample_checksums") not in (None, SAMPLE_CHECKSUMS):
+        report.problems.append(f"{manifest_path}: sample_checksums {manifest['sample_checksums']!r}, this code "
+                               f"reads {SAMPLE_CHECKSUMS!r}")
+    elif not checksums:
+        report.warnings.append(f"{manifest_path}: sharded before per-sample checksums: the shards' sha256 are "
+                               "checked here, but the loaders check only token ids per sample; re-shard to have "
+                               "every sample verified when it is read")
 
     owner_of_key: dict[str, str] = {}
     owner_of_image: dict[str, tuple[str, str]] = {}  # image sha256 -> (split, shard path)
@@ -144,7 +191,7 @@ def check_dataset(data_dir: str | os.PathLike, progress: bool = True) -> CheckRe
     shared: dict[str, set[str]] = {pair: set() for pair in declared}  # declared pair -> image sha256s in both
     entries = [(name, entry) for name, split in splits.items() for entry in split["shards"]]
     for name, entry in tqdm(entries, desc="check", unit="shard", disable=not progress):
-        keys, hashes = _check_shard(root, entry, special, report.problems)
+        keys, hashes = _check_shard(root, entry, special, checksums, report.problems)
         report.num_samples[name] = report.num_samples.get(name, 0) + len(keys)
         report.num_shards += 1
         for key in keys:
@@ -168,10 +215,10 @@ def _find_unlisted(root: Path, splits: dict, report: CheckReport) -> None:
     """Shard-like files anywhere under the set that the manifest does not list: a stray split
     folder, a half-written `*.tmp` of a killed run, an index without its tar."""
     listed = {root / e["path"] for split in splits.values() for e in split["shards"]}
-    listed |= {index_path(p) for p in listed}
+    listed |= {index_path(p) for p in listed} | {checksum_path(p) for p in listed}
     for path in sorted(root.rglob("*")):
         if path.is_file() and path not in listed and path.name != "manifest.json" \
-                and (path.suffix in (".tar", ".idx", ".tmp") or path.parent != root):
+                and (path.suffix in (".tar", ".idx", ".crc") or ".tmp" in path.name or path.parent != root):
             report.problems.append(f"{path}: on disk but not listed in manifest.json (left over from another "
                                    "or an interrupted run?); delete it or re-shard")
 

@@ -3,9 +3,15 @@
 A sample is four tar members sharing a key (DESIGN.md): `key.jpg` (shorter side 288),
 `key.txt` (the raw caption), `key.ids` (65 little-endian int64 token ids, read by DALI's
 webdataset reader with `dtypes=INT64`) and `key.json` (source, split, original size, hash).
-Keys contain no dots. Every tar gets a DALI index (`.idx`, format v1.2) written beside it.
-Shards are written under a temporary name and renamed, so a partial tar is never mistaken
-for a whole one.
+Keys contain no dots. Every tar gets a DALI index (`.idx`, format v1.2) written beside it,
+and a checksum file (`.crc`): the CRC32 of each member's bytes, so a reader verifies every
+sample it reads (a whole-file sha256 is only affordable for `grr data check`). Shards are
+written under a temporary name and renamed, the index last, so a partial tar is never
+mistaken for a whole one.
+
+Checksum file: one ASCII line `grr-crc32 v1 N jpg txt ids json`, then N x 4 little-endian
+uint32, the CRC32 (zlib) of each sample's members in that order (0 for a member it lacks).
+~3.7 GB/s on one core here: ~11 us for a 40 KB JPEG, against ~3 ms to decode it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +34,9 @@ from grr_data.layout import SEQ_LEN
 IDS_DTYPE = np.dtype("<i8")
 EXTENSIONS = ("jpg", "txt", "ids", "json")
 INDEX_VERSION = "v1.2"
+CHECKSUM_HEADER = "grr-crc32 v1"
+SAMPLE_CHECKSUMS = "crc32"  # manifest.json's `sample_checksums` when every shard has a `.crc` file
+CRC_DTYPE = np.dtype("<u4")
 
 
 def encode_ids(ids) -> bytes:
@@ -46,6 +56,24 @@ def index_path(tar_path: str | os.PathLike) -> Path:
     return Path(tar_path).with_suffix(".idx")
 
 
+def checksum_path(tar_path: str | os.PathLike) -> Path:
+    return Path(tar_path).with_suffix(".crc")
+
+
+def read_checksums(path: str | os.PathLike) -> np.ndarray:
+    """A checksum file's CRC32s: (N, 4) uint32 in `EXTENSIONS` order; ValueError naming the file."""
+    raw = Path(path).read_bytes()
+    head, _, body = raw.partition(b"\n")
+    fields = head.decode("ascii", "replace").split()
+    want = CHECKSUM_HEADER.split() + ["N", *EXTENSIONS]
+    if len(fields) != len(want) or fields[:2] != want[:2] or fields[3:] != want[3:] or not fields[2].isdigit():
+        raise ValueError(f"{path}: not a grr checksum file (header {head[:80]!r})")
+    count = int(fields[2])
+    if len(body) != count * len(EXTENSIONS) * CRC_DTYPE.itemsize:
+        raise ValueError(f"{path}: holds {len(body)} bytes of checksums, its header says {count} samples")
+    return np.frombuffer(body, dtype=CRC_DTYPE).reshape(count, len(EXTENSIONS))
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -55,7 +83,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 class ShardWriter:
-    """Writes one tar shard and its DALI index; call `close()` (or use `with`) to publish both.
+    """Writes one tar shard, its checksums and its DALI index; call `close()` (or use `with`) to
+    publish them.
 
     The tar is written as `NAME.tar.tmp` and renamed on close; on an exception it is removed.
     """
@@ -66,6 +95,7 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.USTAR_FORMAT)
         self._index: list[list[tuple[str, int, int, str]]] = []
+        self._crcs: list[list[int]] = []
         self.num_samples = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
@@ -73,7 +103,10 @@ class ShardWriter:
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must contain no dots or slashes")
         entry = []
+        crcs = [0] * len(EXTENSIONS)
         for ext, data in members.items():
+            if ext in EXTENSIONS:
+                crcs[EXTENSIONS.index(ext)] = zlib.crc32(data)
             name = f"{key}.{ext}"
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -82,6 +115,7 @@ class ShardWriter:
             padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             entry.append((ext, self._tar.offset - padded, len(data), name))
         self._index.append(entry)
+        self._crcs.append(crcs)
         self.num_samples += 1
 
     def close(self) -> None:
@@ -91,8 +125,13 @@ class ShardWriter:
         lines = [f"{INDEX_VERSION} {len(self._index)}"]
         lines += [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in entry) for entry in self._index]
         idx_tmp.write_text("\n".join(lines) + "\n")
-        # fsync before renaming: a resumed `grr data shard` keeps every shard it finds published
+        crc = checksum_path(self.path)
+        crc_tmp = crc.with_name(crc.name + ".tmp")
+        header = f"{CHECKSUM_HEADER} {len(self._crcs)} {' '.join(EXTENSIONS)}\n".encode("ascii")
+        crc_tmp.write_bytes(header + np.asarray(self._crcs, dtype=CRC_DTYPE).reshape(-1, len(EXTENSIONS)).tobytes())
+        # fsync before renaming: a resumed `grr data shard` keeps every shard whose index it finds
         publish(self.tmp_path, self.path)
+        publish(crc_tmp, crc)
         publish(idx_tmp, idx)
 
     def abort(self) -> None:

@@ -33,9 +33,14 @@ from tqdm import tqdm
 
 from grr_data.files import write_json_atomic
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN
+from grr_data.lock import LOCK_NAME, hold_lock
+from grr_data.procs import pool_worker_setup, stop_pool
 from grr_data.records import (
+    SAMPLE_CHECKSUMS,
     ShardWriter,
+    checksum_path,
     index_path,
+    read_checksums,
     read_index,
     sample_members,
     sha256_file,
@@ -52,14 +57,16 @@ WORK_DIR = ".work"
 
 
 def _indexed_keys(tar: Path) -> list[str] | None:
-    """The sample keys a complete shard's index lists, or None when tar or index is missing, the
-    index is unreadable or the tar's size is not the one its index implies (then it is rewritten)."""
-    idx = index_path(tar)
-    if not (tar.is_file() and idx.is_file()):
+    """The sample keys a complete shard's index lists, or None when tar, checksums or index is
+    missing or unreadable, or the tar's size is not the one its index implies (then it is rewritten)."""
+    idx, crc = index_path(tar), checksum_path(tar)
+    if not (tar.is_file() and idx.is_file() and crc.is_file()):
         return None
     try:
         table = read_index(idx)
-    except ValueError:
+        if len(read_checksums(crc)) != len(table):
+            return None
+    except (OSError, ValueError):
         return None
     if tar.stat().st_size != table.tar_size():
         return None
@@ -111,13 +118,18 @@ class _SplitSink:
 
 
 def _results(jobs: list[TarJob], workers: int) -> Iterator[TarResult]:
-    """run_job over the jobs, in order; at most 2 x workers tars in flight to bound memory."""
+    """run_job over the jobs, in order; at most 2 x workers tars in flight to bound memory.
+
+    Pool workers leave SIGTERM and SIGINT to this process and die with it (`grr_data.procs`); when
+    this generator stops early (an error, Ctrl-C) it kills them rather than wait for their tars."""
     if workers <= 1:
         yield from map(run_job, jobs)
         return
     # workers tokenize one tar each; Rust threads inside them would only contend for the cores
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=pool_worker_setup, initargs=(os.getpid(),))
+    try:
         pending: deque = deque()
         for job in jobs:
             pending.append(pool.submit(run_job, job))
@@ -125,6 +137,10 @@ def _results(jobs: list[TarJob], workers: int) -> Iterator[TarResult]:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except BaseException:
+        stop_pool(pool)
+        raise
+    pool.shutdown()
 
 
 def _read_fetch_manifest(input_dir: Path) -> dict | None:
@@ -150,11 +166,26 @@ def shard_dataset(
     workers: int | None = None,
     progress: bool = True,
     on_shard: Callable[[Path], None] | None = None,
+    break_lock: bool = False,
 ) -> tuple[dict, dict]:
     """Shard fetch output into `out_dir`; returns (manifest, run stats: seconds, kept shards).
 
     `split` None means `source` when the input has split subfolders, else 95/5.
-    `on_shard(path)` is called after each shard is complete on disk."""
+    `on_shard(path)` is called after each shard is complete on disk.
+    The run holds `out_dir`'s lock throughout (grr_data.lock): a second run into the same folder
+    fails at once naming this one; `break_lock` takes over a lock left by a run on another host."""
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    try:
+        with hold_lock(out_dir, "grr data shard", break_lock):
+            return _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, progress, on_shard)
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a run that failed before writing anything leaves no folder behind
+        raise
+
+
+def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, progress, on_shard):
     started = time.time()
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     if shard_size < 1:
@@ -178,6 +209,7 @@ def shard_dataset(
         raise FileExistsError(f"{out_dir} already holds a complete sharded set ({MANIFEST}); "
                               "choose another --out or delete it")
     params = {"input": str(input_dir.resolve()), "split_rule": rule.describe(), "tokenizer": tok.name,
+              "tokenizer_sha256": tok.fingerprint["files_sha256"],
               "shard_size": shard_size, "layout_version": LAYOUT_VERSION,
               # size and mtime: a refetched tar of the same size must not reuse a stale record
               "inputs": [[str(p.relative_to(input_dir)), p.stat().st_size, p.stat().st_mtime_ns]
@@ -191,7 +223,7 @@ def shard_dataset(
         log.warning("resuming the interrupted run in %s", out_dir)
         for stale in out_dir.glob("*/*.tmp"):  # half-written shards of the killed run
             stale.unlink()
-    elif out_dir.exists() and any(out_dir.iterdir()):
+    elif any(p.name != LOCK_NAME for p in out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: not empty and not an interrupted `grr data shard` run; "
                               "choose an empty or new --out")
     work.mkdir(parents=True, exist_ok=True)
@@ -205,17 +237,18 @@ def shard_dataset(
     num_decoded = num_reused = 0
     skipped: Counter = Counter()
     problem_log = SkipLog(log)
-    num_truncated = num_resized = 0
+    num_truncated = num_resized = num_damaged = 0
     if has_folders:
         log.info("reading the split folders in the order %s (not train first): an image in two splits "
                  "stays in the evaluation one", ", ".join(FOLDER_ORDER))
     bar = tqdm(total=len(jobs), unit="tar", desc="shard", disable=not progress)
+    results = _results(jobs, workers if workers is not None else (os.cpu_count() or 1))
     try:
-        results = _results(jobs, workers if workers is not None else (os.cpu_count() or 1))
         for job, result in zip(jobs, results, strict=True):
             num_decoded += result.num_decoded
             num_reused += result.from_record
             skipped.update(result.skipped)
+            num_damaged += result.damaged
             for problem in result.problems:
                 problem_log.add(*problem)
             num_truncated += result.num_truncated
@@ -235,6 +268,7 @@ def shard_dataset(
         for sink in sinks.values():
             sink.finish_shard()
     except BaseException:
+        results.close()  # stops the pool now, not when the generator is collected
         for sink in sinks.values():
             sink.abort()
         raise
@@ -247,12 +281,16 @@ def shard_dataset(
     manifest = {
         "layout_version": LAYOUT_VERSION,
         "seq_len": SEQ_LEN,
-        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "pad": tok.special.pad,
-                      "eos": tok.special.eos, "bos": tok.special.bos, "cls": tok.special.cls},
+        # every shard has a `.crc` file beside it; the loaders verify each sample they read
+        "sample_checksums": SAMPLE_CHECKSUMS,
+        # name, vocabulary, special ids, and its files' sha256 and library version: a different
+        # tokenizer of the same size is told apart (`CaptionTokenizer.record`)
+        "tokenizer": tok.record(),
         # a test split appears under the `source` rule only when the source has one
         "splits": {name: {"num_samples": sink.num_samples, "shards": sink.shards} for name, sink in sinks.items()
                    if not rule.source or name != "test" or sink.num_samples},
-        "skipped": dict(sorted(skipped.items())),
+        "skipped": dict(sorted(skipped.items())),  # samples, by reason
+        "damaged_tars": num_damaged,  # input tars cut or garbled (their lost samples are in `skipped`)
         "truncated_captions": num_truncated,
         "duplicate_images": assigner.num_duplicate_images,
         "resized_images": num_resized,

@@ -14,6 +14,7 @@ import io
 import json
 import re
 import tarfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from grr_data.image import is_stored_form, to_stored_jpeg
+from grr_data.image import UnusableImage, check_usable, is_stored_form, to_stored_jpeg
 from grr_data.records import iter_tar_samples
 from grr_data.split import SampleIdentity, normalize_split
 from grr_data.tokenizer import load_tokenizer
@@ -67,7 +68,8 @@ class Sample:
 @dataclass
 class TarResult:
     samples: list[Sample] = field(default_factory=list)
-    skipped: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)  # samples, by reason
+    damaged: bool = False  # the tar itself is damaged (what was lost is in `skipped`)
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, tar/key, detail)
     num_truncated: int = 0
     num_resized: int = 0
@@ -124,18 +126,29 @@ def _expected_count(tar: Path) -> int | None:
 def prepare_image(data: bytes) -> tuple[bytes, tuple[int, int], bool]:
     """(JPEG bytes of the stored form, decoded upright size, whether it was re-encoded).
 
-    Raises ValueError("truncated_image" | "corrupt_image", detail) when it does not decode fully.
+    Raises ValueError("truncated_image" | "corrupt_image" | "unusable_image", detail) when it does
+    not decode fully or cannot be stored; the size limits are checked before decoding.
     """
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the size limit below says it once, as a skip reason
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        check_usable(image.size)
         image.load()
+    except UnusableImage as err:
+        raise ValueError("unusable_image", str(err)) from err
+    except Image.DecompressionBombError as err:
+        raise ValueError("unusable_image", str(err)) from err
     except Exception as err:  # PIL raises many types for bad data
         # PIL says this only when the data ended mid-image; garbage headers read as corrupt
         reason = "truncated_image" if "image file is truncated" in str(err) else "corrupt_image"
         raise ValueError(reason, f"{type(err).__name__}: {err}") from err
     if is_stored_form(image):
         return data, image.size, False
-    jpg, size, _ = to_stored_jpeg(image)
+    try:
+        jpg, size, _ = to_stored_jpeg(image)
+    except Exception as err:  # an encoder failure belongs to this image, not to the run
+        raise ValueError("unusable_image", f"cannot store it as JPEG: {type(err).__name__}: {err}") from err
     return jpg, size, True
 
 
@@ -209,7 +222,7 @@ def process_tar(job: TarJob) -> TarResult:
         expected = _expected_count(Path(job.path))
         # the group being read when the damage hit is lost too, so count it when stats are missing
         lost = max(expected - num_groups, 0) if expected is not None else 1
-        result.skipped["damaged_tar"] += 1
+        result.damaged = True
         result.skipped["lost_in_damaged_tar"] += lost
         result.problems.append(("damaged_tar", tar_name, f"{err}; {lost} sample(s) lost"))
     else:

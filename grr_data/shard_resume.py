@@ -25,7 +25,7 @@ from grr_data.shard_input import Sample, ShardError, TarJob, TarResult, prepare_
 from grr_data.split import SampleIdentity
 
 RECORDS_DIR = "tars"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 
 
 def record_path(work_dir: Path, index: int) -> Path:
@@ -48,6 +48,7 @@ def save_record(job: TarJob, result: TarResult) -> None:
         "version": RECORD_VERSION,
         "tar": job.path,
         "skipped": dict(result.skipped),
+        "damaged": result.damaged,
         "problems": result.problems,
         "num_truncated": result.num_truncated,
         "num_resized": result.num_resized,
@@ -70,7 +71,8 @@ def load_record(job: TarJob) -> TarResult:
     if data.get("version") != RECORD_VERSION or data.get("tar") != job.path:
         raise ShardError(f"{job.record}: a completion record for {data.get('tar')}, expected {job.path}; "
                            "the output folder holds another run's work: delete it and start again")
-    result = TarResult(skipped=Counter(data["skipped"]), problems=[tuple(p) for p in data["problems"]],
+    result = TarResult(skipped=Counter(data["skipped"]), damaged=data["damaged"],
+                       problems=[tuple(p) for p in data["problems"]],
                        num_truncated=data["num_truncated"], num_resized=data["num_resized"], from_record=True)
     for s in data["samples"]:
         identity = SampleIdentity(bytes.fromhex(s["meta"]["image_sha256"]), s["image_id"], s["source_split"])

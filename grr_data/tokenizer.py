@@ -10,6 +10,7 @@ that is 32,100 and 32,101 of 32,102, the 32,100 being 32,000 pieces plus T5's 10
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ SAMPLE_TOKENIZER_NAME = "grr-sample-tokenizer"
 SAMPLE_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "sample-tokenizer"
 BOS_TOKEN = "<bos>"
 CLS_TOKEN = "<cls>"
+MODEL_FILES = ("spiece.model", "tokenizer.json")  # a tokenizer folder holds one or both
 # Tokenize at most this many pieces per caption: one more than fits tells us it was cut,
 # and a 100 kB caption does not cost 100 kB of tokenizer work.
 _MAX_PIECES = SEQ_LEN - 3
@@ -32,10 +34,15 @@ class TokenizerError(RuntimeError):
 
 
 class CaptionTokenizer:
-    """Wraps a transformers T5 tokenizer that already has BOS and CLS added."""
+    """Wraps a transformers T5 tokenizer that already has BOS and CLS added.
 
-    def __init__(self, hf_tokenizer, name: str):
+    `fingerprint`: what tells two tokenizers apart beyond their size and special ids (which a
+    different vocabulary can share): the sha256 of its model files and the library that reads
+    them (`tokenizer_fingerprint`). `record()` is the manifest's `tokenizer` entry."""
+
+    def __init__(self, hf_tokenizer, name: str, fingerprint: dict | None = None):
         self.name = name
+        self.fingerprint = dict(fingerprint or {})
         self._tok = hf_tokenizer
         self.vocab_size = len(hf_tokenizer)
         self.special = SpecialIds.for_vocab(self.vocab_size)
@@ -52,6 +59,12 @@ class CaptionTokenizer:
                 f"(PAD 0, EOS 1, BOS V-2, CLS V-1 for V={self.vocab_size}); is it a T5 SentencePiece "
                 "tokenizer without BOS/CLS of its own?"
             )
+
+    def record(self) -> dict:
+        """The manifest's `tokenizer` entry: name, vocabulary, special ids and the fingerprint."""
+        sp = self.special
+        return {"name": self.name, "vocab_size": self.vocab_size, "pad": sp.pad, "eos": sp.eos, "bos": sp.bos,
+                "cls": sp.cls, **self.fingerprint}
 
     def encode_batch(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Lay out many captions at once: ids (N, 65) int64 and truncated (N,) bool.
@@ -98,11 +111,19 @@ class CaptionTokenizer:
         return f"CaptionTokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
 
-@functools.lru_cache(maxsize=4)
 def load_tokenizer(name_or_dir: str | os.PathLike | None = None) -> CaptionTokenizer:
-    """The tokenizer named by a local directory, a hub name, or None (the bundled sample one)."""
-    from transformers import T5Tokenizer  # heavy import; only callers that tokenize pay for it
+    """The tokenizer named by a local directory, a hub name, or None (the bundled sample one).
 
+    Loaded tokenizers are cached by folder and by their files' size and mtime, so a tokenizer
+    file replaced under the same name is loaded (and fingerprinted) afresh."""
+    source, name = _resolve(name_or_dir)
+    stamp = tuple((f, st.st_size, st.st_mtime_ns) for f in MODEL_FILES if (source / f).is_file()
+                  for st in [(source / f).stat()])
+    return _load(str(source), name, stamp)
+
+
+def _resolve(name_or_dir: str | os.PathLike | None) -> tuple[Path, str]:
+    """(the folder holding the tokenizer's files, the name the manifest records)."""
     if name_or_dir is None or str(name_or_dir) == SAMPLE_TOKENIZER_NAME:
         source, name = SAMPLE_TOKENIZER_DIR, SAMPLE_TOKENIZER_NAME
         if not (source / "spiece.model").is_file():
@@ -113,14 +134,21 @@ def load_tokenizer(name_or_dir: str | os.PathLike | None = None) -> CaptionToken
     else:
         path = Path(name_or_dir).expanduser()
         if path.is_dir():
-            if not any((path / f).is_file() for f in ("spiece.model", "tokenizer.json")):
+            if not any((path / f).is_file() for f in MODEL_FILES):
                 raise TokenizerError(f"{path}: no spiece.model or tokenizer.json in this directory")
             source, name = path, str(path.resolve())
         elif path.exists() or str(name_or_dir).startswith((".", "/", "~")):
             raise TokenizerError(f"{name_or_dir}: not a directory; pass a directory holding spiece.model")
         else:
             source, name = _download(str(name_or_dir)), str(name_or_dir)
-    tok = T5Tokenizer.from_pretrained(str(source))
+    return source, name
+
+
+@functools.lru_cache(maxsize=4)
+def _load(source: str, name: str, stamp: tuple) -> CaptionTokenizer:
+    from transformers import T5Tokenizer  # heavy import; only callers that tokenize pay for it
+
+    tok = T5Tokenizer.from_pretrained(source)
     # transformers 5 quietly builds an empty tokenizer from a folder it cannot read
     num_pieces = len(tok)
     if num_pieces <= 103:
@@ -129,9 +157,22 @@ def load_tokenizer(name_or_dir: str | os.PathLike | None = None) -> CaptionToken
         tok.add_special_tokens({"bos_token": BOS_TOKEN})
     if tok.convert_tokens_to_ids(CLS_TOKEN) == tok.unk_token_id:
         tok.add_special_tokens({"cls_token": CLS_TOKEN})
-    return CaptionTokenizer(tok, name)
+    return CaptionTokenizer(tok, name, tokenizer_fingerprint(source))
 
 
+def tokenizer_fingerprint(folder: str | os.PathLike) -> dict:
+    """{"files_sha256": {file: sha256}, "library", "library_version"} of the tokenizer in `folder`:
+    the files that define its pieces (transformers reads tokenizer.json when there is one, else
+    converts spiece.model, so both are hashed when both are there) and the library that turns
+    text into them. Two tokenizers are the same when their `files_sha256` are equal."""
+    import transformers
+
+    folder = Path(folder)
+    files = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in MODEL_FILES if (folder / f).is_file()}
+    return {"files_sha256": files, "library": "transformers", "library_version": transformers.__version__}
+
+
+@functools.lru_cache(maxsize=4)
 def _download(repo_id: str) -> Path:
     """A local folder holding the hub tokenizer's files; fails clearly when offline."""
     from huggingface_hub import snapshot_download
@@ -147,6 +188,6 @@ def _download(repo_id: str) -> Path:
             "Hub names need network access; offline, copy the tokenizer's spiece.model into a "
             "directory and pass that directory (e.g. `--tokenizer /path/to/t5-base`)."
         ) from err
-    if not any((Path(folder) / f).is_file() for f in ("spiece.model", "tokenizer.json")):
+    if not any((Path(folder) / f).is_file() for f in MODEL_FILES):
         raise TokenizerError(f"hub repo {repo_id!r} has no spiece.model or tokenizer.json")
     return Path(folder)

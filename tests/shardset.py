@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds, build_layout
-from grr_data.records import ShardWriter, sample_members, sha256_file
+from grr_data.records import SAMPLE_CHECKSUMS, ShardWriter, checksum_path, sample_members, sha256_file
 
 VOCAB_SIZE = 1000
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "cat")
@@ -56,8 +56,10 @@ def make_shardset(
     seed: int = 0,
     images: list[bytes] | None = None,
     short: int = 288,
+    checksums: bool = True,
 ) -> Path:
     """Write a set with one split; `images` (one JPEG each, in order) overrides the photos.
+    `checksums=False` makes a set as grr sharded them before per-sample checksums (no `.crc`).
 
     Sample keys are `s{global number:06d}`; the first caption id of sample g is g % 900 + 10, so
     a test can tell samples apart from their ids alone.
@@ -77,9 +79,12 @@ def make_shardset(
                 writer.write(f"s{g:06d}", sample_members(jpg, f"caption {g}", ids, {"n": g}))
                 g += 1
         shards.append({"path": rel, "num_samples": size, "sha256": sha256_file(root / rel)})
+        if not checksums:
+            checksum_path(root / rel).unlink()
     manifest = {
         "layout_version": LAYOUT_VERSION,
         "seq_len": SEQ_LEN,
+        **({"sample_checksums": SAMPLE_CHECKSUMS} if checksums else {}),
         "tokenizer": {
             "name": "test",
             "vocab_size": VOCAB_SIZE,

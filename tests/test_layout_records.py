@@ -60,7 +60,7 @@ def _write_shard(path, count=3):
 def test_shard_round_trip_and_index_offsets(tmp_path):
     shard = tmp_path / "shard-000000.tar"
     _write_shard(shard)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.idx", "shard-000000.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.crc", "shard-000000.idx", "shard-000000.tar"]
     samples = list(iter_tar_samples(shard))
     assert [k for k, _ in samples] == ["k000", "k001", "k002"]
     raw = shard.read_bytes()

@@ -4,6 +4,7 @@ The helpers here make small img2dataset-format inputs; test_check.py and test_sh
 reuse them.
 """
 
+import hashlib
 import io
 import json
 import os
@@ -18,10 +19,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from grr_data.check import check_dataset  # noqa: E402
 from grr_data.layout import check_layout  # noqa: E402
-from grr_data.records import decode_ids, iter_tar_samples, read_index  # noqa: E402
+from grr_data.records import decode_ids, iter_tar_samples, read_checksums, read_index  # noqa: E402
 from grr_data.shard import shard_dataset  # noqa: E402
 from grr_data.shard_input import InputError  # noqa: E402
-from grr_data.tokenizer import load_tokenizer  # noqa: E402
+from grr_data.tokenizer import SAMPLE_TOKENIZER_DIR, load_tokenizer  # noqa: E402
 
 WORDS = "red blue dog cat man woman tree car beach street sitting near a the on old small".split()
 
@@ -109,8 +110,14 @@ def test_manifest_follows_the_contract(sharded, flat_input):
     tok = load_tokenizer(None)
     assert manifest == json.loads((out / "manifest.json").read_text())
     assert manifest["layout_version"] == 1 and manifest["seq_len"] == 65
+    import transformers
+
+    spiece = hashlib.sha256((SAMPLE_TOKENIZER_DIR / "spiece.model").read_bytes()).hexdigest()
     assert manifest["tokenizer"] == {"name": "grr-sample-tokenizer", "vocab_size": tok.vocab_size, "pad": 0,
-                                     "eos": 1, "bos": tok.special.bos, "cls": tok.special.cls}
+                                     "eos": 1, "bos": tok.special.bos, "cls": tok.special.cls,
+                                     "files_sha256": {"spiece.model": spiece}, "library": "transformers",
+                                     "library_version": transformers.__version__}
+    assert manifest["sample_checksums"] == "crc32" and manifest["damaged_tars"] == 0
     assert set(manifest["splits"]) == {"train", "val"}
     assert sum(s["num_samples"] for s in manifest["splits"].values()) == len(flat_input[1])
     assert manifest["skipped"] == {} and manifest["truncated_captions"] == 0
@@ -122,6 +129,7 @@ def test_manifest_follows_the_contract(sharded, flat_input):
         assert all(e["num_samples"] == 5 for e in info["shards"][:-1])
         for entry in info["shards"]:
             assert (out / entry["path"]).with_suffix(".idx").is_file()
+            assert len(read_checksums((out / entry["path"]).with_suffix(".crc"))) == entry["num_samples"]
             assert len(read_index((out / entry["path"]).with_suffix(".idx"))) == entry["num_samples"]
     assert not (out / ".work").exists()
     assert check_dataset(out, progress=False).ok
@@ -219,9 +227,10 @@ def test_planted_bad_samples_are_counted_per_reason(tmp_path, caplog):
     manifest, _ = shard_dataset(tmp_path / "in", tmp_path / "out", shard_size=100, workers=1, progress=False)
     assert manifest["skipped"] == {
         "corrupt_image": 1, "truncated_image": 1, "empty_caption": 1, "invalid_utf8_caption": 1,
-        "missing_caption": 1, "missing_image": 1, "damaged_tar": 1, "lost_in_damaged_tar": 3,
+        "missing_caption": 1, "missing_image": 1, "lost_in_damaged_tar": 3,
         "special_token_in_caption": 1,
     }
+    assert manifest["damaged_tars"] == 1
     assert manifest["truncated_captions"] == 1
     assert manifest["resized_images"] == 1
     kept = {k: m for s in read_set(tmp_path / "out").values() for k, m in s.items()}
@@ -260,7 +269,9 @@ def test_cut_and_short_tars_are_counted_and_unfinished_fetches_refused(tmp_path)
     # 00001.tar is whole but its stats file says img2dataset wrote 7 samples into it
     (tmp_path / "in" / "00001_stats.json").write_text(json.dumps({"successes": 7}))
     manifest, _ = shard_dataset(tmp_path / "in", tmp_path / "out", shard_size=100, workers=1, progress=False)
-    assert manifest["skipped"] == {"damaged_tar": 1, "lost_in_damaged_tar": 4, "lost_in_short_tar": 2}
+    # samples by reason; the damaged tar is counted apart, as a tar
+    assert manifest["skipped"] == {"lost_in_damaged_tar": 4, "lost_in_short_tar": 2}
+    assert manifest["damaged_tars"] == 1
     assert sum(s["num_samples"] for s in manifest["splits"].values()) == 1 + 5 + 5
 
     # a killed fetch leaves a tar without its stats file: refused, naming it

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from grr_data.loader.base import IMAGE_SIZE, LoaderBase, fill_batch, normalize, plan_after
 from grr_data.loader.plan import worker_batches
 from grr_data.loader.source import SampleError
+from grr_data.procs import loader_worker_init
 
 DEFAULT_PREFETCH_PER_WORKER = 4
 
@@ -135,6 +136,9 @@ class CpuLoader(LoaderBase):
             num_workers=workers,
             pin_memory=cuda,
             prefetch_factor=per_worker if workers > 0 else None,
+            # a stop signal sent to the process group is the main process's: it finishes the
+            # step and saves; workers killed by it would end the run without a checkpoint
+            worker_init_fn=loader_worker_init,
         )
         for item in loader:
             for reason, g, message in item.pop("skips"):
