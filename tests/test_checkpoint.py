@@ -117,9 +117,41 @@ def test_files_and_folders_are_fsynced_before_renaming(tmp_path, monkeypatch):
     ckpt.save_checkpoint(tmp_path, model, {}, meta(cfg, 1), keep=1)
     tmp_dir = next(a for a, _ in renamed if ".tmp-step" in a)
     synced_before = synced[: dict(renamed)[tmp_dir]]
-    for name in ("model.safetensors", "state.pt", "meta.json", ""):
+    for name in ("model.safetensors", "state.pt", "meta.json", "SHA256SUMS", ""):
         assert os.path.join(tmp_dir, name).rstrip("/") in synced_before, name
     assert str(tmp_path / "checkpoints") in synced  # the renames themselves
+
+
+def test_old_parameter_names_load_through_the_model_s_upgrade(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    import grr_train.model
+
+    cfg, model = tiny_model()
+    ckpt.save_checkpoint(tmp_path, model, {}, meta(cfg, 1), keep=1)
+    folder = ckpt.latest_checkpoint(tmp_path)
+    # as saved by an older model: every name under another prefix, one tensor split in two
+    old = {f"old.{name}": t.clone() for name, t in model.state_dict().items()}
+    split = next(name for name, t in old.items() if t.dim() == 2)
+    old[split + ".a"], old[split + ".b"] = old.pop(split).chunk(2)
+    save_file(old, str(folder / "model.safetensors"))
+    monkeypatch.delattr(grr_train.model, "upgrade_state_dict", raising=False)
+    with pytest.raises(ckpt.CheckpointError, match="does not fit the model.*missing.*unexpected"):
+        ckpt.load_weights(build_model(cfg), folder)  # strict: nothing is silently left at random
+
+    def upgrade(state_dict):
+        joined = torch.cat([state_dict.pop(split + ".a"), state_dict.pop(split + ".b")])
+        return {**{name.removeprefix("old."): t for name, t in state_dict.items()}, split[4:]: joined}
+
+    monkeypatch.setattr(grr_train.model, "upgrade_state_dict", upgrade, raising=False)
+    loaded = build_model(cfg)
+    ckpt.load_weights(loaded, folder)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    monkeypatch.setattr(grr_train.model, "upgrade_state_dict", lambda sd: {k: v for k, v in upgrade(sd).items()
+                                                                          if k != split[4:]})
+    with pytest.raises(ckpt.CheckpointError, match="missing"):
+        ckpt.load_weights(build_model(cfg), folder)
 
 
 def test_rng_state_saves_only_this_rank_s_gpu(monkeypatch):
