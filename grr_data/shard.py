@@ -4,6 +4,9 @@ Input tars are processed in sorted order (in parallel, results merged in order);
 `SplitAssigner` decides each sample's split, and each split is cut into shards of `shard_size`
 samples in input order. So the output is the same for any worker count.
 
+One run at a time: the run holds `OUT/.grr.lock` (grr_data.lock) from start to end, so a second
+`grr data shard` into the same --out fails at once naming the first.
+
 Resume rule: the arguments of a run are kept in `OUT/.work/params.json`. Each processed input
 tar leaves a completion record in `OUT/.work/tars/` (grr_data.shard_resume), so a rerun with the
 same arguments decodes only the tars without one. It rebuilds the same plan, keeps every shard
@@ -20,13 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from grr_data.files import write_json_atomic
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN
 from grr_data.lock import LOCK_NAME, hold_lock
-from grr_data.procs import pool_worker_setup, stop_pool
+from grr_data.procs import WorkerPool
 from grr_data.records import (
     SAMPLE_CHECKSUMS,
     ShardWriter,
@@ -120,27 +121,15 @@ class _SplitSink:
 def _results(jobs: list[TarJob], workers: int) -> Iterator[TarResult]:
     """run_job over the jobs, in order; at most 2 x workers tars in flight to bound memory.
 
-    Pool workers leave SIGTERM and SIGINT to this process and die with it (`grr_data.procs`); when
-    this generator stops early (an error, Ctrl-C) it kills them rather than wait for their tars."""
+    Pool workers leave SIGTERM and SIGINT to this process and die with it (grr_data.procs); when
+    this generator stops early (an error, Ctrl-C) they are killed rather than waited for."""
     if workers <= 1:
         yield from map(run_job, jobs)
         return
     # workers tokenize one tar each; Rust threads inside them would only contend for the cores
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=pool_worker_setup, initargs=(os.getpid(),))
-    try:
-        pending: deque = deque()
-        for job in jobs:
-            pending.append(pool.submit(run_job, job))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    except BaseException:
-        stop_pool(pool)
-        raise
-    pool.shutdown()
+    with WorkerPool(run_job, workers, depth=2) as pool:
+        yield from pool.imap(jobs)
 
 
 def _read_fetch_manifest(input_dir: Path) -> dict | None:
@@ -221,7 +210,9 @@ def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, pr
             raise FileExistsError(f"{out_dir}: an interrupted run with other arguments or input is here "
                                   f"({params_path}); rerun it with the same arguments or delete the folder")
         log.warning("resuming the interrupted run in %s", out_dir)
-        for stale in out_dir.glob("*/*.tmp"):  # half-written shards of the killed run
+        # half-written shards, checksums and indexes of the killed run, and its manifest if it was
+        # killed while writing it (grr_data.files' temporary name)
+        for stale in [*out_dir.glob("*/*.tmp"), *out_dir.glob(f".{MANIFEST}.tmp-*")]:
             stale.unlink()
     elif any(p.name != LOCK_NAME for p in out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: not empty and not an interrupted `grr data shard` run; "

@@ -370,6 +370,45 @@ def test_kill_9_of_the_shard_main_process_leaves_no_worker_alive(tmp_path):
     assert manifest["splits"]["train"]["num_samples"] == 24 and check_dataset(tmp_path / "out", progress=False).ok
 
 
+CLI_HOLDING_AFTER_FIRST_SHARD = """
+import sys, time
+import grr_data.shard
+from cli.main import app
+finish = grr_data.shard._SplitSink.finish_shard
+def finish_then_hold(self):
+    finish(self)
+    if self.shards:
+        print("holding", flush=True)
+        time.sleep(600)
+grr_data.shard._SplitSink.finish_shard = finish_then_hold
+app(["data", "shard", "--input", sys.argv[1], "--out", sys.argv[2], "--split", "100/0", "--shard-size", "3",
+     "--workers", "2"])
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_shard_run_stops_it_cleanly_and_it_resumes(tmp_path):
+    """What a reviewer tries next: `timeout` or Slurm stopping `grr data shard` (old code: killed
+    outright by SIGTERM, its lock, had it had one, left behind)."""
+    make_fetch_output(tmp_path / "in", num_tars=4, per_tar=6)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", CLI_HOLDING_AFTER_FIRST_SHARD, str(tmp_path / "in"), str(out)],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    while (line := proc.stdout.readline()) and line.strip() != "holding":
+        pass
+    assert line, f"the shard run ended before its first shard (exit {proc.wait()})"
+    workers = _children(proc.pid)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "stopped by SIGTERM" in err and "rerun the same command" in err, err[-2000:]
+    time.sleep(1)
+    assert not any(map(_running, workers)) and not (out / LOCK_NAME).exists()
+    manifest, stats = shard_dataset(tmp_path / "in", out, split="100/0", shard_size=3, workers=2, progress=False)
+    assert stats["kept_shards"] >= 1 and manifest["splits"]["train"]["num_samples"] == 24
+    assert check_dataset(out, progress=False).ok
+
+
 # ---------------------------------------------------------------- images that cannot be stored
 
 
@@ -438,3 +477,24 @@ def test_loader_skip_counts_are_there_for_the_trainer(tmp_path):
     for _ in range(2):
         list(loader)
     assert loader.skipped == {"decode_error": 2}  # once per epoch it was met in
+
+
+def _square_or_fail(x: int) -> int:
+    if x == 5:
+        raise ValueError("no fives", x)
+    if x == 7:
+        os.kill(os.getpid(), signal.SIGKILL)  # a worker killed mid-task (the OOM killer)
+    return x * x
+
+
+def test_the_shard_pool_keeps_order_and_reports_errors_and_dead_workers():
+    from grr_data.procs import WorkerPool
+
+    with WorkerPool(_square_or_fail, 3) as pool:
+        assert list(pool.imap([1, 2, 3, 4, 6, 8, 9])) == [1, 4, 9, 16, 36, 64, 81]
+    with pytest.raises(ValueError, match="no fives"), WorkerPool(_square_or_fail, 2) as pool:
+        list(pool.imap([1, 5, 2]))
+    with pytest.raises(RuntimeError, match=r"worker process \d+ ended unexpectedly \(killed by SIGKILL\)"):
+        with WorkerPool(_square_or_fail, 2) as pool:
+            list(pool.imap([1, 7, 2]))
+    assert _children(os.getpid()) == [] or not any(map(_running, _children(os.getpid())))

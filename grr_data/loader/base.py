@@ -13,7 +13,10 @@ loader restored with `load_state_dict` yields exactly what an uninterrupted one 
 `set_epoch(e)` starts epoch e from its first batch unless e is already the current epoch
 (so a trainer that calls it after restoring keeps the restored position).
 
-A sample that cannot be used is replaced, inside its batch, by the next usable sample of the
+A sample that cannot be used (it fails its checksum or the vocabulary check when read, see
+`source.py`, or does not decode) is counted in `skipped` ({reason: count}, every time it is met
+since the loader was made: what a trainer writes into its metrics), logged with its shard and
+key at a bounded rate, and replaced, inside its batch, by the next usable sample of the
 same batch (cyclically); when no sample of a batch is usable, by the first usable sample after
 it in the rank's plan. Batches keep their shape and ranks stay in step.
 
@@ -94,6 +97,7 @@ class LoaderBase:
 
     @property
     def skipped(self) -> dict[str, int]:
+        """Unusable samples met so far, by reason (checksum_mismatch, ids_out_of_vocab, decode_error, ...)."""
         return dict(self._skips.counts)
 
     def __len__(self) -> int:

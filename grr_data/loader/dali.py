@@ -23,6 +23,9 @@ Without a GPU (`device="cpu"`) the same pipeline runs with `device_id=None` on C
 tests use it to check DALI against the CPU loader. Both decoders use libjpeg-turbo's "fancy"
 chroma upsampling, as Pillow does, so the GPU output matches the CPU loader's.
 
+Every sample is verified where its bytes are read (`ShardSet.read` on the reader thread: CRC32s
+and the vocabulary); one that fails never reaches DALI and is replaced as the CPU loader does.
+
 Failed decodes: DALI stops a whole batch on one bad JPEG. The loader then decodes, with
 Pillow, the batches from the failing one to the last one handed to DALI, to find the culprits,
 remembers them, and rebuilds the pipeline at the failing batch with those samples replaced (the
