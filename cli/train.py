@@ -18,6 +18,7 @@ def _run(recipe: str, out: Path, resume: bool, config: Path | None, sets: list[s
          defaults: dict | None = None, **flags) -> None:
     from grr_train.config import resolve_config, resume_config
     from grr_train.parallel import relaunch_with_torchrun, strip_nproc_option, under_torchrun
+    from grr_data.lock import LockedError
     from grr_train.trainer import NonFiniteLoss, run_training
 
     if nproc > 1 and not under_torchrun():
@@ -30,7 +31,7 @@ def _run(recipe: str, out: Path, resume: bool, config: Path | None, sets: list[s
         else:
             cfg = resolve_config(recipe, str(config) if config else None, sets, defaults=defaults, **flags)
         summary = run_training(cfg, out, resume=resume)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
+    except (ValueError, OSError, NonFiniteLoss, LockedError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     if summary is not None and _is_main():
@@ -99,16 +100,30 @@ def finetune(
 @bench_app.command("train")
 def bench_train(
     preset: str = typer.Option("grr-coca", help="Model preset."),
-    batch_size: int = typer.Option(8, help="Samples per step."),
-    steps: int = typer.Option(10, help="Timed steps (after 2 warm-up steps)."),
+    batch_size: int = typer.Option(8, help="Samples per micro-batch."),
+    accumulation: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    steps: int = typer.Option(10, help="Timed optimizer steps (after the warm-up steps)."),
+    warmup: int = typer.Option(2, help="Untimed steps first (compilation happens here)."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."),
-    compile: bool = typer.Option(False, help="torch.compile each transformer block."),
+    compile: str = typer.Option("off", help="off, blocks (each transformer block), model, or auto (blocks on CUDA)."),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute blocks in backward."),
+    count_ops: bool = typer.Option(False, "--count-ops", help="Also count the operators one step dispatches (a CPU proxy for GPU kernel launches)."),
+    vocab_size: int = typer.Option(None, help="Vocabulary size (default: the preset's, 32,102 for the paper's)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Training throughput on synthetic inputs: samples/s and, on a known GPU, MFU."""
+    """The trainer's step on synthetic inputs: samples/s, MFU on a known GPU, peak memory."""
     from grr_train.bench import bench_train as run_bench
 
-    r = run_bench(preset, batch_size, steps, precision=precision, compile=compile)
+    r = run_bench(preset, batch_size, steps, warmup=warmup, accumulation=accumulation, precision=precision,
+                  compile=compile, activation_checkpointing=activation_checkpointing, count_ops=count_ops,
+                  vocab_size=vocab_size)
+    if json_out:
+        typer.echo(json.dumps(r))
+        return
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no known bf16 peak for this device)"
-    typer.echo(f"{r['preset']} on {r['device']} ({r['precision']}, batch {r['batch_size']}, synthetic inputs, "
-               f"model step only): {r['samples_per_s']:.2f} samples/s, {1000 * r['seconds_per_step']:.0f} ms/step, "
-               f"MFU {mfu}")
+    memory = f", peak memory {r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else ""
+    typer.echo(f"{r['preset']} on {r['device']} ({r['precision']}, compile {r['compile']}, micro-batch "
+               f"{r['batch_size']} x {r['accumulation']}, synthetic inputs, trainer step): "
+               f"{r['samples_per_s']:.2f} samples/s, {1000 * r['seconds_per_step']:.0f} ms/step, MFU {mfu}{memory}")
+    if count_ops:
+        typer.echo(f"operators dispatched per step: {r['ops_per_step']} (top: {r['top_ops']})")

@@ -25,7 +25,8 @@ COMPILE_MODES = ("auto", "off", "blocks", "model")
 # Settings a resumed run may change: they do not alter what the run computes.
 RESUMABLE_KEYS = frozenset(
     {"data", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "loader", "compile",
-     "val_every", "tensorboard", "activation_checkpointing"}
+     "val_every", "tensorboard", "activation_checkpointing", "break_lock", "allow_other_tokenizer",
+     "max_skipped_fraction"}
 )
 
 
@@ -89,6 +90,12 @@ class TrainConfig:
     # micro-batch that does not fit otherwise (README: which cards need it). Same results.
     activation_checkpointing: bool = False
     skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient is NaN/Inf
+    # A run that skipped more than this fraction of its steps ends with an error (after saving).
+    max_skipped_fraction: float = 0.05
+    # Take over a run folder's lock left by a run on another host (grr_data/lock.py says when).
+    break_lock: bool = False
+    # Accept data whose tokenizer fingerprint differs from the one the run (or --from) recorded.
+    allow_other_tokenizer: bool = False
     tensorboard: bool = True
 
     def to_dict(self) -> dict:

@@ -1,25 +1,26 @@
-"""The training loop: `Trainer.train -> run_epoch -> train_step` (the step itself: grr_train/step.py), read top to bottom.
+"""The training loop: `Trainer.train -> run_epoch -> train_step`, read top to bottom.
 
 One optimizer step takes `accumulation` micro-batches of `micro_batch_size` on each of
 `world_size` processes (global batch = their product); the contrastive loss sees each micro-step's
 `micro_batch_size x world_size` pairs, `contrastive_batch_size` (192) by default whatever the number
-of processes. The step itself (losses, accumulation, clipping, AdamW) is `grr_train/step.py`.
+of processes. The step itself (losses, accumulation, clipping, AdamW, the one read-back) is
+`grr_train/step.py`.
 
-- Training does not use the loader's `real` mask: when the split does not fill the epoch's last
-  global step, the loader pads that one step per epoch with repeats of the plan's samples, and
-  they are trained on like the others (a repeated pair in a contrastive batch is also a
-  negative of its twin). Validation counts each sample once.
-
-Resuming is exact: the checkpoint holds the loader's position and every rank's RNG states,
-and loader iterators are created inside `fork_rng`, so dropout draws the same numbers whether
-or not a run was interrupted. Parallelism lives in `grr_train/parallel.py`, not here.
-
-SIGTERM or SIGINT (Ctrl-C) sets a flag that all ranks agree on at the next step, between
-validation batches and after a save; the run then saves and exits (an interrupted epoch-end
-validation is redone on resume). A second signal of the same kind is not caught: a second
-Ctrl-C interrupts at once, a second SIGTERM kills. `samples_per_s` and `mfu` time the step
-alone (validation and saves excluded), but the first step after a start also holds warm-up
-(torch.compile, the loader's first batch).
+- An epoch is a whole number of steps: the loader pads the epoch's last step with repeats of the
+  plan's first samples (grr_data/loader/plan.py), and they are trained on like the others (a
+  repeated pair in a contrastive batch is also a negative of its twin). Validation counts each
+  sample once.
+- Resuming is exact: the checkpoint holds the loader's position and every rank's RNG states,
+  and loader iterators are created inside `fork_rng`, so dropout draws the same numbers whether
+  or not a run was interrupted. Parallelism lives in `grr_train/parallel.py`, not here.
+- Stopping: SIGTERM or SIGINT (Ctrl-C) only sets `_signal`. `_stop_signalled` is the one place
+  that turns it into `stop_reason` (the one stop state), with every rank agreeing: after each
+  step (its flag rides on the step's read-back), between validation batches and after a save.
+  The run then saves and exits 0 (an interrupted epoch-end validation is redone on resume). A
+  second signal of the same kind is not caught: a second Ctrl-C interrupts at once, a second
+  SIGTERM kills.
+- `samples_per_s` and `mfu` time the step alone (validation and saves excluded), but the first
+  step after a start also holds warm-up (torch.compile, the loader's first batch).
 """
 
 from __future__ import annotations
@@ -29,19 +30,21 @@ import math
 import random
 import signal
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from grr_data.layout import SpecialIds
-from grr_data.loader import make_loader
+from grr_data.dataset import DatasetInfo
+from grr_data.lock import hold_lock
 from grr_train import checkpoint as ckpt
 from grr_train.config import TrainConfig
 from grr_train.early_stop import IMPROVED, RESET, STOP, SoftResetEarlyStopper
 from grr_train.metrics_log import MetricsLog, truncate_metrics
 from grr_train.model import ModelConfig, build_model, get_config
+from grr_train.model.compat import is_old_layout
 from grr_train.model.summary import flops_per_sample
 from grr_train.parallel import (
     DistInfo,
@@ -55,6 +58,7 @@ from grr_train.parallel import (
     unwrap,
 )
 from grr_train.precision import autocast_dtype
+from grr_train.run_checks import check_model_fits_data, check_same_tokenizer, make_loader_for, weight_names
 from grr_train.schedule import lr_at, set_lr
 from grr_train.step import StepSettings, TrainStep
 from grr_train.validate import validate
@@ -64,15 +68,19 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-class _ValidationInterrupted(Exception):
-    """Raised out of `validate` (through its loader) when every rank has seen a stop signal."""
-
-
 def run_training(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> dict:
-    """Entry point for every process: join the group, train, leave. Returns the run summary."""
+    """Entry point for every process: join the group, train, leave. Returns the run summary.
+
+    The main process holds the run folder's lock throughout (grr_data/lock.py), so a second
+    trainer on the same folder fails at once naming the first; a restart after the holder died
+    takes the lock over.
+    """
     info = init_distributed()
     try:
-        return Trainer(cfg, Path(run_dir), info, resume=resume).train()
+        lock = hold_lock(run_dir, what=f"grr train {cfg.recipe}", break_lock=cfg.break_lock) \
+            if info.is_main else nullcontext()
+        with lock:
+            return Trainer(cfg, Path(run_dir), info, resume=resume).train()
     finally:
         destroy_distributed()
 
@@ -92,19 +100,14 @@ class Trainer:
         self.accumulation = cfg.accumulation_steps(info.world_size)
         self._seed_everything(cfg.seed + info.rank)  # ranks differ so their dropout masks differ
 
-        self.data_manifest = self._read_manifest()
+        self.data = DatasetInfo.read(cfg.data)
+        self.special = self.data.special
         # A step takes all its micro-batches before any GPU work (it needs their token count),
         # so the loader must work at least that far ahead or the GPU waits on decoding.
-        self.train_loader = self._make_loader(cfg.data, "train", self.micro_batch_size, shuffle=True,
-                                              prefetch=self.accumulation + 1)
-        self.special: SpecialIds = self.train_loader.special
+        self.train_loader = make_loader_for(self, "train", self.micro_batch_size, shuffle=True,
+                                            prefetch=self.accumulation + 1)
         self.val_loader = self._make_val_loader()
-        self.steps_per_epoch = len(self.train_loader) // self.accumulation
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"{cfg.data}: {len(self.train_loader)} batches per process per epoch is fewer than one "
-                f"optimizer step ({self.accumulation} micro-batches); lower global_batch_size"
-            )
+        self.steps_per_epoch = -(-len(self.train_loader) // self.accumulation)
 
         model = self._build_model(resume)
         self.model = parallelize(model, info, compile=cfg.compile,
@@ -115,7 +118,7 @@ class Trainer:
         )
         self.train_step_fn = TrainStep(self.model, self.optimizer, self.special, StepSettings(
             lambda_con=cfg.lambda_con, lambda_cap=cfg.lambda_cap, grad_clip=cfg.grad_clip,
-            temperature=self._model_config.temperature, world_size=info.world_size,
+            temperature=self.model_config.temperature, world_size=info.world_size,
             autocast_dtype=self.autocast_dtype), self.device)
         self.stopper = SoftResetEarlyStopper(cfg.patience_per_level, cfg.num_lr_levels, cfg.lr_reduction)
         self.step = self.epoch = self.step_in_epoch = self.num_skipped = 0
@@ -125,19 +128,18 @@ class Trainer:
         self._previous_handlers: dict = {}
         self._loader_state: dict | None = None
         self.peak = peak_flops(self.device)
-        self.flops_per_sample = flops_per_sample(self._model_config)
+        self.flops_per_sample = flops_per_sample(self.model_config)
 
         if resume:
             self._restore(latest)
         elif info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_run_config(run_dir, self._model_config.to_dict(), cfg.to_dict(), self.special,
-                                  self.data_manifest.get("tokenizer"))
+            ckpt.write_run_config(run_dir, self.model_config.to_dict(), cfg.to_dict(), self.special,
+                                  self.data.tokenizer.to_dict())
         barrier()
         # On resume, TensorBoard drops the events past the checkpoint, as truncate_metrics does.
         self.log = MetricsLog(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
                               purge_step=self.step + 1 if resume else None)
-        self._warn_paper_split()
+        self._announce()
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -147,9 +149,6 @@ class Trainer:
         total = self.cfg.epochs * self.steps_per_epoch
         if self.cfg.max_steps is not None:
             total = min(total, self.cfg.max_steps)
-            if self.step >= self.cfg.max_steps and self.info.is_main:
-                tqdm.write(f"max_steps {self.cfg.max_steps} already reached (the run is at step {self.step}); "
-                           "pass --max-steps M or --set max_steps=none to train further")
         self.progress = tqdm(total=total, initial=min(self.step, total), disable=not self.info.is_main,
                              desc=f"{self.cfg.recipe} x{self.info.world_size}", unit="step", dynamic_ncols=True)
         try:
@@ -165,34 +164,27 @@ class Trainer:
             self.log.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        self._check_skipped_fraction()
         return {"step": self.step, "epoch": self.epoch, "stop_reason": self.stop_reason,
                 "num_skipped": self.num_skipped, "run_dir": str(self.run_dir),
                 "best_loss": self.stopper.best if self.cfg.early_stop else None}
 
     def run_epoch(self) -> None:
+        """Train the rest of this epoch, then validate and save; returns early once stop_reason is set."""
         batches = self._epoch_batches()
         last_time = time.perf_counter()
         while self.step_in_epoch < self.steps_per_epoch:
             if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
                 self.stop_reason = "max_steps"
                 return
-            micro_batches = [self._next_batch(batches) for _ in range(self.accumulation)]
-            metrics = self.train_step(micro_batches)
+            metrics = self.train_step([self._next_batch(batches) for _ in range(self.accumulation)])
             self.step += 1
             self.step_in_epoch += 1
             self._log_train(metrics, time.perf_counter() - last_time)
-            if metrics["stop_requested"]:
-                self.stop_reason = "signal"
+            if not self._stop_signalled(metrics["stop_requested"]) and self.step_in_epoch < self.steps_per_epoch:
+                self._between_steps()
+            if self.stop_reason:
                 return
-            if self.step_in_epoch < self.steps_per_epoch:
-                validating = self.cfg.val_every and self.step % self.cfg.val_every == 0
-                saving = self.step % self.cfg.checkpoint_every == 0
-                if validating and self.run_validation() is None:
-                    return  # interrupted by a signal: train() saves
-                if saving:
-                    self.save()
-                if (validating or saving) and self._stop_agreed():
-                    return
             last_time = time.perf_counter()  # after validation and saves: the next step times itself only
         self.end_epoch()
 
@@ -214,58 +206,70 @@ class Trainer:
                           "grad_norm": m["grad_norm"], "num_skipped": self.num_skipped, "time": time.time()})
         return {**m, "lr": lr}
 
+    def _between_steps(self) -> None:
+        """Validation and saves that fall inside an epoch (the epoch's end has its own)."""
+        validating = self.val_loader is not None and self.cfg.val_every and self.step % self.cfg.val_every == 0
+        saving = self.step % self.cfg.checkpoint_every == 0
+        if validating:
+            self.run_validation()
+        if saving and not self.stop_reason:
+            self.save()
+        if (validating or saving) and not self.stop_reason:
+            self._stop_signalled()  # a signal that came while validating or saving
+
     def end_epoch(self) -> None:
-        result = None
-        if self.val_loader is not None:
-            result = self.run_validation()
-            if result is None:
-                return  # interrupted: train() saves at the epoch's end, validation still to do
+        result = self.run_validation() if self.val_loader is not None else None
+        if self.stop_reason:
+            return  # interrupted: train() saves at the epoch's end, validation still to do
         self.epoch += 1
         self.step_in_epoch = 0
         if self.cfg.early_stop:
-            self._check_early_stop_loss(result)
-            action = self.stopper.update(result["loss"], self.step)
-            self.log.log({"kind": "event", "step": self.step, "what": f"early_stop_{action}", "epoch": self.epoch,
-                          "best": self.stopper.best, "level": self.stopper.level,
-                          "num_bad_epochs": self.stopper.num_bad_epochs, "time": time.time()})
-            if action == IMPROVED:
-                if self.info.is_main:
-                    ckpt.save_best(self.run_dir, unwrap(self.model), self._state([]), self._meta())
-                barrier()
-            elif action == RESET:
-                best = self.run_dir / "best"
-                ckpt.load_weights(unwrap(self.model), best)
-                self.optimizer.load_state_dict(ckpt.load_state(best, self.device)["optimizer"])
-            elif action == STOP:
-                self.stop_reason = "early_stop"
+            self._early_stop(result)
         self.save()
-        self._stop_agreed()
+        self._stop_signalled()
 
-    def _check_early_stop_loss(self, result: dict) -> None:
-        if math.isfinite(result["loss"]):
-            return
-        raise NonFiniteLoss(
-            f"epoch {self.epoch}: the {self.cfg.val_split!r} loss is {result['loss']} (contrastive "
-            f"{result['contrastive']} over chunks of {result['contrastive_batch_size']} of its "
-            f"{result['num_samples']} samples, caption {result['caption']}), which early stopping cannot "
-            f"rank; if the split is smaller than a chunk, lower --set val_contrastive_batch_size=, else "
-            f"the model diverged: the last good checkpoint is in {self.run_dir / 'checkpoints'}"
-        )
+    def _early_stop(self, result: dict) -> None:
+        if not math.isfinite(result["loss"]):
+            raise NonFiniteLoss(
+                f"epoch {self.epoch}: the {self.cfg.val_split!r} loss is {result['loss']} (contrastive "
+                f"{result['contrastive']} over chunks of {result['contrastive_batch_size']} of its "
+                f"{result['num_samples']} samples, caption {result['caption']}), which early stopping cannot "
+                f"rank; if the split is smaller than a chunk, lower --set val_contrastive_batch_size=, else "
+                f"the model diverged: the last good checkpoint is in {self.run_dir / 'checkpoints'}"
+            )
+        action = self.stopper.update(result["loss"], self.step)
+        self.log.log({"kind": "event", "step": self.step, "what": f"early_stop_{action}", "epoch": self.epoch,
+                      "best": self.stopper.best, "level": self.stopper.level,
+                      "num_bad_epochs": self.stopper.num_bad_epochs, "time": time.time()})
+        if action == IMPROVED:
+            if self.info.is_main:
+                ckpt.save_best(self.run_dir, unwrap(self.model), self._state([]), self._meta())
+            barrier()
+        elif action == RESET:
+            best = self.run_dir / "best"
+            ckpt.load_weights(unwrap(self.model), best)
+            self.optimizer.load_state_dict(ckpt.load_state(best, self.device)["optimizer"])
+        elif action == STOP:
+            self.stop_reason = "early_stop"
+        if self.info.is_main and action != "wait":
+            tqdm.write(f"step {self.step}: early stopping {action.replace('_', ' ')} (best {self.stopper.best:.4f}, "
+                       f"learning-rate level {self.stopper.level + 1} of {self.cfg.num_lr_levels})")
 
     def run_validation(self) -> dict | None:
-        """Validate on the val split and log it; None when a stop signal interrupted it."""
+        """Validate on the val split and log it; sets stop_reason (and returns None) when a stop
+        signal came before it finished."""
         self.val_loader.set_epoch(0)
         bar = tqdm(total=len(self.val_loader), desc="validate", leave=False, disable=not self.info.is_main)
         try:
             with torch.random.fork_rng(devices=[]):
-                result = validate(unwrap(self.model), self._interruptible(self.val_loader), self.special,
-                                  self.cfg.lambda_con, self.cfg.lambda_cap, self._model_config.temperature,
-                                  self.cfg.val_contrastive_batch_size, self.autocast_dtype, progress=bar)
-        except _ValidationInterrupted:
-            self.model.train()  # validate switches to eval and did not get to switch back
-            return None
+                result = validate(unwrap(self.model), self.val_loader, self.special, self.cfg.lambda_con,
+                                  self.cfg.lambda_cap, self.model_config.temperature,
+                                  self.cfg.val_contrastive_batch_size, self.autocast_dtype, progress=bar,
+                                  should_stop=self._stop_signalled)
         finally:
             bar.close()
+        if result is None:
+            return None
         self.log.log({"kind": "val", "step": self.step, "epoch": self.epoch, "split": self.cfg.val_split,
                       **result, "time": time.time()})
         if self.info.is_main:
@@ -274,25 +278,37 @@ class Trainer:
                        f"perplexity {result['perplexity']:.2f}")
         return result
 
-    # ---- checkpoints ---------------------------------------------------------------------
-
-    def _interruptible(self, loader):
-        """`loader`'s batches, stopping validation early once every rank has a stop signal."""
-        for batch in loader:
-            if self._stop_agreed():
-                raise _ValidationInterrupted
-            yield batch
-
-    def _stop_agreed(self) -> bool:
-        """Whether any rank got a stop signal (sets stop_reason); every rank must call it together."""
-        flag = torch.tensor([float(self._signal is not None)], dtype=torch.float64, device=self.device)
-        if all_reduce_sum(flag).item() > 0:
+    def _stop_signalled(self, any_rank_flagged: bool | None = None) -> bool:
+        """Whether a stop signal reached any rank (then stop_reason is "signal"). Every rank calls it
+        together; `any_rank_flagged` is the already-agreed flag of a step's read-back."""
+        if any_rank_flagged is None:
+            flag = torch.tensor([float(self._signal is not None)], dtype=torch.float64, device=self.device)
+            any_rank_flagged = all_reduce_sum(flag).item() > 0
+        if any_rank_flagged:
             self.stop_reason = "signal"
         return self.stop_reason == "signal"
+
+    def _on_signal(self, signum, _frame) -> None:
+        # Only a flag: the loop saves at the next agreed check, on every rank together. The
+        # handler from before goes back for this signal, so sending it again is not ignored.
+        self._signal = signum
+        signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
+
+    def _check_skipped_fraction(self) -> None:
+        steps = max(self.step, 1)
+        if self.num_skipped and self.num_skipped / steps > self.cfg.max_skipped_fraction:
+            raise NonFiniteLoss(
+                f"{self.num_skipped} of {self.step} steps had a non-finite loss or gradient and were skipped, "
+                f"more than max_skipped_fraction {self.cfg.max_skipped_fraction}: the run saved its state in "
+                f"{self.run_dir} but is not healthy (lower lr_max, check the data)"
+            )
+
+    # ---- checkpoints ---------------------------------------------------------------------
 
     def save(self) -> None:
         ranks = all_gather_objects({"rng": ckpt.rng_state(self.device), "loader": self.train_loader.state_dict()})
         if self.info.is_main:
+            self.log.sync()  # metrics up to a checkpoint are on disk when it is
             ckpt.save_checkpoint(self.run_dir, unwrap(self.model), self._state(ranks), self._meta(),
                                  keep=self.cfg.keep_checkpoints)
         barrier()
@@ -306,8 +322,10 @@ class Trainer:
 
     def _meta(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "world_size": self.info.world_size,
-                "model_config": self._model_config.to_dict(), "train_config": self.cfg.to_dict(),
-                "special": self.special.to_dict(), "tokenizer": self.data_manifest.get("tokenizer"),
+                "micro_batch_size": self.micro_batch_size, "accumulation": self.accumulation,
+                "contrastive_batch": self.micro_batch_size * self.info.world_size,
+                "model_config": self.model_config.to_dict(), "train_config": self.cfg.to_dict(),
+                "special": self.special.to_dict(), "tokenizer": self.data.tokenizer.to_dict(),
                 "time": time.time()}
 
     def _restore(self, latest: Path) -> None:
@@ -315,6 +333,11 @@ class Trainer:
         if meta["world_size"] != self.info.world_size:
             raise ValueError(f"{latest} was saved by {meta['world_size']} processes; resume with the same "
                              f"number (--nproc-per-node {meta['world_size']}), not {self.info.world_size}")
+        check_same_tokenizer(meta.get("tokenizer"), self.data, f"the run {self.run_dir}",
+                             self.cfg.allow_other_tokenizer)
+        if self.info.is_main:
+            for path in ckpt.remove_stale_temporaries(self.run_dir):
+                tqdm.write(f"removed {path}, left unfinished by a process that died while saving")
         state = ckpt.load_state(latest, self.device)
         if state["schedule"]["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"{latest}: the data now gives {self.steps_per_epoch} steps per epoch, the run "
@@ -365,72 +388,67 @@ class Trainer:
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", sps=f"{samples_per_s:.1f}")
 
-    def _make_loader(self, data: str, split: str, batch_size: int, shuffle: bool, prefetch: int | None = None):
-        # Under bf16 autocast the patch-embedding conv casts its input to bf16 anyway; float16
-        # images (more precise than bf16, range ample for normalised pixels) halve what the
-        # loader buffers on the GPU. CPU runs keep float32, so their results do not change.
-        gpu_bf16 = self.device.type == "cuda" and self.autocast_dtype == torch.bfloat16
-        return make_loader(data, split=split, batch_size=batch_size, kind=self.cfg.loader, rank=self.info.rank,
-                           world_size=self.info.world_size, seed=self.cfg.seed, shuffle=shuffle,
-                           num_workers=self.cfg.num_workers, device=str(self.device),
-                           dtype=torch.float16 if gpu_bf16 else torch.float32, prefetch=prefetch)
-
-    def _read_manifest(self) -> dict:
-        path = Path(self.cfg.data) / "manifest.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: cannot read the set's manifest ({err}); is {self.cfg.data} a "
-                             "sharded set (grr data shard)?") from err
-
     def _make_val_loader(self):
-        manifest = Path(self.cfg.data) / "manifest.json"
-        splits = self.data_manifest.get("splits", {})
-        num_val = splits.get(self.cfg.val_split, {}).get("num_samples", 0)
-        if self.cfg.early_stop and 0 < num_val < self.cfg.val_contrastive_batch_size:
+        cfg = self.cfg
+        num_val = self.data.split_sizes.get(cfg.val_split, 0)
+        where = self.data.manifest_path
+        if cfg.early_stop and 0 < num_val < cfg.val_contrastive_batch_size:
             raise ValueError(
-                f"{manifest}: the {self.cfg.val_split!r} split has {num_val} samples, fewer than one "
-                f"contrastive chunk (val_contrastive_batch_size {self.cfg.val_contrastive_batch_size}), so "
+                f"{where}: the {cfg.val_split!r} split has {num_val} samples, fewer than one "
+                f"contrastive chunk (val_contrastive_batch_size {cfg.val_contrastive_batch_size}), so "
                 f"the early-stopping loss would be NaN; lower --set val_contrastive_batch_size= (at most {num_val})"
             )
         if num_val > 0:
-            return self._make_loader(self.cfg.data, self.cfg.val_split, self.cfg.val_batch_size, shuffle=False)
-        if self.cfg.early_stop:
-            raise ValueError(f"{manifest}: no {self.cfg.val_split!r} split, which early stopping needs")
-        if self.info.is_main:
-            tqdm.write(f"warning: {manifest} has no {self.cfg.val_split!r} split; training without validation")
+            return make_loader_for(self, cfg.val_split, cfg.val_batch_size, shuffle=False)
+        if cfg.early_stop:
+            raise ValueError(f"{where}: no {cfg.val_split!r} split, which early stopping needs")
         return None
 
-    def _warn_paper_split(self) -> None:
-        """A set sharded from ROCO's paper split has its validation pairs inside its training pairs."""
-        if self.data_manifest.get("split_mode") != "paper":
+    def _announce(self) -> None:
+        """What a user should know before the first step, on the console and in metrics.jsonl."""
+        cfg, world = self.cfg, self.info.world_size
+        if not self.info.is_main:
             return
-        overlaps = self.data_manifest.get("overlapping_splits", {})
-        if self.info.is_main:
-            tqdm.write(f"WARNING: {self.cfg.data} uses the paper split (split_mode 'paper', overlapping "
-                       f"{overlaps}): its {self.cfg.val_split!r} pairs are also training pairs, so validation "
+        tqdm.write(f"batch: global {cfg.global_batch_size} = {self.accumulation} micro-batches x "
+                   f"{self.micro_batch_size} per process x {world} process{'es' if world > 1 else ''}; "
+                   f"contrastive batch {self.micro_batch_size * world}; {self.steps_per_epoch} steps per epoch")
+        if self.val_loader is None:
+            extra = f" (val_every {cfg.val_every} is ignored)" if cfg.val_every else ""
+            tqdm.write(f"warning: {self.data.manifest_path} has no {cfg.val_split!r} split; training without "
+                       f"validation{extra}")
+        if self.data.split_mode == "paper":
+            overlaps = dict(self.data.overlapping_splits)
+            tqdm.write(f"WARNING: {cfg.data} uses the paper split (split_mode 'paper', overlapping "
+                       f"{overlaps}): its {cfg.val_split!r} pairs are also training pairs, so validation "
                        "and early stopping on it measure fitting, not generalisation")
-        self.log.log({"kind": "event", "step": self.step, "what": "paper_split", "data": self.cfg.data,
-                      "overlapping_splits": overlaps, "time": time.time()})
+            self.log.log({"kind": "event", "step": self.step, "what": "paper_split", "data": cfg.data,
+                          "overlapping_splits": overlaps, "time": time.time()})
+        if cfg.max_steps is not None and self.step >= cfg.max_steps:
+            tqdm.write(f"max_steps {cfg.max_steps} already reached (the run is at step {self.step}); "
+                       "pass --max-steps M or --set max_steps=none to train further")
 
     def _build_model(self, resume: bool) -> torch.nn.Module:
         cfg = self.cfg
         if resume:
             model_config = ModelConfig.from_dict(json.loads((self.run_dir / "config.json").read_text())["model"])
             model = build_model(model_config)
+            latest_keys = weight_names(ckpt.latest_checkpoint(self.run_dir))
+            if is_old_layout(latest_keys):
+                raise ValueError(f"{self.run_dir} was saved before attention's q, k and v became one projection: "
+                                 "its weights load for grr eval, grr caption and finetune --from, but its optimizer "
+                                 "state cannot resume; fine-tune from it (--from) instead")
         elif cfg.recipe == "finetune":
             model, info = ckpt.load_model(cfg.init_from, dropout=cfg.dropout)
             model_config = info["model_config"]
-            if info["special"] != self.special:
-                raise ValueError(f"--from {cfg.init_from}: its vocabulary {info['special']} differs from "
-                                 f"the data's {self.special} ({cfg.data}/manifest.json)")
+            check_same_tokenizer(info.get("tokenizer"), self.data, f"--from {cfg.init_from}",
+                                 cfg.allow_other_tokenizer)
         else:
-            model_config = get_config(cfg.preset, dropout=cfg.dropout, vocab_size=self.special.vocab_size)
+            special = self.special
+            model_config = get_config(cfg.preset, dropout=cfg.dropout, vocab_size=special.vocab_size,
+                                      pad_id=special.pad, eos_id=special.eos)
             model = build_model(model_config)
-        if model_config.vocab_size != self.special.vocab_size:
-            raise ValueError(f"model vocabulary {model_config.vocab_size} != data vocabulary "
-                             f"{self.special.vocab_size} ({cfg.data}/manifest.json)")
-        self._model_config = model_config
+        check_model_fits_data(model_config, self.data)
+        self.model_config = model_config
         return model
 
     @staticmethod
@@ -438,9 +456,3 @@ class Trainer:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
-
-    def _on_signal(self, signum, _frame) -> None:
-        # Only a flag: the loop saves at the next agreed check, on every rank together. The
-        # handler from before goes back for this signal, so sending it again is not ignored.
-        self._signal = signum
-        signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))

@@ -40,13 +40,24 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def validate(model, loader, special, lambda_con: float, lambda_cap: float, temperature: float,
              contrastive_batch_size: int, autocast_dtype: torch.dtype | None = None,
-             progress=None) -> dict:
+             progress=None, should_stop=None) -> dict | None:
     """`loader` yields batches with `images`, `ids` and `real` (the loader contract): only the
     samples where `real` is True count; the others are padding repeats or substitutes.
 
-    `autocast_dtype`: run the model under autocast to this dtype (None: no autocast)."""
+    `autocast_dtype`: run the model under autocast to this dtype (None: no autocast).
+    `should_stop`: called before each batch (by every rank together); when it returns True,
+    validation ends there and returns None. The model's train/eval mode is restored either way."""
     was_training = model.training
     model.eval()
+    try:
+        return _validate(model, loader, special, lambda_con, lambda_cap, temperature, contrastive_batch_size,
+                         autocast_dtype, progress, should_stop)
+    finally:
+        model.train(was_training)
+
+
+def _validate(model, loader, special, lambda_con, lambda_cap, temperature, contrastive_batch_size,
+              autocast_dtype, progress, should_stop) -> dict | None:
     device = next(model.parameters()).device
     caption_sum = torch.zeros((), dtype=torch.float64, device=device)
     num_tokens = torch.zeros((), dtype=torch.int64, device=device)
@@ -55,6 +66,8 @@ def validate(model, loader, special, lambda_con: float, lambda_cap: float, tempe
     num_samples = 0
     pending = torch.zeros(0, 0, device=device)  # (n, 2D) real pairs not yet in a full chunk, global order
     for batch in loader:
+        if should_stop is not None and should_stop():
+            return None
         images = batch["images"].to(device, non_blocking=True)
         ids = batch["ids"].to(device, non_blocking=True)
         num_samples += int(batch["real"].sum())  # on the CPU (loader contract): no device sync
@@ -86,7 +99,6 @@ def validate(model, loader, special, lambda_con: float, lambda_cap: float, tempe
         num_tokens.double(),
         torch.tensor(float(num_samples), dtype=torch.float64, device=device),
     ]))
-    model.train(was_training)
     caption_total, tokens, samples = totals.tolist()
     # The contrastive figures are already over the whole split, identical on every rank.
     contrastive_total, chunks, dropped = float(contrastive_sum), num_chunks, pending.shape[0]

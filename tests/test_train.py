@@ -188,12 +188,21 @@ def test_a_signal_stops_validation_between_batches(tmp_path, small_data, monkeyp
             os.kill(os.getpid(), signal.SIGTERM)
             handler_after.append(signal.getsignal(signal.SIGTERM))
 
-    monkeypatch.setattr(trainer, "validate", lambda model, loader, *a, **k: real_validate(
-        model, signalling(loader), *a, **k))
+    forwards = []
+
+    def validating(model, loader, *a, **k):
+        hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+        try:
+            return real_validate(model, signalling(loader), *a, **k)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(trainer, "validate", validating)
     run = tmp_path / "run"
     summary = run_training(tiny(small_data, per_device_batch_size=4, val_batch_size=2, epochs=3), run)
     assert summary["stop_reason"] == "signal" and summary["step"] == 1 and summary["epoch"] == 0
-    assert len(seen) == 1 and read_metrics(run, "val") == []
+    # the second batch arrives with the signal and is not validated
+    assert len(seen) == 2 and len(forwards) == 1 and read_metrics(run, "val") == []
     assert handler_after == [before]  # a second SIGTERM is not caught again
     assert signal.getsignal(signal.SIGTERM) == before
     # The epoch's validation is redone on resume, then training goes on.

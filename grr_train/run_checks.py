@@ -1,0 +1,75 @@
+"""What a run checks of its data before training, and the loaders it makes from it.
+
+A run and its data must agree on the token layout (vocabulary size, PAD, EOS and where CLS
+stands) and on the tokenizer itself: two tokenizers can share a size and special ids and still
+cut words into different pieces, so runs compare the fingerprints (`files_sha256`, the hash of
+the tokenizer's model files) that `grr data shard` records (grr_data/tokenizer.py). Sets and runs
+from before fingerprints have none; they are compared by name and layout only.
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors import safe_open
+
+from grr_data.dataset import DatasetInfo
+from grr_data.layout import CLS_INDEX, CONTEXT_LENGTH
+from grr_data.loader import make_loader
+from grr_train.model import ModelConfig
+
+
+def check_model_fits_data(model_config: ModelConfig, data: DatasetInfo) -> None:
+    """Raise ValueError listing every layout constant on which the model and the data disagree."""
+    special = data.special
+    pairs = {"vocab_size": (model_config.vocab_size, special.vocab_size),
+             "pad_id": (model_config.pad_id, special.pad), "eos_id": (model_config.eos_id, special.eos),
+             "context_length": (model_config.context_length, CONTEXT_LENGTH),
+             "cls_index": (model_config.cls_index, CLS_INDEX)}
+    wrong = [f"{name} {ours} (model) vs {theirs} (data)" for name, (ours, theirs) in pairs.items() if ours != theirs]
+    if wrong:
+        raise ValueError(f"the model does not fit {data.manifest_path}: " + "; ".join(wrong))
+
+
+def check_same_tokenizer(recorded: dict | None, data: DatasetInfo, whose: str, allow_other: bool = False) -> None:
+    """Refuse `data` when its tokenizer differs from the one `whose` (a run, a checkpoint) recorded."""
+    if not recorded:
+        return
+    ours = data.tokenizer.to_dict()
+    theirs_files, ours_files = recorded.get("files_sha256"), ours.get("files_sha256")
+    if theirs_files and ours_files:
+        same = theirs_files == ours_files
+    else:  # one side predates fingerprints: what both recorded must agree
+        same = all(recorded.get(k) == ours.get(k) for k in ("vocab_size", "pad", "eos", "bos", "cls"))
+    if same or allow_other:
+        return
+    raise ValueError(
+        f"{whose} was trained with tokenizer {recorded.get('name')!r} ({_describe(recorded)}), but "
+        f"{data.manifest_path} was sharded with {ours.get('name')!r} ({_describe(ours)}): the same ids would "
+        "mean other words. Re-shard the data with the run's tokenizer, or pass --set allow_other_tokenizer=true "
+        "if you know they are the same"
+    )
+
+
+def _describe(record: dict) -> str:
+    files = record.get("files_sha256") or {}
+    digest = ", ".join(f"{name} {sha[:12]}" for name, sha in sorted(files.items())) or "no fingerprint"
+    return f"vocabulary {record.get('vocab_size')}, {digest}"
+
+
+def weight_names(ckpt) -> list[str]:
+    """The parameter names stored in a checkpoint's weights (read from the file's header only)."""
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        return list(f.keys())
+
+
+def make_loader_for(trainer, split: str, batch_size: int, shuffle: bool, prefetch: int | None = None):
+    """A loader over the trainer's data, on its device, with its seed and world size."""
+    cfg, info = trainer.cfg, trainer.info
+    # Under bf16 autocast the patch-embedding conv casts its input to bf16 anyway; float16
+    # images (more precise than bf16, range ample for normalised pixels) halve what the
+    # loader buffers on the GPU. CPU runs keep float32, so their results do not change.
+    gpu_bf16 = trainer.device.type == "cuda" and trainer.autocast_dtype == torch.bfloat16
+    return make_loader(cfg.data, split=split, batch_size=batch_size, kind=cfg.loader, rank=info.rank,
+                       world_size=info.world_size, seed=cfg.seed, shuffle=shuffle, num_workers=cfg.num_workers,
+                       device=str(trainer.device), dtype=torch.float16 if gpu_bf16 else torch.float32,
+                       prefetch=prefetch)
