@@ -1,15 +1,16 @@
 """The one-way data flow of DESIGN.md, checked on the source: grr_data never imports grr_train,
 grr_train imports only grr_data's contract (the token layout, the loader, the set's manifest
-reader) and its atomic-write helper, the model imports neither data nor training code, only
-grr_data reads a set's manifest.json, and the CLI's modules hang off its groups, not off each other."""
+reader) and its infrastructure (atomic writes, folder locks), the model imports neither data
+nor training code, only grr_data reads a set's manifest.json, and the CLI's modules hang off
+its groups, not off each other."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # What grr_train may use of grr_data: the token layout, the loader, the manifest's one reader,
-# and atomic file writes (infrastructure kept once).
-DATA_CONTRACT = ("grr_data.layout", "grr_data.loader", "grr_data.dataset", "grr_data.files")
+# and infrastructure kept once: atomic file writes, folder locks.
+DATA_CONTRACT = ("grr_data.layout", "grr_data.loader", "grr_data.dataset", "grr_data.files", "grr_data.lock")
 # The grr_train modules that need more of grr_data, and what: turning caption ids into text
 # needs the tokenizer; the demo runs every stage, fetch and shard included.
 DATA_EXTRAS = {
