@@ -62,7 +62,8 @@ def weight_names(ckpt) -> list[str]:
         return list(f.keys())
 
 
-def make_loader_for(trainer, split: str, batch_size: int, shuffle: bool, prefetch: int | None = None):
+def make_loader_for(trainer, split: str, batch_size: int, shuffle: bool, prefetch: int | None = None,
+                    batch_multiple: int = 1):
     """A loader over the trainer's data, on its device, with its seed and world size."""
     cfg, info = trainer.cfg, trainer.info
     # Under bf16 autocast the patch-embedding conv casts its input to bf16 anyway; float16
@@ -72,4 +73,4 @@ def make_loader_for(trainer, split: str, batch_size: int, shuffle: bool, prefetc
     return make_loader(cfg.data, split=split, batch_size=batch_size, kind=cfg.loader, rank=info.rank,
                        world_size=info.world_size, seed=cfg.seed, shuffle=shuffle, num_workers=cfg.num_workers,
                        device=str(trainer.device), dtype=torch.float16 if gpu_bf16 else torch.float32,
-                       prefetch=prefetch)
+                       prefetch=prefetch, batch_multiple=batch_multiple)

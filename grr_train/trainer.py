@@ -105,9 +105,9 @@ class Trainer:
         # A step takes all its micro-batches before any GPU work (it needs their token count),
         # so the loader must work at least that far ahead or the GPU waits on decoding.
         self.train_loader = make_loader_for(self, "train", self.micro_batch_size, shuffle=True,
-                                            prefetch=self.accumulation + 1)
+                                            prefetch=self.accumulation + 1, batch_multiple=self.accumulation)
         self.val_loader = self._make_val_loader()
-        self.steps_per_epoch = -(-len(self.train_loader) // self.accumulation)
+        self.steps_per_epoch = len(self.train_loader) // self.accumulation  # whole: the plan pads
 
         model = self._build_model(resume)
         self.model = parallelize(model, info, compile=cfg.compile,
@@ -158,7 +158,8 @@ class Trainer:
             if self.last_saved_step != self.step:
                 self.save()
             self.log.log({"kind": "event", "step": self.step, "what": "stop", "reason": self.stop_reason,
-                          "epoch": self.epoch, "num_skipped": self.num_skipped, "time": time.time()})
+                          "epoch": self.epoch, "num_skipped": self.num_skipped,
+                          "samples_skipped": self._samples_skipped(), "time": time.time()})
         finally:
             self.progress.close()
             self.log.close()
@@ -166,7 +167,8 @@ class Trainer:
                 signal.signal(s, handler)
         self._check_skipped_fraction()
         return {"step": self.step, "epoch": self.epoch, "stop_reason": self.stop_reason,
-                "num_skipped": self.num_skipped, "run_dir": str(self.run_dir),
+                "num_skipped": self.num_skipped, "samples_skipped": self._samples_skipped(),
+                "run_dir": str(self.run_dir),
                 "best_loss": self.stopper.best if self.cfg.early_stop else None}
 
     def run_epoch(self) -> None:
@@ -294,6 +296,14 @@ class Trainer:
         self._signal = signum
         signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
 
+    def _samples_skipped(self) -> dict:
+        """Unusable samples the train loaders replaced since this process started, by reason, all ranks."""
+        total: dict = {}
+        for ranks in all_gather_objects(dict(self.train_loader.skipped)):
+            for reason, count in ranks.items():
+                total[reason] = total.get(reason, 0) + count
+        return total
+
     def _check_skipped_fraction(self) -> None:
         steps = max(self.step, 1)
         if self.num_skipped and self.num_skipped / steps > self.cfg.max_skipped_fraction:
@@ -383,6 +393,8 @@ class Trainer:
                   "grad_norm": m["grad_norm"], "samples_per_s": samples_per_s}
         if self.peak is not None:
             record["mfu"] = samples_per_s * self.flops_per_sample / (self.peak * self.info.world_size)
+        if self.train_loader.skipped:  # unusable samples this rank's loader replaced, by reason, so far
+            record["samples_skipped"] = dict(self.train_loader.skipped)
         record["time"] = time.time()
         self.log.log(record)
         self.progress.update(1)

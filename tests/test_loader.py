@@ -296,3 +296,18 @@ def test_preprocess_image_is_what_the_loader_gives(tmp_path):
         preprocess_image(bad)
     with pytest.raises(ValueError, match="missing.jpg"):
         preprocess_image(tmp_path / "missing.jpg")
+
+
+def test_an_epoch_is_a_whole_number_of_optimizer_steps():
+    # 10 samples, batch 2, 1 rank, accumulation 4: 5 batches padded to 8, every sample once,
+    # the 6 repeats (from the permutation's start) all in the last optimizer step.
+    plan = Plan(10, 2, batch_multiple=4, seed=3)
+    assert plan.num_batches == 8 and plan.num_padding == 6
+    order = plan.epoch_order(0)
+    assert sorted(order[:10].tolist()) == list(range(10))
+    assert order[10:].tolist() == order[:6].tolist()
+    # with two ranks the multiple holds per rank
+    ranks = [Plan(10, 2, world_size=2, rank=r, batch_multiple=2) for r in range(2)]
+    assert [p.num_batches for p in ranks] == [4, 4]
+    with pytest.raises(ValueError, match="batch_multiple"):
+        Plan(10, 2, batch_multiple=0)

@@ -263,3 +263,32 @@ def test_resume_purges_tensorboard_events_past_the_checkpoint(tmp_path, small_da
     run_training(cfg, tmp_path / "run")
     run_training(resume_config(tmp_path / "run", max_steps=3), tmp_path / "run", resume=True)
     assert writers == [{}, {"purge_step": 3}]
+
+
+def test_the_epoch_tail_is_padded_to_a_whole_step(tmp_path, data):
+    # 12 training samples, micro-batch 2, accumulation 4: 6 batches padded to 8, so 2 steps per
+    # epoch, none of the 12 dropped (the old `len // accumulation` gave 1 step and dropped 4).
+    run = tmp_path / "run"
+    summary = run_training(tiny(data, global_batch_size=8, epochs=2, val_split="none"), run)
+    assert summary["step"] == 4
+    assert [(r["step"], r["epoch"]) for r in read_metrics(run, "train")] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+
+
+def test_samples_the_loader_skips_reach_the_metrics(tmp_path, data):
+    import shutil
+
+    from grr_data.records import read_index
+
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    shard = bad / "train" / "shard-000000.tar"
+    table = read_index(shard.with_suffix(".idx"))
+    col = table.column("jpg")
+    offset = int(table.offsets[0, col]) + int(table.sizes[0, col]) // 2  # inside the first sample's JPEG
+    blob = bytearray(shard.read_bytes())
+    blob[offset] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    run = tmp_path / "run"
+    summary = run_training(tiny(bad, max_steps=3, val_split="none"), run)
+    assert summary["samples_skipped"] == {"checksum_mismatch": 1}
+    assert any(r.get("samples_skipped") == {"checksum_mismatch": 1} for r in read_metrics(run, "train"))

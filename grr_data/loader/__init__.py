@@ -51,6 +51,7 @@ def make_loader(
     dtype: torch.dtype = torch.float32,
     with_keys: bool = False,
     prefetch: int | None = None,
+    batch_multiple: int = 1,
     **options,
 ) -> LoaderBase:
     """A loader over one split; `options` go to the chosen loader (cpu: draft; dali: num_threads
@@ -59,10 +60,12 @@ def make_loader(
     `prefetch`: how many batches the loader prepares ahead of the consumer (None: the loader's
     default, dali 2, cpu 4 per worker). A consumer that takes k batches before it uses any (a
     trainer accumulating k micro-batches) should ask for k + 1, or the GPU waits for the rest.
+    `batch_multiple`: the epoch's batches per rank are padded to a multiple of it (the trainer's
+    accumulation, so that an epoch is a whole number of optimizer steps; see plan.py).
     """
     kind = pick_kind(kind, device)
     shards = ShardSet(data_dir, split, keep_keys=with_keys)
-    plan = Plan(shards.num_samples, batch_size, world_size, rank, seed, shuffle)
+    plan = Plan(shards.num_samples, batch_size, world_size, rank, seed, shuffle, batch_multiple)
     if kind == "dali":
         from grr_data.loader.dali import DaliLoader
 

@@ -4,11 +4,13 @@ Every sample of a split has a global number 0..N-1 (shards in manifest order, sa
 tar order). An epoch's order is a permutation of 0..N-1 seeded by (seed, epoch), or the
 identity when not shuffling. The order is padded to `num_batches * world_size * batch_size`
 by repeating its own beginning (cyclically, so it works even when N is smaller than one
-global step), and global step s takes the consecutive chunk
-`order[s*R*B : (s+1)*R*B]`, of which rank r reads `[r*B : (r+1)*B]`.
+global step), and global micro-step s takes the consecutive chunk
+`order[s*R*B : (s+1)*R*B]`, of which rank r reads `[r*B : (r+1)*B]`. `num_batches` is rounded
+up to a multiple of `batch_multiple` (a trainer's gradient accumulation), so an epoch is a whole
+number of optimizer steps and no sample is left out of it.
 
 So in every epoch: every sample is read exactly once, plus `num_padding` repeats (taken from
-the start of the permutation) that all fall in the last global step; every rank gets the same
+the start of the permutation) that all fall in the last optimizer step; every rank gets the same
 `num_batches`, so DDP ranks never wait on one another, however few shards there are (sharding
 is by sample, not by shard). Workers inside a rank split the rank's batches round-robin
 (`worker_batches`); the plan does not depend on the number of workers.
@@ -29,12 +31,15 @@ class Plan:
     rank: int = 0
     seed: int = 0
     shuffle: bool = True
+    batch_multiple: int = 1
 
     def __post_init__(self):
         if self.num_samples <= 0:
             raise ValueError("the split holds no samples; nothing to load")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.batch_multiple < 1:
+            raise ValueError(f"batch_multiple must be at least 1, got {self.batch_multiple}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
 
@@ -42,7 +47,8 @@ class Plan:
     def num_batches(self) -> int:
         """Batches per epoch on every rank."""
         step = self.world_size * self.batch_size
-        return -(-self.num_samples // step)
+        batches = -(-self.num_samples // step)
+        return -(-batches // self.batch_multiple) * self.batch_multiple
 
     @property
     def num_padding(self) -> int:
