@@ -81,13 +81,9 @@ def manifest_readers(*packages: str, root: Path = ROOT) -> list[str]:
     return found
 
 
-# Still reading manifest.json itself until it moves to DatasetInfo (issue 13); delete then.
-KNOWN_READERS = ("grr_train/trainer.py",)
-
-
 def test_only_grr_data_reads_the_manifest():
     """grr_data.dataset.DatasetInfo is the one reader: the schema of manifest.json is grr_data's."""
-    assert [r for r in manifest_readers("cli", "grr_train") if r.split(":")[0] not in KNOWN_READERS] == []
+    assert manifest_readers("cli", "grr_train") == []
 
 
 def test_the_check_sees_a_manifest_read(tmp_path):
