@@ -16,9 +16,9 @@ NPROC_HELP = "Processes on this node; starts torchrun itself (for several nodes 
 
 def _run(recipe: str, out: Path, resume: bool, config: Path | None, sets: list[str], nproc: int,
          defaults: dict | None = None, **flags) -> None:
-    from grr_train.config import resolve_config, resume_config
-    from grr_train.parallel import relaunch_with_torchrun, strip_nproc_option, under_torchrun
     from grr_data.lock import LockedError
+    from grr_train.config import resolve_config, resume_config
+    from grr_train.distributed import relaunch_with_torchrun, strip_nproc_option, under_torchrun
     from grr_train.trainer import NonFiniteLoss, run_training
 
     if nproc > 1 and not under_torchrun():

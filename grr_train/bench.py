@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from grr_data.layout import SpecialIds, build_layout
 from grr_train.dispatch_count import count_dispatched
+from grr_train.distributed import DistInfo
 from grr_train.model import build_model, get_config
 from grr_train.model.summary import flops_per_sample
-from grr_train.parallel import DistInfo, parallelize, peak_flops, resolve_compile
+from grr_train.parallel import parallelize, peak_flops, resolve_compile
 from grr_train.precision import autocast_dtype
 from grr_train.step import StepSettings, TrainStep
 

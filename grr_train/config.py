@@ -83,6 +83,9 @@ class TrainConfig:
 
     # Runtime.
     loader: str = "auto"
+    # How long a collective waits for the other processes before the run fails (None: torch's
+    # default, 10 minutes on NCCL); raise it when one rank's saves or validation are slow.
+    process_group_timeout_minutes: float | None = None
     num_workers: int = 4
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: str = "auto"  # one of COMPILE_MODES; a compile failure falls back to eager with a warning

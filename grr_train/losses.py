@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from grr_train.gather import all_gather_with_grad, distributed_world
+from grr_train.distributed import all_gather_with_grad, distributed_world
 
 
 def contrastive_loss(

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from grr_data.layout import SpecialIds
+from grr_train.distributed import all_reduce_sum
 from grr_train.losses import caption_loss, contrastive_loss, counted_targets
-from grr_train.parallel import all_reduce_sum
 from grr_train.precision import autocast_context
 
 

@@ -12,7 +12,8 @@ of processes. The step itself (losses, accumulation, clipping, AdamW, the one re
   sample once.
 - Resuming is exact: the checkpoint holds the loader's position and every rank's RNG states,
   and loader iterators are created inside `fork_rng`, so dropout draws the same numbers whether
-  or not a run was interrupted. Parallelism lives in `grr_train/parallel.py`, not here.
+  or not a run was interrupted. Processes and collectives live in
+  `grr_train/distributed.py`, what is done to the model (DDP, compile) in `grr_train/parallel.py`.
 - Stopping: SIGTERM or SIGINT (Ctrl-C) only sets `_signal`. `_stop_signalled` is the one place
   that turns it into `stop_reason` (the one stop state), with every rank agreeing: after each
   step (its flag rides on the step's read-back), between validation batches and after a save.
@@ -41,22 +42,20 @@ from grr_data.dataset import DatasetInfo
 from grr_data.lock import hold_lock
 from grr_train import checkpoint as ckpt
 from grr_train.config import TrainConfig
-from grr_train.early_stop import IMPROVED, RESET, STOP, SoftResetEarlyStopper
-from grr_train.metrics_log import MetricsLog, truncate_metrics
-from grr_train.model import ModelConfig, build_model, get_config
-from grr_train.model.compat import is_old_layout
-from grr_train.model.summary import flops_per_sample
-from grr_train.parallel import (
+from grr_train.distributed import (
     DistInfo,
     all_gather_objects,
     all_reduce_sum,
     barrier,
     destroy_distributed,
     init_distributed,
-    parallelize,
-    peak_flops,
-    unwrap,
 )
+from grr_train.early_stop import IMPROVED, RESET, STOP, SoftResetEarlyStopper
+from grr_train.metrics_log import MetricsLog, truncate_metrics
+from grr_train.model import ModelConfig, build_model, get_config
+from grr_train.model.compat import is_old_layout
+from grr_train.model.summary import flops_per_sample
+from grr_train.parallel import parallelize, peak_flops, unwrap
 from grr_train.precision import autocast_dtype
 from grr_train.run_checks import check_model_fits_data, check_same_tokenizer, make_loader_for, weight_names
 from grr_train.schedule import lr_at, set_lr
@@ -75,7 +74,7 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) ->
     trainer on the same folder fails at once naming the first; a restart after the holder died
     takes the lock over.
     """
-    info = init_distributed()
+    info = init_distributed(cfg.process_group_timeout_minutes)
     try:
         lock = hold_lock(run_dir, what=f"grr train {cfg.recipe}", break_lock=cfg.break_lock) \
             if info.is_main else nullcontext()

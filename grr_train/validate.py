@@ -19,22 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
-from grr_train.gather import distributed_world
+from grr_train.distributed import all_reduce_sum, gather_rows
 from grr_train.losses import caption_loss, contrastive_loss, counted_targets
-from grr_train.parallel import all_reduce_sum
 from grr_train.precision import autocast_context
-
-
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) on each rank -> (world * B, ...) in rank order; no autograd (metrics only)."""
-    _, world = distributed_world()
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 @torch.no_grad()

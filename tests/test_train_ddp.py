@@ -3,8 +3,8 @@
 The loader plan gives global step s the same samples whatever the world size, the contrastive
 negatives are gathered across ranks and the caption loss is normalised by the global token
 count, so with dropout off the two runs compute the same losses and gradients up to float
-summation order. Tolerance: 1e-4 relative on loss and gradient norm over 3 steps.
-Also the peak-FLOPs table MFU divides by (parallel.py).
+summation order. Tolerance: 1e-4 relative on loss and gradient norm over 3 steps. Also: a stop
+signal to the whole process group of a 2-process run ends in a checkpoint and exit 0.
 """
 
 import subprocess
@@ -48,14 +48,46 @@ def test_two_processes_match_one(tmp_path):
     assert (ckpt / "model.safetensors").exists()  # rank 0 wrote it
 
 
-def test_peak_flops_tells_h100_variants_apart(monkeypatch):
-    import torch
+def test_two_processes_with_accumulation_match_one(tmp_path):
+    # 2 micro-batches per step: DDP's no_sync on the first, the all-reduce on the second. The
+    # contrastive batch is 2 pairs in both runs (1 per process x 2, or 2 x 1), from the same samples.
+    data = make_data(tmp_path / "data", (12,), (4,))
+    run_cli(data, tmp_path / "one", nproc=1, per_device=2)
+    run_cli(data, tmp_path / "two", nproc=2, per_device=1)
+    one, two = read_metrics(tmp_path / "one", "train"), read_metrics(tmp_path / "two", "train")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "contrastive", "caption", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
 
-    from grr_train.parallel import peak_flops
 
-    cuda = torch.device("cuda", 0)
-    for name, flops in (("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12),
-                        ("NVIDIA H100 PCIe", 756e12), ("Some other GPU", None)):
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, _n=name: _n)
-        assert peak_flops(cuda) == flops, name
-    assert peak_flops(torch.device("cpu")) is None
+@pytest.mark.slow
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path, num_workers):
+    # What Slurm, Kubernetes and `timeout` do: SIGTERM to every process of the job's group,
+    # the launcher, torchrun, the trainers and their loader workers alike.
+    import os
+    import signal
+    import time
+
+    data = make_data(tmp_path / "data", (12,), (4,))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cli.main", "train", "pretrain", "--preset", "grr-tiny", "--data", str(data),
+           "--out", str(run), "--nproc-per-node", "2"]
+    for s in ("per_device_batch_size=1", "global_batch_size=2", f"num_workers={num_workers}", "loader=cpu",
+              "tensorboard=false", "epochs=1000", "val_split=none", "checkpoint_every=100000"):
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    stops = [r for r in read_metrics(run, "event") if r.get("what") == "stop"]
+    assert stops and stops[-1]["reason"] == "signal"
+    assert (run / "checkpoints" / "latest").exists()

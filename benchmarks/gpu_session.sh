@@ -1,0 +1,60 @@
+#!/bin/bash
+# The GPU measurements of issue 9, in parts that each fit one device call (from the project root).
+#   bash benchmarks/gpu_session.sh model   grr-coca eager / per-block compile at micro-batch 48 and 192,
+#                                          baseline-coca likewise at 48 (`grr bench train`, the trainer's step)
+#   bash benchmarks/gpu_session.sh peer    grr-coca and open_clip's CoCa in one process, eager and compiled
+#                                          (benchmarks/peer_openclip.py; open_clip wheels in $WHL), gpu tests
+#   bash benchmarks/gpu_session.sh data    DALI (/tmp/dali.env), a 32,102-id tokenizer, 6,000 photo crops
+#                                          sharded, the loaders, and `grr train pretrain` end to end
+# Results are appended to $OUT/results.txt and printed. P, B, BIG, N, KIT override the preset, the
+# micro-batches, the steps and the folder of ../shared/gpu's scripts (for a dry run on a CPU).
+set -u
+PART=${1:-model}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; R=$OUT/results.txt
+P=${P:-grr-coca}; BASE=${BASE:-baseline-coca}; B=${B:-48}; BIG=${BIG:-192}; N=${N:-10}
+KIT=${KIT:-.gpu-kit}; WHL=${WHL:-$KIT/whl}; PY=${PY:-python3}
+G="$PY -m cli.main"
+[[ -f /tmp/dali.env ]] && . /tmp/dali.env
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$R"
+run() {  # run LIMIT CMD...: the command's last lines (progress bars dropped) into the results
+  local t=$1; shift; echo "== $*" >>"$R"; local s=$SECONDS
+  timeout "$t" "$@" >"$OUT/last.log" 2>&1; local rc=$?
+  tr '\r' '\n' <"$OUT/last.log" | grep -v 'it/s\|s/it\|step/s\|s/step\|^ *$\|Warning\|warn(' | tail -n "${TAIL:-3}" | tee -a "$R"
+  echo "   rc=$rc wall=$((SECONDS - s))s" | tee -a "$R"
+}
+case $PART in
+model)
+  run 100 $G bench train --preset "$P" --batch-size "$B" --steps "$N" --compile off
+  run 150 $G bench train --preset "$P" --batch-size "$B" --steps "$N" --compile blocks
+  run 170 $G bench train --preset "$P" --batch-size "$BIG" --steps "$N" --compile blocks
+  run 150 $G bench train --preset "$BASE" --batch-size "$B" --steps "$N" --compile blocks
+  run 100 $G bench train --preset "$BASE" --batch-size "$B" --steps "$N" --compile off ;;
+peer)
+  compgen -G "$WHL/*.whl" >/dev/null && $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHL"/*.whl
+  TAIL=4 run 150 $PY benchmarks/peer_openclip.py --batch-size "$B" --steps "$N" --models "$P,open_clip"
+  TAIL=3 run 200 $PY benchmarks/peer_openclip.py --batch-size "$B" --steps "$N" --models open_clip --compile model --no-flops
+  TAIL=6 run 90 $PY -m pytest -q -m gpu tests/test_step.py -p no:cacheprovider ;;
+data)
+  [[ -f /tmp/dali.env ]] || { [[ -f $KIT/dali.sh ]] && bash "$KIT/dali.sh" | tail -n 1 | tee -a "$R"; }
+  [[ -f /tmp/dali.env ]] && . /tmp/dali.env
+  TOK=${TOK:-/tmp/t5tok}
+  [[ -f $TOK/spiece.model ]] || run 300 $PY benchmarks/t5_sized_tokenizer.py "$TOK"
+  if [[ ! -f /tmp/shards/manifest.json ]]; then
+    $PY "$KIT/make_input.py" /tmp/raw "${TARS:-8}" "${PER_TAR:-750}" | tail -n 1 | tee -a "$R"
+    run 150 $G data shard --input /tmp/raw --out /tmp/shards --split 95/5 --workers "${W:-16}" --shard-size 1000 --tokenizer "$TOK"
+  fi
+  run 90 $G bench loader /tmp/shards --loader dali --workers 4 --batch-size "$BIG" --batches 60
+  rm -rf /tmp/run
+  run 300 $G train pretrain --preset "$P" --data /tmp/shards --out /tmp/run --max-steps "${STEPS:-8}" \
+      --set tensorboard=false --loader "${LOADER:-dali}" --set num_workers="${W:-16}" ${EXTRA:-}
+  [[ -f /tmp/run/metrics.jsonl ]] && $PY - /tmp/run/metrics.jsonl <<'PY' | tee -a "$R"
+import json, sys
+rs = [json.loads(l) for l in open(sys.argv[1]) if '"train"' in l]
+print("e2e:", ", ".join(f"step {r['step']} {r['samples_per_s']:.0f} sps mfu {r.get('mfu') or 0:.3f}" for r in rs))
+PY
+  TAIL=6 run 150 $PY -m pytest -q -m gpu tests/test_loader_dali.py -p no:cacheprovider ;;
+*) echo "usage: gpu_session.sh model|peer|data"; exit 2 ;;
+esac
+echo "== done $PART" | tee -a "$R"
