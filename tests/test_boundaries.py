@@ -12,9 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # and infrastructure kept once: atomic file writes, folder locks.
 DATA_CONTRACT = ("grr_data.layout", "grr_data.loader", "grr_data.dataset", "grr_data.files", "grr_data.lock")
 # The grr_train modules that need more of grr_data, and what: turning caption ids into text
-# needs the tokenizer; the demo runs every stage, fetch and shard included.
+# needs the tokenizer (and a run keeps its own copy of it); the demo runs every stage, fetch and
+# shard included.
 DATA_EXTRAS = {
     "grr_train/captioning.py": ("grr_data.tokenizer",),
+    "grr_train/run_tokenizer.py": ("grr_data.tokenizer",),
     "grr_train/demo.py": ("grr_data.fetch", "grr_data.shard"),
 }
 
