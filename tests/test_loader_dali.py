@@ -1,7 +1,10 @@
 """The DALI loader on its CPU path (device_id=None) against the CPU loader on the same shards."""
 
+import gc
 import logging
 import threading
+import time
+import weakref
 
 import numpy as np
 import pytest
@@ -141,10 +144,12 @@ def test_dali_prefetch_deeper_than_the_epoch_and_no_thread_leaks(photos):
     reference = [b["ids"] for b in make_loader(photos, kind="dali", batch_size=4, seed=2)]
     loader = make_loader(photos, kind="dali", batch_size=4, seed=2, prefetch=17)
     assert loader.prefetch == 17
-    for _ in range(2):  # two epochs, the second from a fresh pipeline and reader
+    for _ in range(2):  # epoch 0 twice: the same pipeline, a new reader each time
         loader.set_epoch(0)
         got = [b["ids"] for b in loader]
-        assert len(got) == len(reference) and all(torch.equal(a, b) for a, b in zip(got, reference, strict=True))
+        assert len(got) == len(reference) and all(
+            torch.equal(a, b) for a, b in zip(got, reference, strict=True)
+        )
         assert not reader_threads()
     # 7 batches, 2 ahead in DALI and 2 in the reader's queue: the reader is still at work.
     it = iter(make_loader(photos, kind="dali", batch_size=4, seed=2, prefetch=2))
@@ -154,3 +159,163 @@ def test_dali_prefetch_deeper_than_the_epoch_and_no_thread_leaks(photos):
     assert not reader_threads()
     with pytest.raises(ValueError, match="prefetch"):
         make_loader(photos, kind="dali", prefetch=0)
+
+
+def count_builds(loader, monkeypatch):
+    """How many DALI pipelines the loader builds from now on (a list holding one 1 per build)."""
+    builds, pipeline = [], loader._pipeline
+
+    def counted(source):
+        builds.append(1)
+        return pipeline(source)
+
+    monkeypatch.setattr(loader, "_pipeline", counted)
+    return builds
+
+
+def cpu_epochs(photos, epochs, **opts):
+    cpu = make_loader(photos, kind="cpu", num_workers=0, draft=False, **opts)
+    return [list(cpu) for _ in range(epochs)]
+
+
+def same(dali, cpu):
+    assert [b["keys"] for b in dali] == [b["keys"] for b in cpu]
+    assert [b["real"].tolist() for b in dali] == [b["real"].tolist() for b in cpu]
+    assert all(torch.equal(d["ids"], c["ids"]) for d, c in zip(dali, cpu, strict=True))
+
+
+@pytest.mark.parametrize("prefetch", [2, 17])  # 17: DALI asks past every epoch's end (7 batches)
+def test_dali_one_pipeline_for_many_epochs(photos, monkeypatch, prefetch):
+    opts = dict(batch_size=4, seed=6, with_keys=True)
+    cpu = cpu_epochs(photos, 3, **opts)
+    assert cpu[0][0]["keys"] != cpu[1][0]["keys"]  # the epochs really differ (a new permutation each)
+    loader = make_loader(photos, kind="dali", prefetch=prefetch, **opts)
+    builds = count_builds(loader, monkeypatch)
+    for e in range(3):
+        got = list(loader)
+        same(got, cpu[e])
+        assert all(
+            levels(c["images"], d["images"]).max() <= MAX_LEVELS for c, d in zip(cpu[e], got, strict=True)
+        )
+        assert loader.epoch == e + 1 and not reader_threads()
+    assert len(builds) == 1
+
+
+def test_dali_abandoned_epoch_stops_its_reader_and_the_next_is_exact(photos, monkeypatch):
+    opts = dict(batch_size=2, seed=7, with_keys=True)
+    cpu = cpu_epochs(photos, 3, **opts)
+    loader = make_loader(photos, kind="dali", prefetch=2, **opts)
+    builds = count_builds(loader, monkeypatch)
+    it = iter(loader)
+    head = [next(it), next(it)]
+    assert len(reader_threads()) == 1  # 13 batches, ~4 ahead in DALI and 2 read: still at work
+    it.close()  # an epoch abandoned part way (max_steps, an exception in the step)
+    assert not reader_threads()  # stopped and joined by close itself, no waiting
+    assert (loader.epoch, loader.batches_done) == (0, 2)
+    # The same epoch goes on from where it stopped, on the same pipeline: DALI's prefetched
+    # batches of the abandoned feed are dropped, not handed out.
+    same(head + list(loader), cpu[0])
+    # Abandoned by dropping the iterator (garbage collection), then a new epoch from its start.
+    it = iter(loader)
+    next(it)
+    del it
+    assert not reader_threads()
+    loader.set_epoch(2)
+    same(list(loader), cpu[2])
+    assert len(builds) == 1 and not reader_threads()
+
+
+def test_dali_resume_mid_epoch_then_the_next_epoch(photos, monkeypatch):
+    opts = dict(batch_size=3, seed=8, with_keys=True)
+    cpu = cpu_epochs(photos, 2, **opts)
+    first = make_loader(photos, kind="dali", **opts)
+    it = iter(first)
+    head = [next(it) for _ in range(4)]
+    it.close()
+    resumed = make_loader(photos, kind="dali", **opts)
+    builds = count_builds(resumed, monkeypatch)
+    resumed.load_state_dict(first.state_dict())
+    rest = list(resumed)
+    same(head + rest, cpu[0])
+    same(list(resumed), cpu[1])
+    assert len(builds) == 1 and resumed.epoch == 2
+
+
+def test_dali_an_earlier_open_iteration_is_superseded(photos):
+    loader = make_loader(photos, kind="dali", batch_size=4, seed=2)
+    old = iter(loader)
+    next(old)
+    new = iter(loader)
+    next(new)  # the new iteration takes the pipeline; the old one's reader is stopped
+    assert len(reader_threads()) == 1
+    with pytest.raises(RuntimeError, match="iterated again while an earlier iteration"):
+        next(old)
+    new.close()
+    assert not reader_threads()
+
+
+def test_dali_failure_in_a_later_epoch_falls_back_and_rebuilds_once(photos, monkeypatch, caplog):
+    opts = dict(batch_size=4, seed=9, with_keys=True)
+    cpu = cpu_epochs(photos, 3, **opts)
+    loader = make_loader(photos, kind="dali", prefetch=3, **opts)
+    builds = count_builds(loader, monkeypatch)
+    same(list(loader), cpu[0])
+    payload = loader._payload
+
+    def corrupt_in_epoch_1(batches, b):
+        (jpegs, ids, nums), events = payload(batches, b)
+        if loader.epoch == 1 and b == 1:
+            jpegs = [np.frombuffer(b"not a jpeg", dtype=np.uint8) for _ in jpegs]
+        return (jpegs, ids, nums), events
+
+    monkeypatch.setattr(loader, "_payload", corrupt_in_epoch_1)
+    with caplog.at_level(logging.WARNING, logger="grr.loader"):
+        got = list(loader)
+    same(got, cpu[1])
+    assert loader.fallback_batches == 1 and "decoded it with Pillow" in caplog.text
+    assert torch.equal(got[1]["images"], cpu[1][1]["images"])  # Pillow's full decode, as the CPU loader
+    same(list(loader), cpu[2])
+    assert len(builds) == 2 and not reader_threads()  # the first, and one after the failure
+
+
+def test_dali_close_releases_the_pipeline(photos, monkeypatch):
+    loader = make_loader(photos, kind="dali", batch_size=4, seed=2)
+    builds = count_builds(loader, monkeypatch)
+    reference = [b["ids"] for b in loader]
+    pipe = weakref.ref(loader._pipe)
+    loader.close()
+    gc.collect()
+    assert pipe() is None and not reader_threads()
+    loader.set_epoch(0)
+    assert all(torch.equal(a["ids"], r) for a, r in zip(loader, reference, strict=True))  # a new pipeline
+    assert len(builds) == 2
+    other = make_loader(photos, kind="dali", batch_size=4, seed=2)  # not monkeypatched: nothing else holds it
+    it = iter(other)
+    next(it)
+    pipe = weakref.ref(other._pipe)
+    del it, other  # the loader itself collected: its pipeline goes with it, no reader left
+    assert pipe() is None and not reader_threads()
+
+
+@pytest.mark.gpu
+def test_dali_gpu_epoch_boundary_costs_no_pipeline_build(photos, monkeypatch):
+    """On a GPU a pipeline build (nvJPEG) costs seconds; an epoch boundary must cost about a batch.
+    A behaviour check, not a benchmark: the boundary (last batch of one epoch to the first of the
+    next) must take less than 10 median batch intervals, or 0.25 s if that is more."""
+    loader = make_loader(photos, kind="dali", batch_size=4, seed=2, device="cuda", prefetch=2)
+    builds = count_builds(loader, monkeypatch)
+    list(loader)  # the build, and warm-up
+    stamps, boundaries = [], []
+    for _ in range(3):
+        for _batch in loader:
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+        boundaries.append(len(stamps))  # index of the next epoch's first batch
+    gaps = np.diff(stamps)
+    cross = [gaps[i - 1] for i in boundaries[:-1]]
+    inside = np.delete(gaps, [i - 1 for i in boundaries[:-1]])
+    limit = max(10 * float(np.median(inside)), 0.25)
+    assert max(cross) < limit, (
+        f"epoch boundaries took {cross} s; batches inside an epoch {np.median(inside)} s"
+    )
+    assert len(builds) == 1 and not reader_threads()

@@ -14,6 +14,14 @@ background thread (`reader.py`), in plan order; the callback DALI calls on the t
 only takes the next batch's bytes. DALI works `prefetch` batches ahead: a trainer that takes
 several micro-batches before launching GPU work asks for more than it takes (make_loader).
 
+One pipeline per loader: building one with the nvJPEG decoder costs seconds on a GPU, so an
+epoch or a resume point only swaps what the callback reads (a `_Feed`: one reader thread over
+batches `start..` of one epoch) and resets DALI's iterator. At an epoch's end the callback
+raises StopIteration however far ahead DALI asks; an epoch abandoned part way (its iterator
+closed or collected) stops and joins its reader at once, and the next epoch first takes what
+DALI had prefetched of it (at most `prefetch` batches) and drops it. The pipeline is rebuilt
+only after DALI fails; `close()` (or collecting the loader) releases it.
+
 Output memory: DALI's default (dynamic) executor hands out its own GPU buffers through DLPack,
 not copies: a batch's `images` (and, on the GPU, `ids`) are DALI-owned device memory that stays
 valid until the consumer drops the tensors, and is never overwritten by later batches. No copy
@@ -28,8 +36,8 @@ and the vocabulary); one that fails never reaches DALI and is replaced as the CP
 
 Failed decodes: DALI stops a whole batch on one bad JPEG. The loader then decodes, with
 Pillow, the batches from the failing one to the last one handed to DALI, to find the culprits,
-remembers them, and rebuilds the pipeline at the failing batch with those samples replaced (the
-rule in `base.py`). If Pillow finds no culprit (DALI rejects a batch Pillow reads), that batch
+remembers them, and rebuilds the pipeline to go on at the failing batch with those samples
+replaced (the rule in `base.py`). If Pillow finds no culprit (DALI rejects a batch Pillow reads), that batch
 is decoded with Pillow (as `preprocess_image` does), counted in `fallback_batches` and logged,
 and the pipeline is rebuilt at the next batch.
 """
@@ -59,18 +67,16 @@ def dali_available() -> bool:
 
 
 class _Feed:
-    """What one pipeline reads: batches `start..` of the plan through a BatchReader; remembers
-    the skip events of each batch and the last batch handed to DALI."""
+    """Batches `start..` of one epoch's plan, read ahead by a BatchReader, in the order DALI asks
+    for them; remembers the skip events of each batch and the last batch handed to DALI."""
 
-    def __init__(self, loader: DaliLoader, batches: np.ndarray, start: int):
-        self.start, self.served, self.error = start, start - 1, None
+    def __init__(self, make, start: int, stop: int, depth: int):
+        self.next, self.served, self.error = start, start - 1, None
         self.events: dict[int, list] = {}
-        self.reader = BatchReader(
-            lambda b: loader._payload(batches, b), start, len(batches), loader.prefetch, name="grr-dali-reader"
-        )
+        self.reader = BatchReader(make, start, stop, depth, name="grr-dali-reader")
 
-    def __call__(self, info):
-        b = self.start + info.iteration
+    def take(self):
+        b = self.next
         try:
             payload, events = self.reader.get(b)
         except StopIteration:
@@ -78,11 +84,29 @@ class _Feed:
         except BaseException as err:
             self.error = err  # not DALI's failure: the loader raises it as it is
             raise
-        self.events[b], self.served = events, b
+        self.events[b], self.served, self.next = events, b, b + 1
         return payload
 
     def close(self) -> None:
         self.reader.close()
+
+
+class _Source:
+    """The external_source callback of the loader's one pipeline: the next batch of the feed in
+    place, StopIteration when there is none (epoch end, feed closed, between epochs). The loader
+    swaps feeds between epochs and resume points, so the pipeline is never rebuilt for them.
+    DALI calls it on the thread that runs the iterator, a few batches ahead of what it hands
+    out; the batch number is counted here, not taken from DALI's `info.iteration`, because a feed
+    may start mid-epoch (resume, rebuild after a failure) while DALI counts from its own reset."""
+
+    def __init__(self):
+        self.feed: _Feed | None = None
+
+    def __call__(self, _info):
+        feed = self.feed
+        if feed is None:
+            raise StopIteration
+        return feed.take()
 
 
 class DaliLoader(LoaderBase):
@@ -113,6 +137,12 @@ class DaliLoader(LoaderBase):
         self.prefetch = prefetch or DEFAULT_PREFETCH
         self.fallback_batches = 0  # batches DALI rejected but Pillow decoded
         self._bad: dict[int, tuple[str, str]] = {}  # sample -> (reason, message), found so far
+        # One pipeline for the loader's life (building one with nvJPEG costs seconds on a GPU),
+        # rebuilt only after DALI fails. `_state`: "new" (never run), "ended" (ran to StopIteration:
+        # reset before the next feed), "open" (a feed was abandoned part way: drain first).
+        self._source = _Source()
+        self._pipe = self._it = None
+        self._state = "new"
 
     def _read_slot(self, g: int, events: list):
         if g in self._bad:
@@ -159,6 +189,9 @@ class DaliLoader(LoaderBase):
         from nvidia.dali import fn, pipeline_def, types
 
         gpu = self.device.type == "cuda"
+        # Plain values only: the graph function must not hold the loader (no cycle through DALI).
+        dali_dtype, hw_load = self.dali_dtype, self.hw_decoder_load
+        decoder = {"device": "mixed", "hw_decoder_load": hw_load} if gpu else {"device": "cpu"}
 
         @pipeline_def(
             batch_size=self.plan.batch_size,
@@ -174,14 +207,13 @@ class DaliLoader(LoaderBase):
                 dtype=[types.UINT8, types.INT64, types.INT64],
                 ndim=[1, 1, 1],
             )
-            decoder = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
             images = fn.decoders.image(jpegs, output_type=types.RGB, jpeg_fancy_upsampling=True, **decoder)
             images = fn.resize(
                 images, size=[IMAGE_SIZE, IMAGE_SIZE], interp_type=types.INTERP_LINEAR, antialias=True
             )
             images = fn.crop_mirror_normalize(
                 images,
-                dtype=self.dali_dtype,
+                dtype=dali_dtype,
                 output_layout="CHW",
                 mean=[m * 255 for m in MEAN],
                 std=[s * 255 for s in STD],
@@ -227,7 +259,11 @@ class DaliLoader(LoaderBase):
         self.fallback_batches += 1
         log.warning(
             "DALI failed on batch %d of epoch %d (%s) but Pillow decodes every sample of it: decoded it "
-            "with Pillow instead (%d such batches so far)", b, self.epoch, err, self.fallback_batches
+            "with Pillow instead (%d such batches so far)",
+            b,
+            self.epoch,
+            err,
+            self.fallback_batches,
         )
         pixels = torch.from_numpy(np.stack([s[0] for s in slots])).to(self.device)  # (B, 288, 288, 3) uint8
         return {
@@ -236,34 +272,114 @@ class DaliLoader(LoaderBase):
             "nums": torch.from_numpy(np.concatenate([s[2] for s in slots])),
         }
 
-    def _iter_batches(self, batches, start):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    def _open(self, batches: np.ndarray, b: int) -> _Feed:
+        """Feed batches b.. of `batches` to the pipeline (built here the first time or after a
+        failure) and make it ready to run them from the first."""
+        self._close_feed()  # an earlier iteration left open: it is superseded (and raises if resumed)
+        if self._state == "open":
+            self._drain()
+        feed = _Feed(lambda k: self._payload(batches, k), b, len(batches), self.prefetch)
+        self._source.feed = feed
+        try:
+            if self._it is None:
+                from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+                self._pipe = self._pipeline(self._source)
+                # The plan pads every batch to full size, so the policy never has to act. No
+                # first batch at construction: DALI asks the source only when iterated.
+                self._it = DALIGenericIterator(
+                    self._pipe,
+                    ["images", "ids", "nums"],
+                    auto_reset=False,
+                    last_batch_policy=LastBatchPolicy.FILL,
+                    prepare_first_batch=False,
+                )
+            elif self._state == "ended":
+                self._it.reset()  # DALI starts reading the new feed here (its prefetch)
+        except BaseException:
+            self._close_feed()
+            self._drop_pipeline()
+            raise
+        self._state = "open"
+        return feed
+
+    def _drain(self) -> None:
+        """Take what DALI still holds of an abandoned feed (the source is closed, so at most its
+        prefetch), leaving the pipeline at an epoch end; drop the pipeline if DALI fails on it."""
+        try:
+            for _ in self._it:
+                pass
+            self._state = "ended"
+        except Exception as err:  # noqa: BLE001 - the batches are discarded; a new pipeline is built
+            log.debug("DALI failed while discarding an abandoned epoch's batches (%s); rebuilding", err)
+            self._drop_pipeline()
+
+    def _close_feed(self) -> None:
+        feed, self._source.feed = self._source.feed, None
+        if feed is not None:
+            feed.close()
+
+    def _drop_pipeline(self) -> None:
+        self._it = self._pipe = None
+        self._state = "new"
+
+    def close(self) -> None:
+        """Stop the reader thread and release the DALI pipeline (a later iteration builds a new
+        one); safe to call more than once. Also runs when the loader is garbage collected."""
+        self._close_feed()
+        self._drop_pipeline()
+
+    def __del__(self):
+        if "_source" in self.__dict__:  # __init__ may have raised before making it
+            self.close()
+
+    def _iter_batches(self, batches, start):
         b = start
         while b < len(batches):
-            feed = _Feed(self, batches, b)
-            pipe = it = failure = None
+            feed = self._open(batches, b)
+            failure = None
             try:
-                pipe = self._pipeline(feed)
-                # The plan pads every batch to full size, so the policy never has to act.
-                it = DALIGenericIterator(
-                    pipe, ["images", "ids", "nums"], auto_reset=False, last_batch_policy=LastBatchPolicy.FILL
-                )
-                for out in it:
-                    out = out[0]
+                while True:
+                    if self._source.feed is not feed:
+                        raise RuntimeError(
+                            "this DALI loader was iterated again while an earlier iteration of it was "
+                            "still open: finish or close the earlier one first (one pipeline serves one "
+                            "iteration at a time)"
+                        )
+                    try:
+                        out = next(self._it)[0]
+                    except StopIteration:
+                        break
                     self._record(feed.events.pop(b, []))
-                    batch = {"images": out["images"].to(self.device, self.dtype), "ids": out["ids"],
-                             "nums": out["nums"][:, 0]}
+                    batch = {
+                        "images": out["images"].to(self.device, self.dtype),
+                        "ids": out["ids"],
+                        "nums": out["nums"][:, 0],
+                    }
                     b += 1
                     yield batch
-            except RuntimeError as err:
+                self._state = "ended"
+            except Exception as err:
+                if self._source.feed is feed:
+                    # DALI's state after an error is unknown: the next feed gets a new pipeline.
+                    self._drop_pipeline()
                 if feed.error is not None:
+                    if err is feed.error:
+                        raise
                     raise feed.error from err
+                if not isinstance(err, RuntimeError) or self._source.feed is not feed:
+                    raise
                 failure = err
             finally:
-                feed.close()
-                del it, pipe
+                # Also on close (an abandoned epoch): the reader stops and is joined here, and the
+                # pipeline keeps what it prefetched until the next feed drains it.
+                if self._source.feed is feed:
+                    self._close_feed()
+                else:
+                    feed.close()
             if failure is None:
+                if b < len(batches):  # never expected: the feed ends only at the epoch's end
+                    raise RuntimeError(f"DALI ended epoch {self.epoch} at batch {b} of {len(batches)}")
                 continue
             if self._find_bad(batches, b, max(feed.served, b)):
                 log.debug("DALI failed near batch %d (%s); rebuilding without the bad samples", b, failure)

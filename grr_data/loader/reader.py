@@ -3,25 +3,33 @@
 The DALI loader's `external_source` callback runs on the training thread; reading a 48-sample
 batch there (`os.pread`, ~1.3 ms) is time the GPU may wait. `os.pread` releases the GIL, so this
 thread does the reads ahead into a bounded queue and the callback only takes the next item.
-Items come strictly in batch order from `start`: a resumed epoch, or the rebuild after a failed
-batch, starts a new reader at its batch, so what is read never depends on timing.
+Items come strictly in batch order from `start`: each epoch, a resumed epoch, or the rebuild
+after a failed batch starts a new reader at its batch, so what is read never depends on timing.
+`close()` stops and joins the thread (an abandoned epoch leaves none behind).
 """
 
 from __future__ import annotations
 
+import logging
 import queue
+import sys
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 _POLL_S = 0.1
+_JOIN_S = 30  # a batch is read in milliseconds; only a blocked read takes longer
+log = logging.getLogger("grr.loader")
 
 
 class BatchReader(Generic[T]):
     """Calls `make(b)` for b = start .. stop-1 on a daemon thread; `get(b)` returns them in order."""
 
-    def __init__(self, make: Callable[[int], T], start: int, stop: int, depth: int, name: str = "grr-batch-reader"):
+    def __init__(
+        self, make: Callable[[int], T], start: int, stop: int, depth: int, name: str = "grr-batch-reader"
+    ):
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
         self._next, self._end = start, stop
@@ -53,7 +61,9 @@ class BatchReader(Generic[T]):
         if b >= self._end:
             raise StopIteration
         if b != self._next:
-            raise RuntimeError(f"batch reader: asked for batch {b}, but the next one in order is {self._next}")
+            raise RuntimeError(
+                f"batch reader: asked for batch {b}, but the next one in order is {self._next}"
+            )
         while True:
             try:
                 got, item, err = self._queue.get(timeout=_POLL_S)
@@ -67,11 +77,23 @@ class BatchReader(Generic[T]):
         return item
 
     def close(self) -> None:
-        """Stop the thread and drop what it read ahead; safe to call more than once."""
+        """Stop the thread and drop what it read ahead; returns once the thread has ended (it
+        checks the stop flag between batches and every 0.1 s while the queue is full, so this
+        waits only for the batch it is reading; a warning with its stack if that takes more
+        than 30 s); safe to call more than once."""
         self._stop.set()
         while True:
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        self._thread.join(timeout=10)
+        # At interpreter exit daemon threads are frozen and never end: joining one would hang.
+        if self._thread is threading.current_thread() or sys.is_finalizing():
+            return
+        self._thread.join(timeout=_JOIN_S)
+        if self._thread.is_alive():  # a read blocked that long (a hung filesystem): say where
+            frame = sys._current_frames().get(self._thread.ident)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
+            log.warning(
+                "%s did not stop within %d s of close; it is at:\n%s", self._thread.name, _JOIN_S, where
+            )
