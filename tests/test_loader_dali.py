@@ -181,7 +181,7 @@ def cpu_epochs(photos, epochs, **opts):
 def same(dali, cpu):
     assert [b["keys"] for b in dali] == [b["keys"] for b in cpu]
     assert [b["real"].tolist() for b in dali] == [b["real"].tolist() for b in cpu]
-    assert all(torch.equal(d["ids"], c["ids"]) for d, c in zip(dali, cpu, strict=True))
+    assert all(torch.equal(d["ids"].cpu(), c["ids"]) for d, c in zip(dali, cpu, strict=True))
 
 
 @pytest.mark.parametrize("prefetch", [2, 17])  # 17: DALI asks past every epoch's end (7 batches)
@@ -223,6 +223,14 @@ def test_dali_abandoned_epoch_stops_its_reader_and_the_next_is_exact(photos, mon
     loader.set_epoch(2)
     same(list(loader), cpu[2])
     assert len(builds) == 1 and not reader_threads()
+    # DALI has asked for the whole epoch (and past its end) before the first batch is taken.
+    deep = make_loader(photos, kind="dali", prefetch=17, **opts)
+    it = iter(deep)
+    next(it)
+    it.close()
+    assert not reader_threads()
+    deep.set_epoch(1)
+    same(list(deep), cpu[1])
 
 
 def test_dali_resume_mid_epoch_then_the_next_epoch(photos, monkeypatch):
@@ -295,6 +303,26 @@ def test_dali_close_releases_the_pipeline(photos, monkeypatch):
     pipe = weakref.ref(other._pipe)
     del it, other  # the loader itself collected: its pipeline goes with it, no reader left
     assert pipe() is None and not reader_threads()
+
+
+@pytest.mark.gpu
+def test_dali_gpu_epochs_exact_and_an_abandoned_epoch_leaves_no_reader(photos, monkeypatch):
+    """The GPU path (nvJPEG, ids on the GPU) over epochs, an abandoned one and a resume point."""
+    opts = dict(batch_size=2, seed=11, with_keys=True)
+    cpu = cpu_epochs(photos, 3, **opts)
+    loader = make_loader(photos, kind="dali", device="cuda", prefetch=2, **opts)
+    builds = count_builds(loader, monkeypatch)
+    same(list(loader), cpu[0])
+    it = iter(loader)
+    head = [next(it) for _ in range(3)]
+    assert len(reader_threads()) == 1
+    it.close()
+    assert not reader_threads()
+    same(head + list(loader), cpu[1])
+    same(list(loader), cpu[2])
+    assert head[0]["images"].device.type == "cuda" and len(builds) == 1
+    loader.close()
+    assert not reader_threads()
 
 
 @pytest.mark.gpu

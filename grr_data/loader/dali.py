@@ -307,8 +307,9 @@ class DaliLoader(LoaderBase):
         """Take what DALI still holds of an abandoned feed (the source is closed, so at most its
         prefetch), leaving the pipeline at an epoch end; drop the pipeline if DALI fails on it."""
         try:
-            for _ in self._it:
-                pass
+            while True:  # next(), not a for loop: DALI's __iter__ may reset the iterator itself
+                next(self._it)
+        except StopIteration:
             self._state = "ended"
         except Exception as err:  # noqa: BLE001 - the batches are discarded; a new pipeline is built
             log.debug("DALI failed while discarding an abandoned epoch's batches (%s); rebuilding", err)
