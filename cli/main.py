@@ -3,7 +3,7 @@
 
 # isort: off
 from cli import evaluate  # noqa: F401  (the modules register their commands)
-from cli import demo, fetch, loader, model, shard, train  # noqa: F401
+from cli import demo, export, fetch, loader, model, shard, train  # noqa: F401
 # isort: on
 from cli.groups import app
 

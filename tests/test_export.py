@@ -1,0 +1,135 @@
+"""`grr export`: a run as a Hugging Face folder that `from_pretrained` loads back to the same
+model, bit for bit on the CPU; its model card; a push without network fails in one line."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_run import make_set, photos, train_tiny_run  # noqa: E402
+
+from cli.main import app  # noqa: E402
+from grr_train.checkpoint import load_model  # noqa: E402
+from grr_train.export import HubCoCa, export_run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    data, _ = make_set(root)
+    return train_tiny_run(data, root / "run")
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    result = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path_factory.mktemp("out") / "model")])
+    assert result.exit_code == 0, result.output
+    return Path(result.output.split(" to ")[-1].strip())
+
+
+def test_export_writes_the_hugging_face_layout(run, exported):
+    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                         "spiece.model"]
+    assert (exported / "spiece.model").read_bytes() == (run / "tokenizer" / "spiece.model").read_bytes()
+    config = json.loads((exported / "config.json").read_text())
+    meta = json.loads((run / "checkpoints" / "step-0000001" / "meta.json").read_text())
+    assert config["model_config"] == meta["model_config"] and config["special"] == meta["special"]
+    assert config["tokenizer"]["run_copy"]["files_sha256"] == meta["tokenizer"]["files_sha256"]
+    assert config["source"] | {"epoch": None} == {"format": 1, "run": "run", "checkpoint": "step-0000001", "step": 1,
+                                                  "epoch": None, "preset": "grr-tiny", "recipe": "pretrain"}
+
+
+def test_model_card_says_what_the_model_is(run, exported):
+    card = (exported / "README.md").read_text()
+    model, _ = load_model(run)
+    last_train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line).get("kind") == "train"][-1]
+    assert card.startswith("---\nlibrary_name: grr-coca\n")
+    assert "| preset | `grr-tiny` |" in card
+    assert f"| parameters | {sum(p.numel() for p in model.parameters()):,} |" in card
+    assert f"| data | `{json.loads((run / 'config.json').read_text())['train']['data']}`" in card
+    assert "| recipe | pretrain: 1 epochs, global batch 4, lr 0.001 -> 0.0001" in card
+    assert "| train | 1 | " in card and f"loss {last_train['loss']:.4g}" in card
+
+
+def test_from_pretrained_gives_identical_logits(run, exported, tmp_path):
+    reference, info = load_model(run)
+    loaded = HubCoCa.from_pretrained(exported)
+    assert not loaded.training and isinstance(loaded, HubCoCa)
+    assert loaded.state_dict().keys() == reference.state_dict().keys()
+    from grr_data.loader import preprocess_image
+    from grr_data.tokenizer import load_tokenizer
+
+    images = torch.stack([preprocess_image(p) for p in photos(tmp_path / "photos")])
+    ids = torch.from_numpy(load_tokenizer(exported).encode_batch(["a red dog", "two cats", "a car on a street"])[0])
+    with torch.no_grad():
+        want, got = reference(images, ids), loaded(images, ids)
+    for name in ("logits", "image_embed", "text_embed"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_a_missing_weight_is_refused_not_left_random(exported, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ("config.json", "spiece.model"):
+        (broken / f).write_bytes((exported / f).read_bytes())
+    weights = load_file(exported / "model.safetensors")
+    weights.pop("lm_head.bias")
+    save_file(weights, broken / "model.safetensors")
+    with pytest.raises(RuntimeError, match="lm_head.bias"):
+        HubCoCa.from_pretrained(broken)
+
+
+def test_export_refuses_a_folder_in_use(run, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="out exists and is not empty; choose another --out"):
+        export_run(run, tmp_path / "out")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_export_of_a_checkpoint_folder(run, tmp_path):
+    out = export_run(run / "checkpoints" / "step-0000001", tmp_path / "ckpt-export")
+    assert json.loads((out / "config.json").read_text())["source"]["run"] == "run"
+    assert (out / "spiece.model").is_file()
+
+
+def _push(run, tmp_path):
+    return CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "pushed"), "--push", "me/grr-tiny"])
+
+
+def test_push_offline_fails_in_one_line(run, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    result = _push(run, tmp_path)
+    assert result.exit_code == 1
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith(f"error: could not push {tmp_path / 'pushed'} to the hub repo 'me/grr-tiny' (")
+    assert "pushing needs network access and a token" in errors[0]
+    assert (tmp_path / "pushed" / "model.safetensors").is_file()  # the export itself is complete
+
+
+def test_push_without_a_reachable_hub_fails_in_one_line(run, tmp_path, monkeypatch):
+    """Not offline mode: the hub refuses the connection (nothing listens on port 9)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    result = _push(run, tmp_path)
+    assert result.exit_code == 1
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1 and "could not push" in errors[0] and "network access" in errors[0], result.output
+
+
+def test_export_help():
+    result = CliRunner().invoke(app, ["export", "--help"])
+    assert result.exit_code == 0 and "--push" in result.output
