@@ -21,7 +21,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 run() {  # run LIMIT CMD...: the command's last lines (progress bars dropped) into the results
   local t=$1; shift; echo "== $*" >>"$R"; local s=$SECONDS
   timeout "$t" "$@" >"$OUT/last.log" 2>&1; local rc=$?
-  tr '\r' '\n' <"$OUT/last.log" | grep -v 'it/s\|s/it\|step/s\|s/step\|^ *$\|Warning\|warn(' | tail -n "${TAIL:-3}" | tee -a "$R"
+  tr '\r' '\n' <"$OUT/last.log" | grep -v '%|\|^ *$\|Warning\|warn(' | tail -n "${TAIL:-3}" | tee -a "$R"
   echo "   rc=$rc wall=$((SECONDS - s))s" | tee -a "$R"
 }
 case $PART in
@@ -54,7 +54,7 @@ import json, sys
 rs = [json.loads(l) for l in open(sys.argv[1]) if '"train"' in l]
 print("e2e:", ", ".join(f"step {r['step']} {r['samples_per_s']:.0f} sps mfu {r.get('mfu') or 0:.3f}" for r in rs))
 PY
-  TAIL=6 run 150 $PY -m pytest -q -m gpu tests/test_loader_dali.py -p no:cacheprovider ;;
+  TAIL=8 run 200 $PY -m pytest -q tests/test_loader_dali.py tests/test_loader_reader.py -p no:cacheprovider ;;
 *) echo "usage: gpu_session.sh model|peer|data"; exit 2 ;;
 esac
 echo "== done $PART" | tee -a "$R"

@@ -86,7 +86,7 @@ class TrainConfig:
     # How long a collective waits for the other processes before the run fails (None: torch's
     # default, 10 minutes on NCCL); raise it when one rank's saves or validation are slow.
     process_group_timeout_minutes: float | None = None
-    num_workers: int = 4
+    num_workers: int | None = None  # CPU loader workers; None: this process's share of the cores, less one
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: str = "auto"  # one of COMPILE_MODES; a compile failure falls back to eager with a warning
     # Recompute each transformer block in backward instead of keeping its activations: for a
@@ -126,6 +126,8 @@ class TrainConfig:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.per_device_batch_size is not None and self.per_device_batch_size < 1:
             raise ValueError(f"per_device_batch_size must be at least 1, got {self.per_device_batch_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         for name in ("global_batch_size", "contrastive_batch_size", "epochs", "val_batch_size",
                      "val_contrastive_batch_size", "checkpoint_every", "keep_checkpoints",
                      "patience_per_level", "num_lr_levels"):

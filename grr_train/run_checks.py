@@ -9,12 +9,16 @@ from before fingerprints have none; they are compared by name and layout only.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import torch
 from safetensors import safe_open
 
 from grr_data.dataset import DatasetInfo
 from grr_data.layout import CLS_INDEX, CONTEXT_LENGTH
 from grr_data.loader import make_loader
+from grr_train.config import TrainConfig
 from grr_train.model import ModelConfig
 
 
@@ -56,6 +60,43 @@ def _describe(record: dict) -> str:
     return f"vocabulary {record.get('vocab_size')}, {digest}"
 
 
+def fit_batches_to_data(cfg: TrainConfig, data: DatasetInfo, world_size: int) -> tuple[TrainConfig, str | None]:
+    """`cfg` with batches no larger than the splits hold, and a one-line warning saying what changed.
+
+    The paper's batches (global 768, contrastive 192 pairs, validation chunks of 192) are for
+    CC12M; on a small set they would make no whole step or a NaN validation loss. The contrastive
+    batch is capped at the train split (a multiple of the processes), the global batch at the
+    split and to a multiple of the contrastive batch, the validation chunk at the val split.
+    """
+    num_train = data.split_sizes.get("train", 0)
+    num_val = data.split_sizes.get(cfg.val_split, 0)
+    changes: dict = {}
+    micro = cfg.micro_batch_size(world_size)
+    if num_train and micro * world_size > num_train:
+        micro = max(num_train // world_size, 1)
+        key = "per_device_batch_size" if cfg.per_device_batch_size is not None else "contrastive_batch_size"
+        changes[key] = micro if key == "per_device_batch_size" else micro * world_size
+    contrastive = micro * world_size
+    if num_train and (cfg.global_batch_size > num_train or (changes and cfg.global_batch_size % contrastive)):
+        changes["global_batch_size"] = max(contrastive, min(cfg.global_batch_size, num_train) // contrastive * contrastive)
+    if num_val and cfg.val_contrastive_batch_size > num_val:
+        changes["val_contrastive_batch_size"] = num_val
+    if not changes:
+        return cfg, None
+    was = ", ".join(f"{k} {getattr(cfg, k)}" for k in changes)
+    now = ", ".join(f"{k} {v}" for k, v in changes.items())
+    return dataclasses.replace(cfg, **changes), (
+        f"warning: {data.manifest_path} has {num_train} train and {num_val} {cfg.val_split} pairs, fewer than the "
+        f"batches asked for ({was}; the paper's are global 768, contrastive 192, validation chunks 192): "
+        f"using {now}")
+
+
+def default_num_workers(world_size_on_node: int = 1) -> int:
+    """CPU loader workers when none are set: this process's share of the cores, less one, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(world_size_on_node, 1) - 1))
+
+
 def weight_names(ckpt) -> list[str]:
     """The parameter names stored in a checkpoint's weights (read from the file's header only)."""
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
@@ -70,7 +111,9 @@ def make_loader_for(trainer, split: str, batch_size: int, shuffle: bool, prefetc
     # images (more precise than bf16, range ample for normalised pixels) halve what the
     # loader buffers on the GPU. CPU runs keep float32, so their results do not change.
     gpu_bf16 = trainer.device.type == "cuda" and trainer.autocast_dtype == torch.bfloat16
+    workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(
+        int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return make_loader(cfg.data, split=split, batch_size=batch_size, kind=cfg.loader, rank=info.rank,
-                       world_size=info.world_size, seed=cfg.seed, shuffle=shuffle, num_workers=cfg.num_workers,
+                       world_size=info.world_size, seed=cfg.seed, shuffle=shuffle, num_workers=workers,
                        device=str(trainer.device), dtype=torch.float16 if gpu_bf16 else torch.float32,
                        prefetch=prefetch, batch_multiple=batch_multiple)

@@ -26,6 +26,7 @@ of processes. The step itself (losses, accumulation, clipping, AdamW, the one re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -57,7 +58,13 @@ from grr_train.model.compat import is_old_layout
 from grr_train.model.summary import flops_per_sample
 from grr_train.parallel import parallelize, peak_flops, unwrap
 from grr_train.precision import autocast_dtype
-from grr_train.run_checks import check_model_fits_data, check_same_tokenizer, make_loader_for, weight_names
+from grr_train.run_checks import (
+    check_model_fits_data,
+    check_same_tokenizer,
+    fit_batches_to_data,
+    make_loader_for,
+    weight_names,
+)
 from grr_train.schedule import lr_at, set_lr
 from grr_train.step import StepSettings, TrainStep
 from grr_train.validate import validate
@@ -92,6 +99,9 @@ class Trainer:
             raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
         if not resume and latest is not None:
             raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume, or choose another --out")
+        self.data = DatasetInfo.read(cfg.data)
+        self.special = self.data.special
+        cfg, self._batch_note = fit_batches_to_data(cfg, self.data, info.world_size)
         self.cfg = cfg
         self.device = info.device
         self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
@@ -99,14 +109,18 @@ class Trainer:
         self.accumulation = cfg.accumulation_steps(info.world_size)
         self._seed_everything(cfg.seed + info.rank)  # ranks differ so their dropout masks differ
 
-        self.data = DatasetInfo.read(cfg.data)
-        self.special = self.data.special
         # A step takes all its micro-batches before any GPU work (it needs their token count),
         # so the loader must work at least that far ahead or the GPU waits on decoding.
         self.train_loader = make_loader_for(self, "train", self.micro_batch_size, shuffle=True,
                                             prefetch=self.accumulation + 1, batch_multiple=self.accumulation)
         self.val_loader = self._make_val_loader()
         self.steps_per_epoch = len(self.train_loader) // self.accumulation  # whole: the plan pads
+        self._epochs_note = None
+        if cfg.max_steps is not None and cfg.max_steps > cfg.epochs * self.steps_per_epoch:
+            epochs = -(-cfg.max_steps // self.steps_per_epoch)
+            self._epochs_note = (f"note: max_steps {cfg.max_steps} needs {epochs} epochs of {self.steps_per_epoch} "
+                                 f"steps; epochs raised from {cfg.epochs} to {epochs}")
+            self.cfg = cfg = dataclasses.replace(cfg, epochs=epochs)
 
         model = self._build_model(resume)
         self.model = parallelize(model, info, compile=cfg.compile,
@@ -153,7 +167,8 @@ class Trainer:
         try:
             while self.stop_reason is None and self.epoch < self.cfg.epochs:
                 self.run_epoch()
-            self.stop_reason = self.stop_reason or "epochs"
+            reached_max = self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+            self.stop_reason = self.stop_reason or ("max_steps" if reached_max else "epochs")
             if self.last_saved_step != self.step:
                 self.save()
             self.log.log({"kind": "event", "step": self.step, "what": "stop", "reason": self.stop_reason,
@@ -403,13 +418,7 @@ class Trainer:
         cfg = self.cfg
         num_val = self.data.split_sizes.get(cfg.val_split, 0)
         where = self.data.manifest_path
-        if cfg.early_stop and 0 < num_val < cfg.val_contrastive_batch_size:
-            raise ValueError(
-                f"{where}: the {cfg.val_split!r} split has {num_val} samples, fewer than one "
-                f"contrastive chunk (val_contrastive_batch_size {cfg.val_contrastive_batch_size}), so "
-                f"the early-stopping loss would be NaN; lower --set val_contrastive_batch_size= (at most {num_val})"
-            )
-        if num_val > 0:
+        if num_val > 0:  # fit_batches_to_data capped its contrastive chunk at num_val: no NaN
             return make_loader_for(self, cfg.val_split, cfg.val_batch_size, shuffle=False)
         if cfg.early_stop:
             raise ValueError(f"{where}: no {cfg.val_split!r} split, which early stopping needs")
@@ -420,6 +429,9 @@ class Trainer:
         cfg, world = self.cfg, self.info.world_size
         if not self.info.is_main:
             return
+        for note in (self._batch_note, self._epochs_note):
+            if note:
+                tqdm.write(note)
         tqdm.write(f"batch: global {cfg.global_batch_size} = {self.accumulation} micro-batches x "
                    f"{self.micro_batch_size} per process x {world} process{'es' if world > 1 else ''}; "
                    f"contrastive batch {self.micro_batch_size * world}; {self.steps_per_epoch} steps per epoch")

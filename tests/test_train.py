@@ -8,6 +8,7 @@ max_steps is already reached, and purges TensorBoard past the checkpoint on resu
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -155,10 +156,27 @@ def test_paper_split_warns_and_run_records_the_tokenizer(tmp_path, capsys):
     assert info["tokenizer"] == manifest["tokenizer"]
 
 
-def test_early_stop_refuses_a_val_split_smaller_than_a_chunk(tmp_path, small_data):
-    cfg = tiny(small_data, early_stop=True, val_contrastive_batch_size=8)  # the val split has 4 samples
-    with pytest.raises(ValueError, match=r"4 samples.*lower --set val_contrastive_batch_size="):
-        run_training(cfg, tmp_path / "run")
+def test_batches_larger_than_the_splits_are_capped_with_one_warning(tmp_path, small_data, capsys):
+    # 4 train and 4 val pairs against the paper's batches: no NaN validation, one warning, and
+    # the run records what it trained with.
+    cfg = tiny(small_data, early_stop=True, per_device_batch_size=None, contrastive_batch_size=192,
+               global_batch_size=768, val_contrastive_batch_size=192, epochs=1)
+    summary = run_training(cfg, tmp_path / "run")
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if "fewer than the batches asked for" in line]
+    assert len(warnings) == 1 and "contrastive_batch_size 4" in warnings[0] and "the paper's" in warnings[0]
+    val = read_metrics(tmp_path / "run", "val")
+    assert val and all(math.isfinite(r["loss"]) for r in val) and val[0]["contrastive_batch_size"] == 4
+    train = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (train["contrastive_batch_size"], train["global_batch_size"]) == (4, 4)
+    assert summary["step"] == 1
+
+
+def test_max_steps_beyond_the_epochs_raises_the_epochs_and_says_so(tmp_path, small_data, capsys):
+    summary = run_training(tiny(small_data, per_device_batch_size=4, max_steps=3, epochs=1, val_split="none"),
+                           tmp_path / "run")
+    assert summary["step"] == 3 and summary["stop_reason"] == "max_steps"
+    assert "epochs raised from 1 to 3" in capsys.readouterr().out
 
 
 def test_early_stop_refuses_a_nan_validation_loss(tmp_path, small_data, monkeypatch):
