@@ -1,9 +1,10 @@
 #!/bin/bash
 # The GPU measurements of issue 9, in parts that each fit one device call (from the project root).
-#   bash benchmarks/gpu_session.sh model   grr-coca eager / per-block compile at micro-batch 48 and 192,
-#                                          baseline-coca likewise at 48 (`grr bench train`, the trainer's step)
-#   bash benchmarks/gpu_session.sh peer    grr-coca and open_clip's CoCa in one process, eager and compiled
-#                                          (benchmarks/peer_openclip.py; open_clip wheels in $WHL), gpu tests
+#   bash benchmarks/gpu_session.sh model   grr-coca and baseline-coca with per-block compile at micro-batch 48
+#                                          (`grr bench train`, the trainer's step)
+#   bash benchmarks/gpu_session.sh peer    grr-coca, baseline-coca and open_clip's CoCa eager in one process,
+#                                          open_clip compiled (benchmarks/peer_openclip.py; open_clip wheels
+#                                          in $WHL), the gpu tests of the step
 #   bash benchmarks/gpu_session.sh data    DALI (/tmp/dali.env), a 32,102-id tokenizer, 6,000 photo crops
 #                                          sharded, the loaders, and `grr train pretrain` end to end
 # Results are appended to $OUT/results.txt and printed. P, B, BIG, N, KIT override the preset, the
@@ -26,14 +27,11 @@ run() {  # run LIMIT CMD...: the command's last lines (progress bars dropped) in
 }
 case $PART in
 model)
-  run 100 $G bench train --preset "$P" --batch-size "$B" --steps "$N" --compile off
   run 150 $G bench train --preset "$P" --batch-size "$B" --steps "$N" --compile blocks
-  run 170 $G bench train --preset "$P" --batch-size "$BIG" --steps "$N" --compile blocks
-  run 150 $G bench train --preset "$BASE" --batch-size "$B" --steps "$N" --compile blocks
-  run 100 $G bench train --preset "$BASE" --batch-size "$B" --steps "$N" --compile off ;;
+  run 150 $G bench train --preset "$BASE" --batch-size "$B" --steps "$N" --compile blocks ;;
 peer)
   compgen -G "$WHL/*.whl" >/dev/null && $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHL"/*.whl
-  TAIL=4 run 150 $PY benchmarks/peer_openclip.py --batch-size "$B" --steps "$N" --models "$P,open_clip"
+  TAIL=5 run 200 $PY benchmarks/peer_openclip.py --batch-size "$B" --steps "$N" --models "$P,$BASE,open_clip"
   TAIL=3 run 200 $PY benchmarks/peer_openclip.py --batch-size "$B" --steps "$N" --models open_clip --compile model --no-flops
   TAIL=6 run 90 $PY -m pytest -q -m gpu tests/test_step.py -p no:cacheprovider ;;
 data)
