@@ -65,6 +65,7 @@ from grr_train.run_checks import (
     make_loader_for,
     weight_names,
 )
+from grr_train.run_tokenizer import copy_tokenizer
 from grr_train.schedule import lr_at, set_lr
 from grr_train.step import StepSettings, TrainStep
 from grr_train.validate import validate
@@ -143,11 +144,16 @@ class Trainer:
         self.peak = peak_flops(self.device)
         self.flops_per_sample = flops_per_sample(self.model_config)
 
+        # The run carries its tokenizer (run_dir/tokenizer/), so it evaluates and captions elsewhere.
+        self.tokenizer_record = self.data.tokenizer.to_dict()
         if resume:
             self._restore(latest)
+            self.tokenizer_record = json.loads((run_dir / "config.json").read_text()).get(
+                "tokenizer", self.tokenizer_record)
         elif info.is_main:
+            self.tokenizer_record = copy_tokenizer(run_dir, self.tokenizer_record)
             ckpt.write_run_config(run_dir, self.model_config.to_dict(), cfg.to_dict(), self.special,
-                                  self.data.tokenizer.to_dict())
+                                  self.tokenizer_record)
         barrier()
         # On resume, TensorBoard drops the events past the checkpoint, as truncate_metrics does.
         self.log = MetricsLog(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
@@ -349,7 +355,7 @@ class Trainer:
                 "micro_batch_size": self.micro_batch_size, "accumulation": self.accumulation,
                 "contrastive_batch": self.micro_batch_size * self.info.world_size,
                 "model_config": self.model_config.to_dict(), "train_config": self.cfg.to_dict(),
-                "special": self.special.to_dict(), "tokenizer": self.data.tokenizer.to_dict(),
+                "special": self.special.to_dict(), "tokenizer": self.tokenizer_record,
                 "time": time.time()}
 
     def _restore(self, latest: Path) -> None:

@@ -211,8 +211,6 @@ def test_copy_tokenizer_copies_the_sample_tokenizer_and_warns_for_one_it_cannot_
     assert "warning: the run's tokenizer" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="grr_train/trainer.py does not call copy_tokenizer yet (the lead wires it); "
-                                       "remove this marker then")
 def test_training_copies_the_tokenizer_into_the_run(made, tmp_path):
     from grr_train.trainer import run_training
 
