@@ -141,6 +141,7 @@ class Trainer:
         self._signal: int | None = None
         self._previous_handlers: dict = {}
         self._loader_state: dict | None = None
+        self._events: list[dict] = []  # for metrics.jsonl once it is open
         self.peak = peak_flops(self.device)
         self.flops_per_sample = flops_per_sample(self.model_config)
 
@@ -360,9 +361,6 @@ class Trainer:
 
     def _restore(self, latest: Path) -> None:
         meta = ckpt.read_meta(latest)
-        if meta["world_size"] != self.info.world_size:
-            raise ValueError(f"{latest} was saved by {meta['world_size']} processes; resume with the same "
-                             f"number (--nproc-per-node {meta['world_size']}), not {self.info.world_size}")
         check_same_tokenizer(meta.get("tokenizer"), self.data, f"the run {self.run_dir}",
                              self.cfg.allow_other_tokenizer)
         if self.info.is_main:
@@ -377,14 +375,40 @@ class Trainer:
         self.stopper.load_state_dict(state["early_stop"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.step_in_epoch, self.num_skipped = state["step_in_epoch"], state["num_skipped"]
-        mine = state["ranks"][self.info.rank]
-        self._loader_state = mine["loader"]
-        ckpt.set_rng_state(mine["rng"], self.device)
+        if meta["world_size"] == self.info.world_size:
+            mine = state["ranks"][self.info.rank]
+            self._loader_state = mine["loader"]
+            ckpt.set_rng_state(mine["rng"], self.device)
+        else:
+            self._resume_on_other_world_size(meta, state)
         self.last_saved_step = self.step
         if self.info.is_main:
             dropped = truncate_metrics(self.run_dir, self.step)
             tqdm.write(f"resumed {self.run_dir} at step {self.step} (epoch {self.epoch}); "
                        f"dropped {dropped} metric records logged after that checkpoint")
+
+    def _resume_on_other_world_size(self, meta: dict, state: dict) -> None:
+        """Continue a run saved by another number of processes: not bit-exact (each rank's dropout
+        stream is new), but where the contrastive batch is the same the epoch's order is too (the
+        plan's order does not depend on the world size), so the epoch continues at the same sample;
+        otherwise the current epoch starts again from its beginning."""
+        saved_contrastive = meta.get("contrastive_batch")
+        same_order = saved_contrastive == self.micro_batch_size * self.info.world_size
+        where = (f"continuing epoch {self.epoch} at the same sample" if same_order else
+                 f"the contrastive batch was {saved_contrastive}, now {self.micro_batch_size * self.info.world_size}: "
+                 f"restarting epoch {self.epoch} from its beginning")
+        if self.info.is_main:
+            tqdm.write(f"warning: {self.run_dir} was saved by {meta['world_size']} processes and resumes on "
+                       f"{self.info.world_size}: {where}; from here the run is no longer bit-exact")
+        if same_order:
+            self._loader_state = {**self.train_loader.state_dict(), "epoch": self.epoch,
+                                  "batches_done": self.step_in_epoch * self.accumulation}
+        else:
+            self.step_in_epoch = 0
+        self._seed_everything(self.cfg.seed + self.info.rank + 1_000_003 * self.step)
+        self._events.append({"kind": "event", "step": self.step, "what": "resume_world_size",
+                             "saved_world_size": meta["world_size"], "world_size": self.info.world_size,
+                             "same_order": same_order})
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -433,6 +457,8 @@ class Trainer:
     def _announce(self) -> None:
         """What a user should know before the first step, on the console and in metrics.jsonl."""
         cfg, world = self.cfg, self.info.world_size
+        for event in self._events:
+            self.log.log({**event, "time": time.time()})
         if not self.info.is_main:
             return
         for note in (self._batch_note, self._epochs_note):

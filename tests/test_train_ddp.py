@@ -91,3 +91,33 @@ def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path, num_workers):
     stops = [r for r in read_metrics(run, "event") if r.get("what") == "stop"]
     assert stops and stops[-1]["reason"] == "signal"
     assert (run / "checkpoints" / "latest").exists()
+
+
+def test_a_run_saved_by_two_processes_resumes_on_one(tmp_path):
+    # The contrastive batch (2) holds whatever the world size, so the plan's order is the same and
+    # the epoch continues at the same sample; with dropout off the resumed run matches an
+    # uninterrupted one-process run up to float summation order.
+    data = make_data(tmp_path / "data", (12,), (4,))
+    common = ["--preset", "grr-tiny", "--data", str(data)]
+    for s in ("contrastive_batch_size=2", "global_batch_size=4", "dropout=0", "num_workers=0", "loader=cpu",
+              "warmup_steps=0", "lr_max=1e-3", "lr_min=1e-3", "tensorboard=false", "val_split=none",
+              "checkpoint_every=2"):
+        common += ["--set", s]
+
+    def train(out, nproc, steps, resume=False):
+        cmd = [sys.executable, "-m", "cli.main", "train", "pretrain", *common, "--out", str(out),
+               "--max-steps", str(steps), "--nproc-per-node", str(nproc)] + (["--resume"] if resume else [])
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    train(tmp_path / "straight", 1, 4)
+    train(tmp_path / "moved", 2, 2)
+    done = train(tmp_path / "moved", 1, 4, resume=True)
+    assert "saved by 2 processes and resumes on 1" in done.stdout + done.stderr
+    straight, moved = read_metrics(tmp_path / "straight", "train"), read_metrics(tmp_path / "moved", "train")
+    assert [r["step"] for r in moved] == [1, 2, 3, 4]
+    for a, b in zip(straight, moved, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+    events = [r for r in read_metrics(tmp_path / "moved", "event") if r.get("what") == "resume_world_size"]
+    assert events and events[0]["same_order"] and events[0]["saved_world_size"] == 2
