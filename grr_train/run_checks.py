@@ -1,4 +1,4 @@
-"""What a run checks of its data before training, and the loaders it makes from it.
+"""What a run checks of its data before training, and the model and loaders it makes from it.
 
 A run and its data must agree on the token layout (vocabulary size, PAD, EOS and where CLS
 stands) and on the tokenizer itself: two tokenizers can share a size and special ids and still
@@ -10,7 +10,9 @@ from before fingerprints have none; they are compared by name and layout only.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -18,8 +20,10 @@ from safetensors import safe_open
 from grr_data.dataset import DatasetInfo
 from grr_data.layout import CLS_INDEX, CONTEXT_LENGTH
 from grr_data.loader import make_loader
+from grr_train import checkpoint as ckpt
 from grr_train.config import TrainConfig
-from grr_train.model import ModelConfig
+from grr_train.model import ModelConfig, build_model, get_config
+from grr_train.model.compat import is_old_layout
 
 
 def check_model_fits_data(model_config: ModelConfig, data: DatasetInfo) -> None:
@@ -117,3 +121,27 @@ def make_loader_for(trainer, split: str, batch_size: int, shuffle: bool, prefetc
                        world_size=info.world_size, seed=cfg.seed, shuffle=shuffle, num_workers=workers,
                        device=str(trainer.device), dtype=torch.float16 if gpu_bf16 else torch.float32,
                        prefetch=prefetch, batch_multiple=batch_multiple)
+
+
+def build_run_model(cfg: TrainConfig, run_dir: Path, data: DatasetInfo, resume: bool):
+    """(model, its config) for a run: the run's own config on resume, the --from checkpoint's for
+    fine-tuning, else the preset sized to the data's vocabulary and special ids; checked against
+    the data's layout and tokenizer."""
+    if resume:
+        model_config = ModelConfig.from_dict(json.loads((run_dir / "config.json").read_text())["model"])
+        model = build_model(model_config)
+        if is_old_layout(weight_names(ckpt.latest_checkpoint(run_dir))):
+            raise ValueError(f"{run_dir} was saved before attention's q, k and v became one projection: "
+                             "its weights load for grr eval, grr caption and finetune --from, but its optimizer "
+                             "state cannot resume; fine-tune from it (--from) instead")
+    elif cfg.recipe == "finetune":
+        model, info = ckpt.load_model(cfg.init_from, dropout=cfg.dropout)
+        model_config = info["model_config"]
+        check_same_tokenizer(info.get("tokenizer"), data, f"--from {cfg.init_from}", cfg.allow_other_tokenizer)
+    else:
+        special = data.special
+        model_config = get_config(cfg.preset, dropout=cfg.dropout, vocab_size=special.vocab_size,
+                                  pad_id=special.pad, eos_id=special.eos)
+        model = build_model(model_config)
+    check_model_fits_data(model_config, data)
+    return model, model_config

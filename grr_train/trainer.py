@@ -53,18 +53,10 @@ from grr_train.distributed import (
 )
 from grr_train.early_stop import IMPROVED, RESET, STOP, SoftResetEarlyStopper
 from grr_train.metrics_log import MetricsLog, truncate_metrics
-from grr_train.model import ModelConfig, build_model, get_config
-from grr_train.model.compat import is_old_layout
 from grr_train.model.summary import flops_per_sample
 from grr_train.parallel import parallelize, peak_flops, unwrap
 from grr_train.precision import autocast_dtype
-from grr_train.run_checks import (
-    check_model_fits_data,
-    check_same_tokenizer,
-    fit_batches_to_data,
-    make_loader_for,
-    weight_names,
-)
+from grr_train.run_checks import build_run_model, check_same_tokenizer, fit_batches_to_data, make_loader_for
 from grr_train.run_tokenizer import copy_tokenizer
 from grr_train.schedule import lr_at, set_lr
 from grr_train.step import StepSettings, TrainStep
@@ -483,27 +475,7 @@ class Trainer:
                        "pass --max-steps M or --set max_steps=none to train further")
 
     def _build_model(self, resume: bool) -> torch.nn.Module:
-        cfg = self.cfg
-        if resume:
-            model_config = ModelConfig.from_dict(json.loads((self.run_dir / "config.json").read_text())["model"])
-            model = build_model(model_config)
-            latest_keys = weight_names(ckpt.latest_checkpoint(self.run_dir))
-            if is_old_layout(latest_keys):
-                raise ValueError(f"{self.run_dir} was saved before attention's q, k and v became one projection: "
-                                 "its weights load for grr eval, grr caption and finetune --from, but its optimizer "
-                                 "state cannot resume; fine-tune from it (--from) instead")
-        elif cfg.recipe == "finetune":
-            model, info = ckpt.load_model(cfg.init_from, dropout=cfg.dropout)
-            model_config = info["model_config"]
-            check_same_tokenizer(info.get("tokenizer"), self.data, f"--from {cfg.init_from}",
-                                 cfg.allow_other_tokenizer)
-        else:
-            special = self.special
-            model_config = get_config(cfg.preset, dropout=cfg.dropout, vocab_size=special.vocab_size,
-                                      pad_id=special.pad, eos_id=special.eos)
-            model = build_model(model_config)
-        check_model_fits_data(model_config, self.data)
-        self.model_config = model_config
+        model, self.model_config = build_run_model(self.cfg, self.run_dir, self.data, resume)
         return model
 
     @staticmethod
