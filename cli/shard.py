@@ -13,18 +13,28 @@ from cli.groups import data_app
 
 @data_app.command("shard")
 def shard(
-    input: Path = typer.Option(..., "--input", help="Fetch output folder (img2dataset format)."),
+    input: Path = typer.Option(..., "--input", help=(
+        "What to shard, one of: (1) a `grr data fetch` output folder (img2dataset tars, optionally in train/ "
+        "val/ test/ subfolders); (2) a folder of images with a caption beside each, name.jpg|jpeg|png|webp + "
+        "name.txt (UTF-8), searched recursively; (3) a .csv with a `path,caption` header or a .jsonl of "
+        '{"path": ..., "caption": ...} lines, paths relative to the list\'s folder or absolute. '
+        "(2) and (3) are read in sorted path order (a list: line order); a missing caption or image, "
+        "or a bad list line, is a counted skip.")),
     out: Path = typer.Option(..., "--out", help="Output folder for the sharded set."),
     split: str = typer.Option(None, help="`95/5` (or 90/5/5) by image hash, or `source`. Default: `source` "
                                          "when the input has train/ val/ test/ subfolders, else 95/5."),
     tokenizer: str = typer.Option(None, help="Local directory holding spiece.model, or a hub name such as "
                                              "google-t5/t5-base. Default: the small bundled test tokenizer."),
     shard_size: int = typer.Option(10_000, help="Samples per output shard."),
-    workers: int = typer.Option(None, help="Processes over input tars (default: CPU count)."),
+    workers: int = typer.Option(None, help="Processes over input tars, or over chunks of a folder or list "
+                                           "(default: CPU count)."),
     break_lock: bool = typer.Option(False, "--break-lock", help="Take over --out's lock left by a run on "
                                                                "another host that is known to be dead."),
 ) -> None:
-    """Tokenize captions, split, and write train, val (and test) shards with DALI indexes and manifest.json."""
+    """Tokenize captions, split, and write train, val (and test) shards with DALI indexes and manifest.json.
+
+    --input takes fetch output (img2dataset tars), a folder of images with name.txt captions beside them, or a .csv / .jsonl list of path and caption: your own data needs no img2dataset.
+    """
     from grr_data.lock import LockedError
     from grr_data.shard import shard_dataset
     from grr_data.shard_input import InputError, ShardError

@@ -1,5 +1,9 @@
 """`grr data shard`: fetch output -> tokenized, split shards and `manifest.json` (CONTRACTS.md).
 
+The input is fetch output (img2dataset tars), or a user's own images: a folder with captions
+beside them, or a CSV/JSONL list (grr_data.plain_input), read in fixed-size chunks of sorted
+paths that stand in for input tars everywhere below.
+
 Input tars are processed in sorted order (in parallel, results merged in order); a single
 `SplitAssigner` decides each sample's split, and each split is cut into shards of `shard_size`
 samples in input order. So the output is the same for any worker count.
@@ -35,6 +39,7 @@ from tqdm import tqdm
 from grr_data.files import write_json_atomic
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN
 from grr_data.lock import LOCK_NAME, hold_lock
+from grr_data.plain_input import PlainImages
 from grr_data.procs import WorkerPool
 from grr_data.records import (
     SAMPLE_CHECKSUMS,
@@ -157,7 +162,8 @@ def shard_dataset(
     on_shard: Callable[[Path], None] | None = None,
     break_lock: bool = False,
 ) -> tuple[dict, dict]:
-    """Shard fetch output into `out_dir`; returns (manifest, run stats: seconds, kept shards).
+    """Shard `input_dir` (fetch output, a folder of captioned images, or a .csv/.jsonl list: see
+    grr_data.plain_input) into `out_dir`; returns (manifest, run stats: seconds, kept shards).
 
     `split` None means `source` when the input has split subfolders, else 95/5.
     `on_shard(path)` is called after each shard is complete on disk.
@@ -180,8 +186,11 @@ def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, pr
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
     inputs = find_inputs(input_dir)
-    has_folders = inputs[0][1] is not None
+    has_folders = inputs.has_folders
     rule = SplitRule.parse(split or ("source" if has_folders else "95/5"))
+    if rule.source and inputs.plain:
+        raise InputError(f"{input_dir}: --split source needs fetch output with source splits; images with "
+                         "captions (a folder, CSV or JSONL) have none: use --split 95/5 (the default) or 90/5/5")
     tok = load_tokenizer(tokenizer)
     fetch_manifest = _read_fetch_manifest(input_dir)
     overlaps = declared_overlaps(fetch_manifest)
@@ -201,8 +210,7 @@ def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, pr
               "tokenizer_sha256": tok.fingerprint["files_sha256"],
               "shard_size": shard_size, "layout_version": LAYOUT_VERSION,
               # size and mtime: a refetched tar of the same size must not reuse a stale record
-              "inputs": [[str(p.relative_to(input_dir)), p.stat().st_size, p.stat().st_mtime_ns]
-                         for p, _ in inputs]}
+              "inputs": inputs.fingerprint}
     work = out_dir / WORK_DIR
     params_path = work / "params.json"
     if params_path.is_file():
@@ -220,11 +228,11 @@ def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, pr
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(params_path, params, indent=1, ensure_ascii=True)
 
-    jobs = [TarJob(str(p), folder, tokenizer, source, rule.source, str(record_path(work, i)))
-            for i, (p, folder) in enumerate(inputs)]
+    jobs = [TarJob(path, folder, tokenizer, source, rule.source, str(record_path(work, i)), items)
+            for i, (path, folder, items) in enumerate(inputs.units)]
     sinks = {name: _SplitSink(out_dir, name, shard_size, on_shard) for name in rule.splits}
     assigner = SplitAssigner(rule, overlaps)
-    images = InputImages()
+    images = PlainImages() if inputs.plain else InputImages()
     num_decoded = num_reused = 0
     skipped: Counter = Counter()
     problem_log = SkipLog(log)
@@ -232,7 +240,7 @@ def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, pr
     if has_folders:
         log.info("reading the split folders in the order %s (not train first): an image in two splits "
                  "stays in the evaluation one", ", ".join(FOLDER_ORDER))
-    bar = tqdm(total=len(jobs), unit="tar", desc="shard", disable=not progress)
+    bar = tqdm(total=len(jobs), unit=inputs.unit_name, desc="shard", disable=not progress)
     results = _results(jobs, workers if workers is not None else (os.cpu_count() or 1))
     try:
         for job, result in zip(jobs, results, strict=True):

@@ -1,8 +1,10 @@
-"""Reading fetch output for `grr data shard`: finding the input tars and turning one of them
+"""Reading the input of `grr data shard`: finding the input tars and turning one of them
 into validated, tokenized samples (the per-tar work a process pool runs in parallel).
 
 Input is img2dataset's format (`key.jpg`, `key.txt`, `key.json` per sample), either as tars
-directly in the input folder or in split subfolders (`train/`, `val/`, `test/`). Every image is
+directly in the input folder or in split subfolders (`train/`, `val/`, `test/`); or, without
+tars, a user's own images (a folder with captions beside them, or a CSV/JSONL list), read in
+chunks that play the role of tars (grr_data.plain_input). Every image is
 fully decoded, since a truncated JPEG is only caught that way; an image whose shorter side is
 not 288 (or that is not an upright RGB/greyscale JPEG) is resized and re-encoded (grr_data.image).
 """
@@ -51,6 +53,7 @@ class TarJob:
     source: str  # dataset name written into each sample's json
     need_source_split: bool  # the `source` rule: a sample without a known split is skipped
     record: str | None = None  # where its completion record goes (grr_data.shard_resume)
+    items: tuple | None = None  # a chunk of a plain input instead of a tar: its PlainItems (grr_data.plain_input)
 
 
 @dataclass
@@ -61,7 +64,7 @@ class Sample:
     ids: np.ndarray  # (65,) int64
     meta: dict
     identity: SampleIdentity
-    member: str  # the image's member name in the input tar
+    member: str  # the image's member name in the input tar (a plain input: its file)
     resized: bool  # whether `jpg` is a re-encoding of that member
 
 
@@ -77,10 +80,56 @@ class TarResult:
     from_record: bool = False
 
 
-def find_inputs(input_dir: Path) -> list[tuple[Path, str | None]]:
-    """(tar path, split subfolder or None) in processing order."""
-    if not input_dir.is_dir():
-        raise InputError(f"{input_dir}: not a directory; pass the folder `grr data fetch` wrote")
+@dataclass(frozen=True)
+class ShardInputs:
+    """What a run reads, in processing order: one unit per worker job (an input tar, or a chunk
+    of a plain input)."""
+
+    kind: str  # "tars", or a plain input's: "folder", "csv", "jsonl"
+    units: list[tuple[str, str | None, tuple | None]]  # (tar path or chunk name, split subfolder, chunk items)
+    fingerprint: list | dict  # kept in params.json: a changed input is not resumed
+
+    @property
+    def has_folders(self) -> bool:
+        return self.units[0][1] is not None
+
+    @property
+    def plain(self) -> bool:
+        return self.kind != "tars"
+
+    @property
+    def unit_name(self) -> str:
+        return "tar" if self.kind == "tars" else "chunk"
+
+
+def find_inputs(input_path: Path) -> ShardInputs:
+    """The input tars of a fetch output, else the chunks of a plain input."""
+    # plain_input builds on this module, so it is imported where it is needed
+    from grr_data.plain_input import find_plain_inputs
+
+    if input_path.is_file():
+        plain = find_plain_inputs(input_path)
+    elif not input_path.is_dir():
+        raise InputError(f"{input_path}: no such file or folder; pass the folder `grr data fetch` wrote, a folder "
+                         "of images with captions beside them, or a .csv/.jsonl list of path and caption")
+    else:
+        tars = _find_tars(input_path)
+        if tars:
+            return ShardInputs("tars", [(str(p), split, None) for p, split in tars],
+                               [[str(p.relative_to(input_path)), p.stat().st_size, p.stat().st_mtime_ns]
+                                for p, _ in tars])
+        plain = find_plain_inputs(input_path)
+        if plain is None:
+            raise InputError(f"{input_path}: no .tar files (nor train/ val/ test/ subfolders holding them) and no "
+                             f"images ({', '.join(IMAGE_EXTENSIONS)}) with captions beside them (name.txt); "
+                             "expected `grr data fetch` output or a folder of captioned images")
+    name = f"{input_path.resolve()}:chunk-"
+    return ShardInputs(plain.kind, [(f"{name}{i:06d}", None, items) for i, items in enumerate(plain.chunks)],
+                       plain.fingerprint)
+
+
+def _find_tars(input_dir: Path) -> list[tuple[Path, str | None]]:
+    """(tar path, split subfolder or None) in processing order; [] when the folder holds no tars."""
     found = []
     for sub in sorted(p for p in input_dir.iterdir() if p.is_dir()):
         split = normalize_split(sub.name)
@@ -91,11 +140,7 @@ def find_inputs(input_dir: Path) -> list[tuple[Path, str | None]]:
             raise InputError(f"{input_dir}: holds both tars and split subfolders; shard one or the other")
         inputs = [(tar, split) for _, sub, split in sorted(found) for tar in sorted(sub.glob("*.tar"))]
     else:
-        tars = sorted(input_dir.glob("*.tar"))
-        if not tars:
-            raise InputError(f"{input_dir}: no .tar files (nor train/ val/ test/ subfolders holding them); "
-                             "expected img2dataset/`grr data fetch` output")
-        inputs = [(tar, None) for tar in tars]
+        inputs = [(tar, None) for tar in sorted(input_dir.glob("*.tar"))]
     _refuse_unfinished(inputs)
     return inputs
 
@@ -152,11 +197,12 @@ def prepare_image(data: bytes) -> tuple[bytes, tuple[int, int], bool]:
     return jpg, size, True
 
 
-def _read_caption(members: dict[str, bytes]) -> str:
-    if "txt" not in members:
+def read_caption(data: bytes | None) -> str:
+    """The caption of UTF-8 bytes; raises ValueError(reason, detail) for a bad one."""
+    if data is None:
         raise ValueError("missing_caption", "no .txt member")
     try:
-        caption = members["txt"].decode("utf-8")
+        caption = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError("invalid_utf8_caption", str(err)) from err
     caption = caption.strip()
@@ -171,7 +217,12 @@ def _output_key(job: TarJob, key: str) -> str:
 
 
 def process_tar(job: TarJob) -> TarResult:
-    """Validate, resize and tokenize every sample of one input tar (runs in a worker)."""
+    """Validate, resize and tokenize every sample of one input tar, or of a plain input's chunk
+    (runs in a worker)."""
+    if job.items is not None:
+        from grr_data.plain_input import process_chunk  # it builds on this module
+
+        return process_chunk(job)
     result = TarResult()
     tar_name = f"{job.folder_split}/{Path(job.path).name}" if job.folder_split else Path(job.path).name
     pending: list[tuple[str, bytes, str, dict, SampleIdentity, str, bool]] = []
@@ -190,7 +241,7 @@ def process_tar(job: TarJob) -> TarResult:
                 continue
             seen_keys.add(key)
             try:
-                caption = _read_caption(members)
+                caption = read_caption(members.get("txt"))
                 image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
                 if image_ext is None:
                     raise ValueError("missing_image", "no image member")
@@ -233,14 +284,21 @@ def process_tar(job: TarJob) -> TarResult:
             result.problems.append(("lost_in_short_tar", tar_name, f"holds {num_groups} samples, its stats file "
                                     f"says {expected}; {expected - num_groups} sample(s) lost"))
 
+    tokenize_pending(job, result, pending)
+    return result
+
+
+def tokenize_pending(job: TarJob, result: TarResult, pending: list[tuple]) -> None:
+    """Tokenize the captions of the samples read so far, all at once, and add them to `result`.
+    `pending`: (key, jpg, caption, meta, identity, member, resized) per sample."""
     ids, truncated, invalid = load_tokenizer(job.tokenizer).encode_captions([p[2] for p in pending])
     for row, (key, jpg, caption, meta, identity, member, resized) in enumerate(pending):
         if invalid[row]:
-            skip("special_token_in_caption", meta["source_key"].rsplit(":", 1)[1],
-                 f"caption {caption[:80]!r} tokenizes to PAD or EOS")
+            result.skipped["special_token_in_caption"] += 1
+            result.problems.append(("special_token_in_caption", meta["source_key"],
+                                    f"caption {caption[:80]!r} tokenizes to PAD or EOS"))
             continue
         meta["caption_truncated"] = bool(truncated[row])
         result.samples.append(Sample(key, jpg, caption, ids[row], meta, identity, member, resized))
         result.num_resized += resized
     result.num_truncated = int(truncated.sum())
-    return result
