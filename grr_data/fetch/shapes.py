@@ -130,13 +130,18 @@ def _place_two(rng: np.random.Generator, sides: list[float], axis: str) -> list[
 
 
 def _place_in_cells(rng: np.random.Generator, sides: list[float]) -> list[tuple[float, float]]:
-    """Top-left corners in distinct cells of a 3x3 grid, jittered inside the cell: never overlapping."""
-    cells = rng.permutation(9)[: len(sides)]
+    """Top-left corners in distinct cells of a grid (3x3, or 2x2 for objects too large for a third
+    of the side), jittered inside the cell: never overlapping."""
+    grid = 3 if max(sides) <= 1 / 3 - MARGIN else 2
+    if len(sides) > grid * grid:
+        raise FetchError(f"manifests/shapes.json: {len(sides)} objects of side {max(sides):.2f} do not fit; "
+                         "lower the largest count or size")
+    cells = rng.permutation(grid * grid)[: len(sides)]
     corners = []
     for cell, s in zip(cells, sides, strict=True):
-        row, col = divmod(int(cell), 3)
-        lo_x, lo_y = max(col / 3, MARGIN), max(row / 3, MARGIN)
-        hi_x, hi_y = min((col + 1) / 3, 1 - MARGIN) - s, min((row + 1) / 3, 1 - MARGIN) - s
+        row, col = divmod(int(cell), grid)
+        lo_x, lo_y = max(col / grid, MARGIN), max(row / grid, MARGIN)
+        hi_x, hi_y = min((col + 1) / grid, 1 - MARGIN) - s, min((row + 1) / grid, 1 - MARGIN) - s
         corners.append((float(rng.uniform(lo_x, max(lo_x, hi_x))), float(rng.uniform(lo_y, max(lo_y, hi_y)))))
     return corners
 
@@ -184,8 +189,8 @@ def _background(rng: np.random.Generator, n: int) -> np.ndarray:
     """(n, n, 3) uint8: a dull colour, flat, a gradient, fine noise or faint stripes; never as
     saturated as the shapes, so a colour word always means the shape."""
     def dull() -> np.ndarray:
-        grey = rng.uniform(40, 225)
-        return np.clip(grey + rng.uniform(-20, 20, size=3), 0, 255)
+        grey = rng.uniform(60, 210)
+        return np.clip(grey + rng.uniform(-15, 15, size=3), 0, 255)
 
     style = int(rng.integers(4))
     image = np.broadcast_to(dull(), (n, n, 3)).astype(np.float32)
