@@ -116,8 +116,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError on settings that cannot work together."""
+        from grr_train.model.config import PRESETS  # imported here: it brings in the model code
+
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.loader not in LOADERS:
@@ -169,6 +173,53 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
 
+# What each setting means, one line each, for `grr train settings`; a new TrainConfig field
+# without an entry fails tests/test_train_config.py.
+SETTING_HELP: dict[str, str] = {
+    "recipe": "pretrain or finetune; set by the command, not changed by hand",
+    "preset": "model preset to pretrain (grr model list); fine-tuning takes the model of --from",
+    "data": "sharded set to train on (a folder with manifest.json, from grr data shard)",
+    "dataset": "fine-tuning: the DATASET name given on the command line (recorded, not read)",
+    "init_from": "fine-tuning: the pretrained run or checkpoint folder the weights come from (--from)",
+    "seed": "random seed of weights, dropout and data order (each process adds its rank)",
+    "global_batch_size": "samples per optimizer step, over all processes and micro-batches",
+    "contrastive_batch_size": "pairs in each micro-step's contrastive loss, whatever the number of processes",
+    "per_device_batch_size": "samples per micro-batch on each process (none: contrastive_batch_size / processes)",
+    "epochs": "passes over the train split (fine-tuning: a cap, early stopping ends the run)",
+    "max_steps": "stop after this many optimizer steps in total, across resumes (none: no limit)",
+    "lambda_con": "weight of the contrastive loss (eq. 6)",
+    "lambda_cap": "weight of the captioning loss (eq. 6)",
+    "dropout": "dropout probability in the model",
+    "lr_max": "peak learning rate (after warm-up, and at each cosine restart)",
+    "lr_min": "lowest learning rate of each cosine cycle (one cycle per epoch)",
+    "warmup_steps": "optimizer steps of linear warm-up to lr_max",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "clip the gradient norm to this value",
+    "early_stop": "stop on the validation loss with soft resets (reload best/, divide the learning rate)",
+    "patience_per_level": "epochs without improvement before a soft reset (or the stop, on the last level)",
+    "num_lr_levels": "learning-rate levels before early stopping ends the run",
+    "lr_reduction": "each soft reset divides both learning-rate bounds by this",
+    "val_every": "also validate every this many optimizer steps (0: only at each epoch end)",
+    "val_split": "split of the set to validate on",
+    "val_batch_size": "samples per validation batch",
+    "val_contrastive_batch_size": "pairs per chunk of the validation contrastive loss",
+    "checkpoint_every": "save a checkpoint every this many optimizer steps (and at every epoch end)",
+    "keep_checkpoints": "newest checkpoints kept in RUN/checkpoints",
+    "loader": "auto (DALI when a GPU and DALI are present), dali or cpu",
+    "process_group_timeout_minutes": "how long a collective waits for the other processes (none: torch's default)",
+    "num_workers": "CPU loader worker processes (none: this process's share of the cores, less one)",
+    "precision": "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
+    "compile": "torch.compile: auto (per block on CUDA), off, blocks or model",
+    "activation_checkpointing": "recompute each transformer block in backward to save memory (same results)",
+    "skip_nonfinite": "skip (and count) a step whose loss or gradient is NaN/Inf instead of failing",
+    "max_skipped_fraction": "a run that skipped more than this fraction of its steps ends with an error",
+    "break_lock": "take over a run folder's lock left by a run on another host",
+    "allow_other_tokenizer": "accept data whose tokenizer differs from the one the run (or --from) recorded",
+    "tensorboard": "also write TensorBoard events to RUN/tensorboard",
+}
+
 def recipe(name: str) -> TrainConfig:
     """The paper's settings (section 3.6) for `pretrain` or `finetune`."""
     if name == "pretrain":
@@ -191,7 +242,7 @@ def parse_set(items: list[str]) -> dict:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value")
+            raise ValueError(f"--set {item!r}: expected --set key=value")
         if key not in known:
             raise ValueError(f"--set {item!r}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
         out[key] = _parse_value(key, text.strip())
@@ -284,13 +335,17 @@ def resolve_config(recipe_name: str, config_file: str | None = None, sets: list[
     return cfg
 
 
-def resume_config(run_dir: str | Path, sets: list[str] | None = None, **flags) -> TrainConfig:
-    """The config a run was started with, changed only in RESUMABLE_KEYS by `--set` and flags."""
+def resume_config(run_dir: str | Path, sets: list[str] | None = None, config_file: str | None = None,
+                  **flags) -> TrainConfig:
+    """The config a run was started with, changed only in RESUMABLE_KEYS by the config file, `--set`
+    and flags (a value equal to the run's is no change, so the command line that started a run
+    also resumes it)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {path} not found; is {run_dir} a run folder?")
     cfg = TrainConfig.from_dict(json.loads(path.read_text())["train"])
-    changes = {**parse_set(sets or []), **{k: _check_type(k, v) for k, v in flags.items() if v is not None}}
+    changes = {**(load_config_file(config_file) if config_file else {}), **parse_set(sets or []),
+               **{k: _check_type(k, v) for k, v in flags.items() if v is not None}}
     changes = {k: v for k, v in changes.items() if getattr(cfg, k) != v}
     refused = sorted(set(changes) - RESUMABLE_KEYS)
     if refused:
@@ -299,3 +354,71 @@ def resume_config(run_dir: str | Path, sets: list[str] | None = None, **flags) -
     cfg = replace(cfg, **changes)
     cfg.validate()
     return cfg
+
+
+RESUME_MODES = ("no", "yes", "auto")
+
+
+def plan_run(recipe_name: str, run_dir: str | Path, resume: str = "no", config_file: str | None = None,
+             sets: list[str] | None = None, defaults: dict | None = None,
+             fresh_only: dict | None = None, **flags) -> tuple[TrainConfig, bool, str | None]:
+    """The settings a `grr train` command trains with, whether it resumes, and a note to print.
+
+    `resume`: "no" starts a run, "yes" continues one, "auto" continues when `run_dir` holds a
+    checkpoint and starts otherwise (one command line for a requeued job or a torchrun restart).
+    `fresh_only`: flags that only a new run reads (fine-tuning's DATASET and --from); an explicit
+    resume ignores them, an automatic one checks them against the run's like any other flag.
+    Everything a user can get wrong is checked here, before any data is read or process started;
+    the trainer keeps its own rules (no fresh start over checkpoints, no resume without one).
+    """
+    if resume not in RESUME_MODES:
+        raise ValueError(f"--resume {resume!r}: expected one of {', '.join(RESUME_MODES)}")
+    note = None
+    if resume != "yes":
+        flags = {**flags, **(fresh_only or {})}
+    if resume == "auto":
+        from grr_train.checkpoint import latest_checkpoint
+
+        run_dir = Path(run_dir)
+        resume = "yes" if run_dir.is_dir() and latest_checkpoint(run_dir) is not None else "no"
+        if resume == "yes":
+            note = f"auto-resume: {run_dir} holds a checkpoint; resuming"
+        elif (run_dir / "config.json").is_file():
+            note = (f"note: auto-resume: {run_dir} has a config.json but no checkpoint (a run that stopped "
+                    "before its first save); starting fresh in it")
+    if resume == "yes":
+        cfg = resume_config(run_dir, sets, config_file, **flags)
+    else:
+        cfg = resolve_config(recipe_name, config_file, sets, defaults=defaults, **flags)
+        if cfg.recipe == "finetune" and not Path(cfg.init_from).exists():
+            raise FileNotFoundError(f"--from {cfg.init_from}: no such run or checkpoint folder")
+    if cfg.recipe != recipe_name:
+        raise ValueError(f"{run_dir} holds a {cfg.recipe} run, not a {recipe_name} one")
+    check_data(cfg.data)
+    return cfg, resume == "yes", note
+
+
+def check_data(data: str | Path) -> None:
+    """Raise ValueError naming the manifest when `data` is not a readable sharded set."""
+    from grr_data.dataset import DatasetInfo
+
+    DatasetInfo.read(data)
+
+
+def settings_table() -> list[tuple[str, str, str | None, str]]:
+    """(name, pretrain default, finetune default where it differs else None, description) per setting."""
+    pre, fine = recipe("pretrain"), recipe("finetune")
+    rows = []
+    for f in fields(TrainConfig):
+        a, b = getattr(pre, f.name), getattr(fine, f.name)
+        rows.append((f.name, _show(a), None if a == b else _show(b), SETTING_HELP[f.name]))
+    return rows
+
+
+def _show(value) -> str:
+    """A default as `--set` spells it."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)

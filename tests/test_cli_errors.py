@@ -95,3 +95,82 @@ def test_model_summary_unknown_preset_lists_the_presets():
     code, line = grr("model", "summary", "grr-huge")
     assert code == 2
     assert line == f"unknown preset 'grr-huge'; known: {', '.join(PRESETS)}"
+
+
+# ---- grr train pretrain|finetune: every argument is checked before data is read or torchrun starts.
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if the data is read, torchrun is started or training begins."""
+    import grr_data.dataset
+    import grr_train.distributed
+    import grr_train.trainer
+
+    def fail(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(grr_data.dataset.DatasetInfo, "read", fail)
+    monkeypatch.setattr(grr_train.distributed, "relaunch_with_torchrun", fail)
+    monkeypatch.setattr(grr_train.trainer, "run_training", fail)
+
+
+def test_train_unknown_preset_lists_the_presets(tmp_path, no_training):
+    from grr_train.model import PRESETS
+
+    code, line = grr("train", "pretrain", "--preset", "grr-huge", "--data", tmp_path, "--out", tmp_path / "run")
+    assert code == 1
+    assert line == f"error: unknown preset 'grr-huge'; known: {', '.join(PRESETS)}"
+
+
+@pytest.mark.parametrize("nproc", ["0", "-2"])
+def test_train_needs_one_process_or_more(tmp_path, no_training, nproc):
+    _, line = grr("train", "pretrain", "--nproc-per-node", nproc, "--data", tmp_path, "--out", tmp_path / "run")
+    assert line == f"error: --nproc-per-node {nproc}: expected 1 or more processes"
+
+
+def test_train_set_without_equals_says_how_to_write_it(tmp_path, no_training):
+    _, line = grr("train", "pretrain", "--set", "seed", "3", "--data", tmp_path)
+    assert line == "error: --set 'seed': expected --set key=value"
+    _, line = grr("train", "finetune", "--set", "seed", "3", "roco", "--from", tmp_path)  # 3 taken as DATASET
+    assert line == "error: --set 'seed': expected --set key=value"
+    _, line = grr("train", "pretrain", "--set", "seed=3", "stray", "--data", tmp_path)
+    assert line == "error: unexpected argument 'stray'"
+
+
+def test_train_unreadable_config_is_named(tmp_path, no_training):
+    missing = tmp_path / "nope.json"
+    _, line = grr("train", "pretrain", "--config", missing, "--data", tmp_path)
+    assert line.startswith(f"error: --config {missing}: cannot read a JSON object") and "No such file" in line
+    bad = tmp_path / "bad.json"
+    bad.write_text("{seed: 3")
+    _, line = grr("train", "pretrain", "--config", bad, "--data", tmp_path)
+    assert line.startswith(f"error: --config {bad}: cannot read a JSON object")
+
+
+def test_train_resume_and_auto_resume_together_are_refused(tmp_path, no_training):
+    _, line = grr("train", "pretrain", "--resume", "--auto-resume", "--out", tmp_path / "run")
+    assert line.startswith("error: --resume and --auto-resume: pass one")
+
+
+def test_finetune_names_a_missing_from_before_the_data(tmp_path, no_training):
+    missing = tmp_path / "runs" / "nope"
+    code, line = grr("train", "finetune", "roco", "--from", missing, "--data", tmp_path / "no-data",
+                     "--out", tmp_path / "run")
+    assert code == 1 and line == f"error: --from {missing}: no such run or checkpoint folder"
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_data_without_manifest_says_to_shard(run, tmp_path, monkeypatch):
+    import grr_train.distributed
+    import grr_train.trainer
+
+    monkeypatch.setattr(grr_train.trainer, "run_training", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(grr_train.distributed, "relaunch_with_torchrun", lambda *a: pytest.fail("torchrun started"))
+    data = tmp_path / "shards"
+    data.mkdir()
+    expected = f"error: {data / 'manifest.json'} not found: is {data} a sharded set (grr data shard)?"
+    _, line = grr("train", "pretrain", "--data", data, "--out", tmp_path / "run", "--nproc-per-node", "2")
+    assert line == expected
+    _, line = grr("train", "finetune", "roco", "--from", run, "--data", data, "--out", tmp_path / "run")
+    assert line == expected
+    assert not (tmp_path / "run").exists()

@@ -1,4 +1,5 @@
-"""Every `grr` command answers --help (rich markup in a docstring can break it) and lists its group."""
+"""Every `grr` command answers --help (rich markup in a docstring can break it) and lists its group;
+the training commands' flags read as flags; `grr train settings` lists every setting."""
 
 import pytest
 from typer.testing import CliRunner
@@ -8,6 +9,7 @@ from cli.main import app
 COMMANDS = [
     [], ["model"], ["model", "list"], ["model", "summary"], ["data"], ["data", "fetch"],
     ["data", "shard"], ["data", "check"], ["train"], ["train", "pretrain"], ["train", "finetune"],
+    ["train", "settings"],
     ["bench"], ["bench", "loader"], ["bench", "train"], ["eval"], ["caption"], ["compare"], ["demo"],
 ]
 
@@ -17,3 +19,29 @@ def test_help(command):
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+@pytest.mark.parametrize("command", [["train", "pretrain"], ["train", "finetune"], ["bench", "train"]])
+def test_training_flags_read_as_flags(command):
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    flags = {"--resume", "--auto-resume"} if command[0] == "train" else {"--activation-checkpointing", "--count-ops",
+                                                                         "--json"}
+    lines = {line.split()[1]: line for line in result.output.splitlines() if line.strip("│ ").startswith("--")}
+    assert flags <= set(lines), result.output
+    for flag in flags:
+        assert "<bool>" not in lines[flag] and "--no-" not in lines[flag], lines[flag]  # no value, no negation
+    assert "KEY=VALUE" in lines.get("--set", "KEY=VALUE")
+
+
+def test_train_settings_lists_every_setting_with_defaults():
+    from dataclasses import fields
+
+    from grr_train.config import SETTING_HELP, TrainConfig
+
+    result = CliRunner().invoke(app, ["train", "settings"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
+    for f in fields(TrainConfig):
+        assert f.name in rows and SETTING_HELP[f.name] in rows[f.name], f.name
+    assert rows["lr_max"].split(SETTING_HELP["lr_max"])[0].split()[1:] == ["0.0001", "(finetune", "1e-05)"]
+    assert rows["seed"].split()[1] == "0"

@@ -1,10 +1,26 @@
-"""Training settings: recipes, --set parsing with type checks, config files, accumulation, resume rules."""
+"""Training settings: recipes, --set parsing with type checks, config files, accumulation, resume rules,
+a description for every setting, and plan_run's checks and resume decision."""
 
 import json
+import sys
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
-from grr_train.config import TrainConfig, parse_set, recipe, resolve_config, resume_config
+from grr_train.config import (
+    SETTING_HELP,
+    TrainConfig,
+    parse_set,
+    plan_run,
+    recipe,
+    resolve_config,
+    resume_config,
+    settings_table,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shardset import make_shardset  # noqa: E402
 
 
 def test_recipes_hold_the_paper_values():
@@ -50,12 +66,19 @@ def test_resume_changes_only_resumable_keys(tmp_path):
 
 
 def finetune_cli_config(monkeypatch, tmp_path, *args) -> TrainConfig:
-    """The TrainConfig `grr train finetune ARGS` would train with (training itself stubbed out)."""
+    """The TrainConfig `grr train finetune ARGS` would train with (training itself stubbed out), run
+    in tmp_path, where every --from and data folder the tests name exists (they are checked first)."""
     from typer.testing import CliRunner
 
     import grr_train.trainer
     from cli.main import app
 
+    monkeypatch.chdir(tmp_path)
+    for run in ("runs/pre", "runs/a", "runs/b", "c"):
+        (tmp_path / run).mkdir(parents=True, exist_ok=True)
+    for data in ("data/roco/shards", "elsewhere", "from-file", "flag"):
+        if not (tmp_path / data / "manifest.json").exists():
+            make_shardset(tmp_path / data, shard_sizes=(2,))
     seen = []
     monkeypatch.setattr(grr_train.trainer, "run_training", lambda cfg, out, resume=False: seen.append(cfg))
     result = CliRunner().invoke(app, ["train", "finetune", *args, "--out", str(tmp_path / "run")])
@@ -88,3 +111,50 @@ def test_loader_flag_sets_the_loader_setting(monkeypatch, tmp_path):
     assert cfg.loader == "cpu"
     with pytest.raises(AssertionError, match="loader"):
         finetune_cli_config(monkeypatch, tmp_path, "roco", "--from", "runs/pre", "--loader", "gpu")
+
+
+def test_every_setting_has_a_one_line_description():
+    names = [f.name for f in fields(TrainConfig)]
+    assert sorted(SETTING_HELP) == sorted(names)  # a new field needs its line in SETTING_HELP
+    assert all(text and "\n" not in text for text in SETTING_HELP.values())
+    rows = {name: (pre, fine) for name, pre, fine, _ in settings_table()}
+    assert rows["lr_max"] == ("0.0001", "1e-05") and rows["seed"] == ("0", None)
+    assert rows["early_stop"] == ("false", "true") and rows["max_steps"] == ("none", None)
+
+
+def test_unknown_preset_is_refused_by_validation():
+    with pytest.raises(ValueError, match="unknown preset 'grr-huge'; known: .*grr-tiny"):
+        resolve_config("pretrain", preset="grr-huge")
+
+
+def test_resume_accepts_a_config_file_that_changes_nothing_else(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"train": TrainConfig(seed=4).to_dict()}))
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps({"seed": 4, "max_steps": 8}))
+    assert resume_config(tmp_path, config_file=str(same)).max_steps == 8
+    same.write_text(json.dumps({"seed": 5}))
+    with pytest.raises(ValueError, match="cannot change seed"):
+        resume_config(tmp_path, config_file=str(same))
+
+
+def test_plan_run_auto_decides_on_checkpoints(tmp_path):
+    data = make_shardset(tmp_path / "data", shard_sizes=(2,))
+    run = tmp_path / "run"
+    cfg, resume, note = plan_run("pretrain", run, "auto", data=str(data))
+    assert not resume and note is None and cfg.data == str(data)  # no folder: a new run, nothing to say
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": cfg.to_dict()}))
+    cfg, resume, note = plan_run("pretrain", run, "auto", data=str(data))
+    assert not resume and "no checkpoint" in note and "starting fresh" in note
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step-0000001")  # names a checkpoint that is not there
+    with pytest.raises(FileNotFoundError, match="no other checkpoint"):
+        plan_run("pretrain", run, "auto", data=str(data))
+    with pytest.raises(ValueError, match="expected one of no, yes, auto"):
+        plan_run("pretrain", run, "maybe")
+
+
+def test_plan_run_refuses_a_run_of_the_other_recipe(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"train": TrainConfig().to_dict()}))
+    with pytest.raises(ValueError, match="holds a pretrain run, not a finetune one"):
+        plan_run("finetune", tmp_path, "yes")
