@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from grr_data.layout import SpecialIds, build_layout
+from grr_train.device import resolve_device
 from grr_train.dispatch_count import count_dispatched
 from grr_train.distributed import DistInfo
 from grr_train.model import build_model, get_config
@@ -40,7 +41,7 @@ def make_bench_step(preset: str, batch_size: int, accumulation: int = 1, device:
                     precision: str = "auto", compile: str = "off", activation_checkpointing: bool = False,
                     vocab_size: int | None = None) -> tuple[Callable[[], dict], dict]:
     """The trainer's step on one synthetic micro-batch (repeated `accumulation` times), and a description."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(resolve_device(device or "auto"))
     cfg = get_config(preset, **({"vocab_size": vocab_size} if vocab_size else {}))
     special = SpecialIds.for_vocab(cfg.vocab_size)
     torch.manual_seed(0)

@@ -139,15 +139,13 @@ class RetrievalAndCaptions:
 
 class _OnePass(torch.nn.Module):
     """The model as `validate` calls it, also handing each batch's outputs to `collector`: the
-    embeddings from its output, the image tokens from the poolers' output (a forward hook, as
-    `CocaOutput` does not carry them), the keys from `batches`, which tags each batch as
-    `validate` takes it."""
+    embeddings and the image tokens from its output, the keys from `batches`, which tags each
+    batch as `validate` takes it."""
 
     def __init__(self, model, collector: RetrievalAndCaptions):
         super().__init__()
         self.model, self.collector = model, collector
         self.keys: list[str] = []
-        self._image_tokens: list[torch.Tensor] = []
 
     def batches(self, samples: RealSamples) -> Iterator[dict]:
         for batch in samples:
@@ -155,12 +153,8 @@ class _OnePass(torch.nn.Module):
             yield batch
 
     def forward(self, images, ids):
-        handle = self.model.poolers.register_forward_hook(lambda _m, _inputs, out: self._image_tokens.append(out[1]))
-        try:
-            out = self.model(images, ids)
-        finally:
-            handle.remove()
-        self.collector.add(images, ids, self.keys, out.image_embed, out.text_embed, self._image_tokens.pop())
+        out = self.model(images, ids)
+        self.collector.add(images, ids, self.keys, out.image_embed, out.text_embed, out.image_tokens)
         return out
 
 

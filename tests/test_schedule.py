@@ -1,4 +1,4 @@
-"""The LR schedule against the paper's rule written out independently (warm-up, then SGDR per epoch)."""
+"""The LR schedule against torch's own schedulers for the paper's rule (warm-up, then SGDR per epoch)."""
 
 import math
 
@@ -9,21 +9,27 @@ from grr_train.schedule import lr_at
 HI, LO = 1e-4, 1e-6
 
 
-def paper_lr(step, warmup, cycle, hi=HI, lo=LO):
-    # Linear warm-up to hi over `warmup` steps (first step at hi/warmup), then cosine cycles of
-    # `cycle` steps starting at hi right after warm-up (SequentialLR(LinearLR, CAWR) semantics).
-    if step < warmup:
-        return hi * (step + 1) / warmup
-    t = step - warmup
-    while t >= cycle:
-        t -= cycle
-    return lo + 0.5 * (hi - lo) * (1 + math.cos(math.pi * t / cycle))
+def torch_schedule(steps, warmup, cycle, hi=HI, lo=LO):
+    """The learning rates torch's own schedulers give for the paper's rule: linear warm-up, then
+    SGDR with one cycle per epoch (SequentialLR(LinearLR, CosineAnnealingWarmRestarts))."""
+    import torch
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=hi)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    sgdr = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=cycle, eta_min=lo)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, sgdr], milestones=[warmup])
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
 
 
-@pytest.mark.parametrize("step", [0, 1, 999, 1998, 1999, 2000, 2001, 2500, 2999, 3000, 3001, 7777])
-def test_pretrain_schedule_matches_formula(step):
-    got = lr_at(step, lr_max=HI, lr_min=LO, warmup_steps=2000, cycle_steps=1000)
-    assert got == pytest.approx(paper_lr(step, 2000, 1000), rel=1e-12)
+def test_pretrain_schedule_is_torchs_warmup_then_warm_restarts():
+    expected = torch_schedule(4500, warmup=2000, cycle=1000)
+    got = [lr_at(step, lr_max=HI, lr_min=LO, warmup_steps=2000, cycle_steps=1000) for step in range(4500)]
+    assert got == pytest.approx(expected, rel=1e-9)
 
 
 def test_warmup_meets_first_cycle_at_lr_max():

@@ -22,6 +22,7 @@ class CocaOutput:
     image_embed: torch.Tensor  # (B, D) L2-normalised
     text_embed: torch.Tensor  # (B, D) L2-normalised
     logits: torch.Tensor  # (B, T, V) caption logits for targets ids[:, 1:]
+    image_tokens: torch.Tensor  # (B, Q, D) the generative pooler's tokens (what captions cross-attend to)
 
 
 @dataclass
@@ -117,7 +118,7 @@ class CoCa(nn.Module):
         text_embed = self._text_embed(hidden)
         hidden = self.multimodal(hidden, key_valid, context=image_tokens)
         logits = self.lm_head(self.final_norm(hidden))
-        return CocaOutput(image_embed=image_embed, text_embed=text_embed, logits=logits)
+        return CocaOutput(image_embed=image_embed, text_embed=text_embed, logits=logits, image_tokens=image_tokens)
 
     @torch.no_grad()
     def decode(
