@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -144,6 +145,10 @@ class Trainer:
             self.tokenizer_record = json.loads((run_dir / "config.json").read_text()).get(
                 "tokenizer", self.tokenizer_record)
         elif info.is_main:
+            # A fresh start in a folder without checkpoints (a run that died before its first
+            # save): its metrics are of steps that no longer exist.
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
             self.tokenizer_record = copy_tokenizer(run_dir, self.tokenizer_record)
             ckpt.write_run_config(run_dir, self.model_config.to_dict(), cfg.to_dict(), self.special,
                                   self.tokenizer_record)

@@ -10,6 +10,7 @@ max_steps is already reached, and purges TensorBoard past the checkpoint on resu
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -310,3 +311,12 @@ def test_samples_the_loader_skips_reach_the_metrics(tmp_path, data):
     summary = run_training(tiny(bad, max_steps=3, val_split="none"), run)
     assert summary["samples_skipped"] == {"checksum_mismatch": 1}
     assert any(r.get("samples_skipped") == {"checksum_mismatch": 1} for r in read_metrics(run, "train"))
+
+
+def test_a_fresh_start_in_a_folder_without_checkpoints_drops_the_dead_runs_metrics(tmp_path, small_data):
+    run = tmp_path / "run"
+    run_training(tiny(small_data, per_device_batch_size=4, max_steps=1, val_split="none", checkpoint_every=100),
+                 run)
+    shutil.rmtree(run / "checkpoints")  # as if it died before its first save
+    run_training(tiny(small_data, per_device_batch_size=4, max_steps=1, val_split="none"), run)
+    assert [r["step"] for r in read_metrics(run, "train")] == [1]
