@@ -16,11 +16,14 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A minute-long run (what the test suite runs)."),
 ) -> None:
     """Offline, on a CPU: sample set -> shards -> pretrain and fine-tune both models -> eval -> Table 2."""
-    from grr_train.demo import FULL, QUICK, run_demo
+    from grr_train.demo import FULL, QUICK, DemoStopped, run_demo
 
     started = time.time()
     try:
         paths = run_demo(out, QUICK if quick else FULL, say=lambda text: typer.secho(text, fg=typer.colors.CYAN, bold=True))
+    except DemoStopped as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(128 + err.signum) from None
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

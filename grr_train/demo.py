@@ -45,6 +45,21 @@ FULL = DemoPlan(pretrain_steps=600, finetune_steps=200, caption_tokens=20)
 QUICK = DemoPlan(pretrain_steps=8, finetune_steps=4, caption_tokens=8)
 
 
+class DemoStopped(RuntimeError):
+    """A stop signal ended a training stage: its run saved a checkpoint; the demo goes no further."""
+
+    def __init__(self, signum: int, run: Path):
+        self.signum = signum
+        super().__init__(f"stopped by signal {signum} while training {run} (its checkpoint is saved there); "
+                         f"the demo went no further: delete {run.parent} and run it again to start over")
+
+
+def _train(cfg, run: Path) -> None:
+    summary = run_training(cfg, run)
+    if summary["stop_reason"] == "signal":
+        raise DemoStopped(summary["signal"] or 15, run)
+
+
 def _settings(plan: DemoPlan, steps: int, val_size: int) -> list[str]:
     return [
         f"global_batch_size={plan.batch_size}", f"per_device_batch_size={plan.batch_size}",
@@ -76,11 +91,11 @@ def run_demo(out: str | Path, plan: DemoPlan = FULL, say: Callable[[str], None] 
         say(f"3/5 pretrain {name} ({preset}, {plan.pretrain_steps} steps) -> {pre}")
         cfg = resolve_config("pretrain", None, _settings(plan, plan.pretrain_steps, val_size), preset=preset,
                              data=str(shards), max_steps=plan.pretrain_steps)
-        run_training(cfg, pre)
+        _train(cfg, pre)
         say(f"4/5 fine-tune {name} (at most {plan.finetune_steps} steps) -> {fine}")
         cfg = resolve_config("finetune", None, _settings(plan, plan.finetune_steps, val_size), dataset="sample",
                              init_from=str(pre), data=str(shards), max_steps=plan.finetune_steps)
-        run_training(cfg, fine)
+        _train(cfg, fine)
         finetuned[short] = (pre, fine)
 
     say("5/5 evaluate the four runs and compare")

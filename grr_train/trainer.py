@@ -186,7 +186,7 @@ class Trainer:
         self._check_skipped_fraction()
         return {"step": self.step, "epoch": self.epoch, "stop_reason": self.stop_reason,
                 "num_skipped": self.num_skipped, "samples_skipped": self._samples_skipped(),
-                "run_dir": str(self.run_dir),
+                "signal": self._signal, "run_dir": str(self.run_dir),
                 "best_loss": self.stopper.best if self.cfg.early_stop else None}
 
     def run_epoch(self) -> None:

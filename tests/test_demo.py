@@ -71,3 +71,27 @@ def test_eval_caption_and_compare_cli_on_demo_runs(demo_dir, tmp_path):
                  "--device", "cpu")
     assert "| CoCa Loss |" in stdout
     assert (out / "comparison.json").is_file() and (out / "recall-shards-val.png").is_file()
+
+
+@pytest.mark.slow
+def test_demo_under_sigterm_saves_and_stops_cleanly(tmp_path):
+    # What `timeout 600 grr demo` does at its limit: one SIGTERM. The stage in training saves,
+    # the demo goes no further and exits 128 + 15, naming where the checkpoint is.
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "demo", "--quick", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = out / "runs" / "pretrain-baseline" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "stopped by signal 15" in err
+    assert (out / "runs" / "pretrain-baseline" / "checkpoints" / "latest").exists()
+    assert not (out / "runs" / "finetune-baseline").exists()

@@ -320,3 +320,39 @@ def test_a_fresh_start_in_a_folder_without_checkpoints_drops_the_dead_runs_metri
     shutil.rmtree(run / "checkpoints")  # as if it died before its first save
     run_training(tiny(small_data, per_device_batch_size=4, max_steps=1, val_split="none"), run)
     assert [r["step"] for r in read_metrics(run, "train")] == [1]
+
+
+def test_a_second_trainer_on_the_same_run_folder_fails_at_once_naming_the_first(tmp_path, small_data):
+    import socket
+
+    from grr_data.lock import LockedError, hold_lock
+
+    run = tmp_path / "run"
+    with hold_lock(run, what="the first trainer"):  # this process plays the first trainer
+        with pytest.raises(LockedError, match=rf"PID {os.getpid()}.*{socket.gethostname()}|{socket.gethostname()}.*{os.getpid()}"):
+            run_training(tiny(small_data, per_device_batch_size=4, max_steps=1, val_split="none"), run)
+    assert not (run / "checkpoints").exists()
+
+
+def test_val_every_without_a_val_split_trains_without_validation(tmp_path, small_data, capsys):
+    summary = run_training(tiny(small_data, per_device_batch_size=4, max_steps=2, val_every=1, val_split="none"),
+                           tmp_path / "run")
+    assert summary["step"] == 2 and read_metrics(tmp_path / "run", "val") == []
+    assert "val_every 1 is ignored" in capsys.readouterr().out
+
+
+def test_too_many_skipped_steps_end_the_run_with_an_error_after_saving(tmp_path, small_data, monkeypatch):
+    import torch
+
+    import grr_train.step as step
+
+    real = step.contrastive_loss
+    monkeypatch.setattr(step, "contrastive_loss", lambda *a, **k: real(*a, **k) * torch.tensor(float("nan")))
+    from grr_train.trainer import NonFiniteLoss
+
+    cfg = tiny(small_data, per_device_batch_size=4, max_steps=3, val_split="none", skip_nonfinite=True)
+    with pytest.raises(NonFiniteLoss, match="3 of 3 steps"):
+        run_training(cfg, tmp_path / "run")
+    events = [r for r in read_metrics(tmp_path / "run", "event") if r.get("what") == "skip_nonfinite"]
+    assert [e["num_skipped"] for e in events] == [1, 2, 3]
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
