@@ -33,6 +33,8 @@ def eval_(
     precision: str = typer.Option("auto", help="auto (the run's training precision: bf16 autocast on a GPU, "
                                                "fp32 on the CPU unless the run set one), fp32 or bf16."),
     json_: bool = typer.Option(False, "--json", help="Print every number as JSON."),
+    allow_other_tokenizer: bool = typer.Option(False, "--allow-other-tokenizer",
+                                               help="Evaluate on a set whose tokenizer fingerprint differs from the run's."),
 ) -> None:
     """Table 2 metrics (CoCa loss, perplexity, contrastive loss), recall@k, BLEU-4 and CIDEr-D."""
     from grr_train.captioning import decode_words_for
@@ -44,7 +46,8 @@ def eval_(
         dev = resolve_device(device)
         decode_words = decode_words_for(run_or_ckpt, tokenizer, data)
         result = evaluate_run(run_or_ckpt, data, split, batch_size, contrastive_batch_size, max_samples,
-                              decode_words, DecodeOptions(beams=beams, max_len=max_len), dev, precision=precision)
+                              decode_words, DecodeOptions(beams=beams, max_len=max_len), dev, precision=precision,
+                              allow_other_tokenizer=allow_other_tokenizer)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     typer.echo(json.dumps(result, indent=2) if json_ else format_eval(result))

@@ -43,6 +43,7 @@ from grr_train.config import PRECISIONS
 from grr_train.generate import DecodeOptions, generate_from_tokens
 from grr_train.precision import autocast_dtype
 from grr_train.retrieval import group_by_image, recall_at_k
+from grr_train.run_checks import check_same_tokenizer
 from grr_train.validate import validate
 
 NUM_EXAMPLES = 5
@@ -171,9 +172,11 @@ def evaluate_run(
     loader_kind: str = "auto",
     num_workers: int = 2,
     precision: str = "auto",
+    allow_other_tokenizer: bool = False,
 ) -> dict:
     """Every number `grr eval` reports, as one JSON-ready dict; `precision`: auto (the run's
-    training precision), fp32 or bf16 (autocast)."""
+    training precision), fp32 or bf16 (autocast). A set sharded with another tokenizer than the
+    run's (by fingerprint) is refused unless `allow_other_tokenizer`."""
     model, info = load_model(run_or_ckpt, device=device)
     train_cfg = info["train_config"]
     precision = resolve_precision(precision, train_cfg, device)
@@ -196,6 +199,8 @@ def evaluate_run(
     if loader.special != info["special"]:
         raise ValueError(f"{data_dir} was tokenized with special ids {loader.special}, the model was trained with "
                          f"{info['special']}: evaluate on a set sharded with the run's tokenizer")
+    check_same_tokenizer(info.get("tokenizer"), DatasetInfo.read(data_dir), f"the run {run_or_ckpt}",
+                         allow_other_tokenizer)
     collector = RetrievalAndCaptions(model, info["special"], decode_words, decode_options)
     one_pass = _OnePass(model, collector)
     paper = validate(one_pass, one_pass.batches(RealSamples(loader, max_samples, f"{split}: eval")),

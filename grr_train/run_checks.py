@@ -53,8 +53,8 @@ def check_same_tokenizer(recorded: dict | None, data: DatasetInfo, whose: str, a
     raise ValueError(
         f"{whose} was trained with tokenizer {recorded.get('name')!r} ({_describe(recorded)}), but "
         f"{data.manifest_path} was sharded with {ours.get('name')!r} ({_describe(ours)}): the same ids would "
-        "mean other words. Re-shard the data with the run's tokenizer, or pass --set allow_other_tokenizer=true "
-        "if you know they are the same"
+        "mean other words. Re-shard the data with the run's tokenizer, or, if you know they are the same, allow it "
+        "(grr train: --set allow_other_tokenizer=true; grr eval: --allow-other-tokenizer)"
     )
 
 

@@ -89,3 +89,35 @@ def test_one_pass_equals_separate_passes(data_and_run):
     generated = [words(w) for w in generate_from_tokens(model, image_tokens[first], SPECIAL, options)]
     assert [ex["generated"] for ex in result["captioning"]["examples"]] == generated
     assert [ex["key"] for ex in result["captioning"]["examples"]] == [batches[0]["keys"][i] for i in first]
+
+
+def test_a_set_from_another_tokenizer_of_the_same_size_is_refused(data_and_run, tmp_path):
+    # Same vocabulary size and special ids, other pieces: the fingerprints differ (issue 10, item 3).
+    import json
+    import shutil
+
+    data, run = data_and_run
+    meta_path = run / "checkpoints" / "latest"
+    other = tmp_path / "shards"
+    shutil.copytree(data, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    recorded = {**manifest["tokenizer"], "files_sha256": {"spiece.model": "0" * 64}}
+    manifest["tokenizer"] = {**manifest["tokenizer"], "files_sha256": {"spiece.model": "1" * 64}}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    run2 = tmp_path / "run"
+    shutil.copytree(run, run2)
+    ckpt_dir = run2 / "checkpoints" / (run2 / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    meta["tokenizer"] = recorded
+    (ckpt_dir / "meta.json").write_text(json.dumps(meta))
+    import hashlib  # the edited meta.json gets its new checksum, as a save would have written
+
+    sums = (ckpt_dir / "SHA256SUMS").read_text().splitlines()
+    digest = hashlib.sha256((ckpt_dir / "meta.json").read_bytes()).hexdigest()
+    (ckpt_dir / "SHA256SUMS").write_text("\n".join(f"{digest}  meta.json" if line.endswith("  meta.json") else line
+                                                   for line in sums) + "\n")
+    assert meta_path.exists()
+    with pytest.raises(ValueError, match="would\\s+mean other words"):
+        evaluate.evaluate_run(run2, other, "val", batch_size=4, contrastive_batch_size=2)
+    # the explicit override lets it through
+    evaluate.evaluate_run(run2, other, "val", batch_size=4, contrastive_batch_size=2, allow_other_tokenizer=True)
