@@ -14,13 +14,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from grr_data.files import publish, tmp_path_for
 from grr_data.shard_input import Sample, ShardError, TarJob, TarResult, prepare_image, process_tar
 from grr_data.split import SampleIdentity
 
@@ -58,11 +58,11 @@ def save_record(job: TarJob, result: TarResult) -> None:
     }
     path = Path(job.record)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path_for(path)
     # level 1: the records are temporary and ~1 KB a sample before compression
     with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
         json.dump(data, f)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def load_record(job: TarJob) -> TarResult:
