@@ -86,6 +86,7 @@ def images(tmp_path_factory):
 # ---------------------------------------------------------------- README's examples
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", README_EXAMPLES)
 def test_readme_example_runs(name, made, tmp_path, monkeypatch, capsys):
     (tmp_path / "runs").mkdir()
@@ -114,6 +115,7 @@ def test_readme_shows_the_tested_examples():
 # ---------------------------------------------------------------- a run travels with its tokenizer
 
 
+@pytest.mark.slow
 def test_moved_run_without_its_original_tokenizer_captions_and_evaluates(made, images, tmp_path):
     data, tokenizer, run = made
     runner = CliRunner()
@@ -276,6 +278,7 @@ def test_classify_and_caption_name_bad_input(model, images, tmp_path):
         model.caption(images, beams=2, top_k=5)
 
 
+@pytest.mark.slow
 def test_captions_greedy_beam_and_sampling(model, made, images):
     result = CliRunner().invoke(app, ["caption", *map(str, images), "--ckpt", str(made[2]), "--beams", "2",
                                       "--device", "cpu"])
@@ -294,6 +297,7 @@ def test_load_names_what_it_cannot_load(tmp_path):
         grr.load("nobody/nothing")
 
 
+@pytest.mark.slow
 def test_an_exported_folder_loads_like_its_run(made, model, images, tmp_path):
     from grr_train.export import export_run
 

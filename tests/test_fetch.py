@@ -38,6 +38,7 @@ def sample_run(tmp_path_factory):
     return out, result, rerun
 
 
+@pytest.mark.slow
 def test_sample_through_the_cli(sample_run):
     out, result, rerun = sample_run
     assert result.exit_code == 0, result.output

@@ -40,6 +40,7 @@ def test_cached_equals_uncached(model_and_special, images, beams):
     assert len({tuple(w) for w in cached}) > 1  # the captions depend on the image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beams, use_cache", [(2, True), (3, True), (3, False)])
 def test_batched_beam_search_equals_one_image_at_a_time(model_and_special, beams, use_cache):
     model, special = model_and_special

@@ -140,6 +140,7 @@ def test_no_nan_when_a_row_is_all_padding(tiny):
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.text_embed).all()
 
 
+@pytest.mark.slow
 def test_cached_decode_equals_full_forward(tiny):
     images, ids = batch([9, 25])
     out = tiny(images, ids)

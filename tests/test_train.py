@@ -65,6 +65,7 @@ def train_losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run, "train")]
 
 
+@pytest.mark.slow
 def test_small_preset_fits_the_data(tmp_path, small_data):
     # 4 samples, one step per epoch, constant lr: the CoCa loss (about 14 at the start) must fall clearly.
     cfg = tiny(small_data, per_device_batch_size=4, epochs=12, warmup_steps=0, lr_min=1e-3, dropout=0.0,
@@ -75,6 +76,7 @@ def test_small_preset_fits_the_data(tmp_path, small_data):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_losses(tmp_path, data):
     # 12 samples, 2 per micro-batch, 2 micro-batches per step: 3 steps per epoch, 6 in all.
     cfg = tiny(data, dropout=0.15)
@@ -98,6 +100,7 @@ def test_fresh_run_refuses_a_used_folder(tmp_path, data):
         run_training(cfg, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "cli.main", "train", "pretrain", "--preset", "grr-tiny", "--data", str(data),
@@ -173,6 +176,7 @@ def test_batches_larger_than_the_splits_are_capped_with_one_warning(tmp_path, sm
     assert summary["step"] == 1
 
 
+@pytest.mark.slow
 def test_max_steps_beyond_the_epochs_raises_the_epochs_and_says_so(tmp_path, small_data, capsys):
     summary = run_training(tiny(small_data, per_device_batch_size=4, max_steps=3, epochs=1, val_split="none"),
                            tmp_path / "run")
@@ -230,6 +234,7 @@ def test_a_signal_stops_validation_between_batches(tmp_path, small_data, monkeyp
     assert resumed["step"] == 2 and [r["step"] for r in read_metrics(run, "val")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_step_time_excludes_validation_and_saves(tmp_path, data, monkeypatch):
     # Validation and saves move the trainer's clock on by an hour instead of taking time, so the
     # check does not depend on how busy the machine is.
@@ -284,6 +289,7 @@ def test_resume_purges_tensorboard_events_past_the_checkpoint(tmp_path, small_da
     assert writers == [{}, {"purge_step": 3}]
 
 
+@pytest.mark.slow
 def test_the_epoch_tail_is_padded_to_a_whole_step(tmp_path, data):
     # 12 training samples, micro-batch 2, accumulation 4: 6 batches padded to 8, so 2 steps per
     # epoch, none of the 12 dropped (the old `len // accumulation` gave 1 step and dropped 4).
@@ -293,6 +299,7 @@ def test_the_epoch_tail_is_padded_to_a_whole_step(tmp_path, data):
     assert [(r["step"], r["epoch"]) for r in read_metrics(run, "train")] == [(1, 0), (2, 0), (3, 1), (4, 1)]
 
 
+@pytest.mark.slow
 def test_samples_the_loader_skips_reach_the_metrics(tmp_path, data):
     import shutil
 

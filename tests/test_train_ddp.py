@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train import make_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # subprocesses under torchrun: tens of seconds each
 
 
 def run_cli(data: Path, out: Path, nproc: int, per_device: int) -> None:
