@@ -20,6 +20,7 @@ def bench_loader_cmd(
 ):
     """Read batches as fast as possible; print images/s and CPU cores used."""
     from grr_data.loader.bench import bench_loader
+    from grr_data.pil_info import describe_pil_build
 
     options = {"draft": draft} if loader == "cpu" else {}
     r = bench_loader(data_dir, loader, batch_size, workers, batches, split, device, **options)
@@ -29,3 +30,5 @@ def bench_loader_cmd(
         f"(batch {r['batch_size']}, workers {r['workers']}, {r['batches']} batches, "
         f"start-up {r['startup_s']:.2f} s, skipped {r['skipped'] or 0})"
     )
+    if r["loader"] == "cpu":  # which JPEG decoder the figure is for (pillow-simd or Pillow)
+        typer.echo(describe_pil_build())

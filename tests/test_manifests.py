@@ -9,7 +9,7 @@ from PIL import Image
 from grr_data.fetch.sample import skimage_data_dir
 from grr_data.manifests import REQUIRED_KEYS, list_manifests, load_manifest, manifests_dir
 
-DATASETS = ["cc12m", "flickr30k", "mscoco", "roco", "sample"]
+DATASETS = ["cc12m", "flickr30k", "mscoco", "roco", "sample", "shapes"]
 
 
 def test_every_dataset_has_a_complete_manifest():
