@@ -25,14 +25,22 @@ def fetch_command(
     out: Path = typer.Option(None, "--out", help="Output folder (default: data/fetched/NAME)."),
     source: Path = typer.Option(None, "--from", help="Local source: TSV (cc12m), annotations folder or zip "
                                 "(mscoco), archives folder (roco), images archive or folder (flickr30k)."),
-    workers: int = typer.Option(2, help="img2dataset processes."),
-    threads: int = typer.Option(16, help="Download threads per process."),
+    workers: int = typer.Option(None, help="img2dataset processes (default: one per usable CPU core)."),
+    threads: int = typer.Option(None, help="Download threads per process (default: about 128 in all, "
+                                "8 to 32 per process)."),
     distributor: Distributor = typer.Option(Distributor.multiprocessing, help="img2dataset distributor."),
     timeout: int = typer.Option(10, help="Seconds per download before it counts as failed."),
     retries: int = typer.Option(2, help="Download retries per image."),
     shard_size: int = typer.Option(10_000, help="Samples per output tar."),
     paper_split: bool = typer.Option(False, "--paper-split", help="roco: the paper's leaky split (val inside train)."),
-    karpathy: Path = typer.Option(None, help="flickr30k: dataset_flickr30k.json (default: beside --from)."),
+    karpathy: Path = typer.Option(None, help="flickr30k: dataset_flickr30k.json; mscoco --split karpathy: "
+                                  "dataset_coco.json (default: beside --from)."),
+    split: str = typer.Option(None, help="mscoco: official (2017 train/val, the default) or karpathy "
+                              "(113,287 / 5,000 / 5,000 images, as the retrieval literature reports)."),
+    img2dataset_option: list[str] = typer.Option(None, "--img2dataset-option", help="key=value passed to "
+                                                 "img2dataset's download(), e.g. min_image_size=64; repeatable."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="cc12m: fetch the failed URLs of the "
+                                      "finished fetch in --out once more and add them to it."),
     num_pairs: int = typer.Option(None, "--num-pairs", help="shapes: how many image-caption pairs to draw "
                                   "(default 2000; about 10% go to val, 10% to test)."),
     seed: int = typer.Option(None, help="shapes: the seed the pairs are drawn from (default 0)."),
@@ -41,7 +49,8 @@ def fetch_command(
     options = FetchOptions(out=out or Path("data/fetched") / name.value, source=source, workers=workers,
                            threads=threads, distributor=distributor.value, timeout=timeout, retries=retries,
                            shard_size=shard_size, paper_split=paper_split, karpathy=karpathy,
-                           num_pairs=num_pairs, seed=seed)
+                           num_pairs=num_pairs, seed=seed, split=split,
+                           img2dataset_options=list(img2dataset_option or []), retry_failed=retry_failed)
     try:
         data = fetch(name.value, options)
     except FetchError as err:

@@ -5,7 +5,6 @@ goes through the full spawned path and cc12m / mscoco skip only the worker pool 
 
 import functools
 import http.server
-import importlib
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from fetch_helpers import read_split
+from fetch_helpers import no_worker_pool, read_split  # noqa: F401  (no_worker_pool: a fixture)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -80,20 +79,6 @@ def test_a_script_on_stdin_is_refused_not_hung(tmp_path):
     assert not (tmp_path / "out" / "fetch_manifest.json").exists()
 
 
-def _shards_in_this_process(processes_count, downloader, reader, subjob_size, max_shard_retry):
-    for row in reader:
-        downloader(row)
-
-
-@pytest.fixture
-def no_worker_pool(monkeypatch):
-    """img2dataset minus its spawned worker pool: reader, downloader, resizer, writers and the logger
-    process all run as usual, the shards just run here one by one (the sample test covers the pool)."""
-    monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")
-    main = importlib.import_module("img2dataset.main")
-    monkeypatch.setattr(main, "multiprocessing_distributor", _shards_in_this_process)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("www")
@@ -104,7 +89,8 @@ def server(tmp_path_factory):
         yield base_url
 
 
-def test_cc12m_counts_failures_by_reason(server, tmp_path, no_worker_pool):
+@pytest.mark.usefixtures("no_worker_pool")
+def test_cc12m_counts_failures_by_reason(server, tmp_path):
     tsv = tmp_path / "cc12m.tsv"
     lines = [f"{server}/img0.jpeg\ta red room", f"{server}/img1.png\ta tall picture",
              f"{server}/img2.jpeg\ta square", f"{server}/missing.jpg\tgone",
@@ -123,7 +109,8 @@ def test_cc12m_counts_failures_by_reason(server, tmp_path, no_worker_pool):
     assert manifest["sources"][0]["sha256"] and manifest["tool"]["version"]
 
 
-def test_mscoco_fetches_each_image_once_and_writes_pairs(server, tmp_path, no_worker_pool):
+@pytest.mark.usefixtures("no_worker_pool")
+def test_mscoco_fetches_each_image_once_and_writes_pairs(server, tmp_path):
     source = tmp_path / "annotations"
     source.mkdir()
     captions = {"train": {0: ("img0.jpeg", 5), 1: ("img1.png", 2), 2: ("gone.jpg", 3)}, "val": {9: ("img2.jpeg", 2)}}

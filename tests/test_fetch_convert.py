@@ -222,3 +222,63 @@ def test_staged_images_come_in_key_order_whatever_the_download_order(tmp_path):
     assert [im.image_id for im in fetched] == ["im000000000", "im000000002", "im000000003"]
     assert [im.read() for im in fetched] == [b"000000000", b"000000002", b"000000003"]
     assert [im.image_id for im in images if im.error] == ["im000000001"]
+
+
+def coco_karpathy(splits: dict[int, str]) -> dict:
+    """A stand-in for Karpathy's dataset_coco.json: {cocoid: split}, 2014 file names as in the real one."""
+    return {"dataset": "coco", "images": [
+        {"filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.jpg", "cocoid": i, "split": split,
+         "sentences": [{"raw": "ignored: captions come from the 2017 annotations", "tokens": []}]}
+        for i, split in splits.items()]}
+
+
+@pytest.fixture
+def coco_folders(tmp_path):
+    source = tmp_path / "coco"
+    (source / "annotations").mkdir(parents=True)
+    for split, images in {"train": {1: 5, 2: 3, 3: 6}, "val": {7: 2, 8: 1}}.items():
+        (source / "annotations" / f"captions_{split}2017.json").write_text(json.dumps(coco_json(images)))
+        (source / f"{split}2017").mkdir()
+        for i in images:
+            (source / f"{split}2017" / f"{i:012d}.jpg").write_bytes(jpeg((640, 480), (20 * i, 50, 90)))
+    return source
+
+
+def test_mscoco_karpathy_split(coco_folders, tmp_path):
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps(coco_karpathy({1: "train", 2: "restval", 3: "test", 7: "val", 8: "test"})))
+    out = tmp_path / "out"
+    data = fetch("mscoco", FetchOptions(out=out, source=coco_folders, split="karpathy", karpathy=karpathy))
+    assert {s: v["num_samples"] for s, v in data["splits"].items()} == {"train": 8, "val": 2, "test": 7}
+    ids = {s: [m["image_id"] for m in read_split(out / s)] for s in ("train", "val", "test")}
+    assert ids == {"train": ["1"] * 5 + ["2"] * 3, "val": ["7"] * 2, "test": ["3"] * 6 + ["8"]}
+    test = read_split(out / "test")
+    assert test[0]["caption"] == "A photo 3 number 0." and test[0]["source_split"] == "test"
+    assert test[-1]["size"] == (384, 288)  # image 8, read from val2017/ although it is a test image
+    manifest = json.loads((out / "fetch_manifest.json").read_text())
+    assert manifest["split"] == "karpathy" and "Karpathy" in manifest["split_rule"]
+    assert any(s.get("path", "").endswith("dataset_coco.json") and s["sha256"] for s in manifest["sources"])
+    assert "train: 2 images in the source, the manifest expects 113287" in manifest["warnings"]
+    # the same folder asked for the official split, and the default official fetch records its split
+    with pytest.raises(FetchError, match="holds mscoco with the karpathy split; fetch the official split into another"):
+        fetch("mscoco", FetchOptions(out=out, source=coco_folders))
+    official = fetch("mscoco", FetchOptions(out=tmp_path / "official", source=coco_folders))
+    assert official["split"] == "official" and set(official["splits"]) == {"train", "val"}
+
+
+def test_mscoco_karpathy_errors(coco_folders, tmp_path):
+    with pytest.raises(FetchError, match="dataset_coco.json not found .*pass it with --karpathy"):
+        fetch("mscoco", FetchOptions(out=tmp_path / "a", source=coco_folders, split="karpathy"))
+    (coco_folders / "dataset_coco.json").write_text(json.dumps(coco_karpathy({1: "train", 99: "test"})))
+    with pytest.raises(FetchError, match=r"dataset_coco.json: 1 image id\(s\) of the Karpathy split have no "
+                                         "captions in the 2017 annotations \\(first: 99\\)"):
+        fetch("mscoco", FetchOptions(out=tmp_path / "b", source=coco_folders, split="karpathy"))
+    (coco_folders / "dataset_coco.json").write_text(json.dumps({"images": [{"cocoid": 1}]}))
+    with pytest.raises(FetchError, match="not Karpathy's dataset_coco.json \\(missing 'split'\\)"):
+        fetch("mscoco", FetchOptions(out=tmp_path / "c", source=coco_folders, split="karpathy"))
+    with pytest.raises(FetchError, match="--split 5k: mscoco's splits are official and karpathy"):
+        fetch("mscoco", FetchOptions(out=tmp_path / "d", source=coco_folders, split="5k"))
+    with pytest.raises(FetchError, match="--split is for mscoco"):
+        fetch("flickr30k", FetchOptions(out=tmp_path / "e", source=coco_folders, split="karpathy"))
+    with pytest.raises(FetchError, match="--karpathy is for mscoco with --split karpathy"):
+        fetch("mscoco", FetchOptions(out=tmp_path / "f", source=coco_folders, karpathy=coco_folders / "x.json"))

@@ -14,6 +14,7 @@ import shutil
 from grr_data.fetch.common import FETCH_MANIFEST, WORK_DIR, FetchError, FetchOptions, summary_lines
 
 DATASETS = ("cc12m", "mscoco", "roco", "flickr30k", "sample", "shapes")
+URL_FETCHES = ("cc12m", "mscoco", "sample")  # may run img2dataset (mscoco: without local image folders)
 
 __all__ = ["DATASETS", "FetchError", "FetchOptions", "fetch", "summary_lines"]
 
@@ -21,12 +22,24 @@ __all__ = ["DATASETS", "FetchError", "FetchOptions", "fetch", "summary_lines"]
 def fetch(name: str, options: FetchOptions) -> dict:
     """Fetch dataset `name` into `options.out`; returns what was written to `fetch_manifest.json`.
 
-    Ctrl-C raises KeyboardInterrupt (img2dataset's own handler would exit with status 0); finished
-    shards are kept, so calling it again continues."""
+    `options.retry_failed`: a pass over the failed downloads of a finished cc12m fetch instead
+    (grr_data.fetch.retry). Ctrl-C raises KeyboardInterrupt (img2dataset's own handler would exit
+    with status 0); finished shards are kept, so calling it again continues."""
     if name not in DATASETS:
         raise FetchError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name != "shapes" and (options.num_pairs is not None or options.seed is not None):
         raise FetchError(f"--num-pairs and --seed are for the generated `shapes` set, not {name}")
+    if options.split is not None and name != "mscoco":
+        raise FetchError(f"--split is for mscoco (official or karpathy), not {name}")
+    if name in URL_FETCHES:  # before any work: a missing distributor or a bad img2dataset option
+        from grr_data.fetch.img2ds import check_distributor, parse_passthrough
+
+        check_distributor(options.distributor)
+        parse_passthrough(options.img2dataset_options)
+    if options.retry_failed:
+        from grr_data.fetch.retry import retry_failed
+
+        return retry_failed(name, options)
     module = importlib.import_module(f"grr_data.fetch.{name}")
     if hasattr(module, "check_options"):  # before "already complete": a folder made with other options
         module.check_options(options)

@@ -7,7 +7,6 @@ as complete once its `NNNNN_stats.json` exists, which img2dataset and our conver
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections import Counter
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from grr_data.files import write_json_atomic
+from grr_data.files import publish, write_json_atomic
 from grr_data.image import IMAGE_SIZE, JPEG_QUALITY
 from grr_data.manifests import load_manifest
 from grr_data.records import sha256_file
@@ -32,14 +31,17 @@ class FetchError(RuntimeError):
 class FetchOptions:
     out: Path
     source: Path | None = None  # --from
-    workers: int = 2  # img2dataset processes; this machine is small
-    threads: int = 16  # download threads per process
+    workers: int | None = None  # img2dataset processes (None: one per usable CPU core)
+    threads: int | None = None  # download threads per process (None: sized from workers, see img2ds)
     distributor: str = "multiprocessing"
     timeout: int = 10
     retries: int = 2
     shard_size: int = 10_000
     paper_split: bool = False  # roco only
-    karpathy: Path | None = None  # flickr30k only
+    karpathy: Path | None = None  # flickr30k, and mscoco with split="karpathy"
+    split: str | None = None  # mscoco: "official" (default) or "karpathy"
+    img2dataset_options: list[str] = field(default_factory=list)  # "key=value", passed to img2dataset
+    retry_failed: bool = False  # a pass over the failed downloads of a finished fetch (grr_data.fetch.retry)
     num_pairs: int | None = None  # shapes only (default there: 2000)
     seed: int | None = None  # shapes only (default there: 0)
     quiet: bool = True  # send img2dataset's chatter to OUT/_work/*.log
@@ -202,6 +204,10 @@ def summary_lines(data: dict) -> list[str]:
         lines.append(
             f"  {name}: {split['num_samples']} done, {failed} failed ({reasons}), {split['num_shards']} shards"
         )
+    if data.get("retries"):
+        last = data["retries"][-1]
+        lines.append(f"  retry pass {last['pass']}: {last['retried']} failed URLs fetched again, "
+                     f"{last['recovered']} recovered (counts above are per URL, all passes merged)")
     lines += [f"  warning: {w}" for w in data["warnings"]]
     return lines
 
@@ -243,5 +249,5 @@ def download_file(url: str, dest: Path, timeout: float = 60) -> Path:
             f"cannot download {url} ({err}). Download it yourself where you have a network and pass it "
             f"with --from, or place it at {dest}."
         ) from err
-    os.replace(tmp, dest)
+    publish(tmp, dest)
     return dest

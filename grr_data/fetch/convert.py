@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import tarfile
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from grr_data.files import publish, tmp_path_for, write_json_atomic
 from grr_data.image import to_stored_jpeg
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count
@@ -67,13 +67,15 @@ def _failure_status(err: BaseException) -> tuple[str, str]:
 class PairWriter:
     """Collects images and writes their (image, caption) pairs in shards of `shard_size` samples."""
 
-    def __init__(self, folder: Path, shard_size: int, on_progress: Callable[[int], None] | None = None):
+    def __init__(self, folder: Path, shard_size: int, on_progress: Callable[[int], None] | None = None,
+                 first_shard: int = 0):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
         self.on_progress = on_progress or (lambda n: None)
         self.pending: list[tuple[SourceImage, int]] = []
-        self.shard_id = 0
+        self.first_shard = first_shard
+        self.shard_id = first_shard  # > 0 to add shards to a folder (a retry pass) with keys of their own
         self.shards_skipped = 0
 
     def add(self, image: SourceImage) -> None:
@@ -116,7 +118,7 @@ class PairWriter:
         rows, status_dict = [], Counter()
         counts = Counter()
         tar_path = self.folder / f"{name}.tar"
-        tmp_tar = tar_path.with_name(tar_path.name + ".tmp")
+        tmp_tar = tmp_path_for(tar_path)
         cached_image, cached = None, None
         with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index, (image, caption_index) in enumerate(self.pending):
@@ -142,15 +144,13 @@ class PairWriter:
                     member.mode = 0o644
                     member.mtime = int(start)
                     tar.addfile(member, io.BytesIO(data))
-        os.replace(tmp_tar, tar_path)
+        publish(tmp_tar, tar_path)
         parquet_path = self.folder / f"{name}.parquet"
-        tmp_parquet = parquet_path.with_name(parquet_path.name + ".tmp")
+        tmp_parquet = tmp_path_for(parquet_path)
         pq.write_table(pa.Table.from_pylist(rows), tmp_parquet)
-        os.replace(tmp_parquet, parquet_path)
+        publish(tmp_parquet, parquet_path)
         stats = {"count": len(rows), "successes": counts["success"],
                  "failed_to_download": counts["failed_to_download"],
                  "failed_to_resize": counts["failed_to_resize"], "duration": time.time() - start,
                  "start_time": start, "end_time": time.time(), "status_dict": dict(status_dict)}
-        tmp_stats = stats_path.with_name(stats_path.name + ".tmp")
-        tmp_stats.write_text(json.dumps(stats, indent=4))
-        os.replace(tmp_stats, stats_path)
+        write_json_atomic(stats_path, stats, indent=4)

@@ -19,17 +19,18 @@ from grr_data.fetch.convert import PairWriter, SourceImage
 KARPATHY_NAME = "dataset_flickr30k.json"
 
 
-def find_karpathy(source: Path, given: Path | None) -> Path:
+def find_karpathy(source: Path, given: Path | None, name: str = KARPATHY_NAME) -> Path:
+    """`--karpathy` when given, else `name` inside the `source` folder or beside it (flickr30k, mscoco)."""
     if given is not None:
         if not Path(given).is_file():
-            raise FetchError(f"--karpathy {given}: no such file; pass {KARPATHY_NAME}")
+            raise FetchError(f"--karpathy {given}: no such file; pass {name}")
         return Path(given)
-    candidates = [source / KARPATHY_NAME] if source.is_dir() else []
-    candidates.append(source.parent / KARPATHY_NAME)
+    candidates = [source / name] if source.is_dir() else []
+    candidates.append(source.parent / name)
     for path in candidates:
         if path.is_file():
             return path
-    raise FetchError(f"{KARPATHY_NAME} not found (looked at {', '.join(map(str, candidates))}); pass it with "
+    raise FetchError(f"{name} not found (looked at {', '.join(map(str, candidates))}); pass it with "
                      "--karpathy (it is in caption_datasets.zip from Karpathy's deepimagesent page)")
 
 

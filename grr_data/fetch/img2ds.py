@@ -13,6 +13,8 @@ forever, so that case is refused up front (`check_main_is_importable`).
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import math
 import os
 import signal
@@ -31,8 +33,25 @@ from grr_data.fetch.common import (
     FetchOptions,
     complete_shards,
 )
+from grr_data.files import publish, tmp_path_for, write_text_atomic
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
+# What each distributor needs installed, and how (img2dataset imports these only when asked, and with
+# ray missing it used to do nothing at all).
+_DISTRIBUTOR_NEEDS = {
+    "pyspark": ("pyspark", "pip install pyspark (and Java 8/11/17 for Spark); on a cluster, start the "
+                "SparkSession before the fetch, as img2dataset's README shows"),
+    "ray": ("ray", "pip install 'ray[default]'; on a cluster, start it with `ray start` first"),
+}
+# Set by grr itself: the fetch output contract (CONTRACTS.md "Fetch output") or grr's own flags.
+_OWN_OPTIONS = {
+    "url_list": None, "output_folder": None, "input_format": None, "url_col": None, "caption_col": None,
+    "output_format": None, "image_size": None, "resize_mode": None, "resize_only_if_bigger": None,
+    "encode_format": None, "encode_quality": None, "save_additional_columns": None, "incremental_mode": None,
+    "compute_hash": None, "processes_count": "--workers", "thread_count": "--threads",
+    "number_sample_per_shard": "--shard-size", "timeout": "--timeout", "retries": "--retries",
+    "distributor": "--distributor",
+}
 
 
 def write_url_list(path: Path, columns: dict[str, list], source_id: str) -> Path:
@@ -41,10 +60,10 @@ def write_url_list(path: Path, columns: dict[str, list], source_id: str) -> Path
     if path.exists() and marker.exists() and marker.read_text() == source_id:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path_for(path)
     pq.write_table(pa.table(columns), tmp)
-    os.replace(tmp, path)
-    marker.write_text(source_id)
+    publish(tmp, path)
+    write_text_atomic(marker, source_id)
     return path
 
 
@@ -92,9 +111,102 @@ def check_main_is_importable() -> None:
         )
 
 
-def img2dataset_options(options: FetchOptions, extra_columns: list[str] | None) -> dict:
-    if options.distributor not in DISTRIBUTORS:
-        raise FetchError(f"unknown distributor {options.distributor!r}; use one of {', '.join(DISTRIBUTORS)}")
+def usable_cpus() -> int:
+    """CPU cores this process may run on (a Slurm or container CPU limit, not the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def machine_defaults(num_shards: int | None = None) -> tuple[int, int]:
+    """(processes, threads per process) when --workers/--threads are not given.
+
+    One process per usable core (resizing and encoding are CPU work), but no more than there are
+    shards (a process works on one shard at a time; each one costs seconds to start); downloads wait
+    on the network, so each process runs several threads: about 128 connections in all, 8 to 32 per
+    process.
+    """
+    workers = usable_cpus() if num_shards is None else max(1, min(usable_cpus(), num_shards))
+    return workers, max(8, min(32, 128 // workers))
+
+
+def resolve_workers(options: FetchOptions, num_shards: int | None = None) -> tuple[int, int, str]:
+    """(processes, threads, a line saying where they came from)."""
+    workers, threads = machine_defaults(num_shards)
+    chosen = (options.workers or workers, options.threads or threads)
+    given = [flag for flag, value in (("--workers", options.workers), ("--threads", options.threads)) if value]
+    how = f"defaults for {usable_cpus()} usable CPU cores" + (f" and {num_shards} shard(s)" if num_shards else "")
+    how = "given" if len(given) == 2 else how + (f", {given[0]} given" if given else "")
+    return (*chosen, f"img2dataset: {chosen[0]} processes x {chosen[1]} threads ({how}; "
+                     "--workers/--threads to change)")
+
+
+def check_distributor(name: str) -> None:
+    """FetchError naming what to install when `name` needs a package that is missing."""
+    if name not in DISTRIBUTORS:
+        raise FetchError(f"unknown distributor {name!r}; use one of {', '.join(DISTRIBUTORS)}")
+    if name in _DISTRIBUTOR_NEEDS:
+        module, how = _DISTRIBUTOR_NEEDS[name]
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise FetchError(f"--distributor {name} needs {module}, which is not installed here: {how}") from err
+
+
+def _download_signature() -> inspect.Signature:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would phone home on import
+    from img2dataset import download
+
+    return inspect.signature(download)
+
+
+def _typed(key: str, text: str, annotation) -> object:
+    """`text` as img2dataset's parameter `key` wants it (its annotations: int, float, bool, str, lists)."""
+    kind = str(annotation)
+    if text.lower() in ("none", "null") and "Optional" in kind:
+        return None
+    try:
+        if annotation is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("expected true or false")
+            return text.lower() in ("true", "1", "yes")
+        if annotation in (int, float):
+            return annotation(text)
+        if "List" in kind or "list" in kind:
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return text
+    except ValueError as err:
+        raise FetchError(f"--img2dataset-option {key}={text}: {err}") from err
+
+
+def parse_passthrough(items: list[str]) -> dict:
+    """`key=value` strings for img2dataset's `download`, typed by its signature; lists are comma-separated."""
+    if not items:
+        return {}
+    params = _download_signature().parameters
+    parsed = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise FetchError(f"--img2dataset-option {item!r}: write it as key=value (e.g. min_image_size=64)")
+        if key in _OWN_OPTIONS:
+            flag = _OWN_OPTIONS[key]
+            raise FetchError(f"--img2dataset-option {key}: " + (f"use {flag}" if flag else
+                             "grr sets it itself (the fetch output format), so it cannot be changed"))
+        if key not in params:
+            known = ", ".join(sorted(k for k in params if k not in _OWN_OPTIONS))
+            raise FetchError(f"--img2dataset-option {key}: img2dataset's download() has no such option; "
+                             f"it takes {known}")
+        parsed[key] = _typed(key, text.strip(), params[key].annotation)
+    return parsed
+
+
+def img2dataset_options(options: FetchOptions, extra_columns: list[str] | None,
+                        num_shards: int | None = None) -> dict:
+    check_distributor(options.distributor)
+    workers, threads, _ = resolve_workers(options, num_shards)
     return {
         "image_size": IMAGE_SIZE,
         "resize_mode": "keep_ratio",
@@ -102,8 +214,8 @@ def img2dataset_options(options: FetchOptions, extra_columns: list[str] | None) 
         "encode_quality": JPEG_QUALITY,
         "encode_format": "jpg",
         "output_format": "webdataset",
-        "processes_count": options.workers,
-        "thread_count": options.threads,
+        "processes_count": workers,
+        "thread_count": threads,
         "number_sample_per_shard": options.shard_size,
         "timeout": options.timeout,
         "retries": options.retries,
@@ -114,6 +226,7 @@ def img2dataset_options(options: FetchOptions, extra_columns: list[str] | None) 
         "compute_hash": "sha256",
         "save_additional_columns": extra_columns or None,
         # Our own lists and loopback servers: img2dataset's X-Robots-Tag check stays on (its default).
+        **parse_passthrough(options.img2dataset_options),
     }
 
 
@@ -129,12 +242,21 @@ def run_img2dataset(url_list: Path, out_dir: Path, options: FetchOptions, num_ro
     _loopback_no_proxy()
     from img2dataset import download
 
-    opts = img2dataset_options(options, extra_columns)
+    expected_shards = math.ceil(num_rows / options.shard_size)
+    opts = img2dataset_options(options, extra_columns, expected_shards)
+    print(resolve_workers(options, expected_shards)[2], file=sys.stderr, flush=True)
+    if options.distributor == "pyspark":
+        from pyspark.sql import SparkSession
+
+        if SparkSession.getActiveSession() is None:  # img2dataset then makes a one-machine local[N] session
+            print(f"pyspark: no active SparkSession, so img2dataset starts a local one on this machine "
+                  f"(local[{opts['processes_count']}]); for a cluster, create the session in a Python script "
+                  "and call grr_data.fetch.fetch from it (README: Fetching CC12M on a Spark cluster)",
+                  file=sys.stderr, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(options.out) / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / f"img2dataset-{out_dir.name}.log" if options.quiet else None
-    expected_shards = math.ceil(num_rows / options.shard_size)
     if len(complete_shards(out_dir)) < expected_shards:
         # img2dataset's own bar counts shards and has no label: say what it counts
         print(f"downloading {num_rows:,} images into {expected_shards} shard(s) in {out_dir} "

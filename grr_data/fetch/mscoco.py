@@ -1,5 +1,11 @@
-"""MSCOCO 2017 captions: the official train/val split, one sample per caption, all captions of an image
-sharing its `image_id`.
+"""MSCOCO 2017 captions: the official train/val split (default) or the Karpathy split, one sample per
+caption, all captions of an image sharing its `image_id`.
+
+`--split karpathy` (with `--karpathy dataset_coco.json`) regroups the same 123,287 images into the
+train / val / test split of Karpathy & Fei-Fei (2015): 113,287 / 5,000 / 5,000 images ("restval" goes to
+train), the split the image-text retrieval literature reports on. It takes only the split from the
+Karpathy file, matched by COCO image id; captions, images and URLs come from the 2017 annotations as
+for the official split (the 2014 and 2017 releases hold the same images and captions).
 
 A sample is one (image, caption) pair because the paper counts pairs (591,753 / 25,014) and the losses
 are per pair; the shared `image_id` lets later steps keep an image's captions together. Images come
@@ -17,16 +23,63 @@ from pathlib import Path
 from tqdm import tqdm
 
 from grr_data.fetch.common import (
+    FETCH_MANIFEST,
     FetchError,
     FetchOptions,
     FetchReport,
+    SplitCounts,
     describe_source,
     source_or_download,
 )
 from grr_data.fetch.convert import PairWriter, SourceImage
+from grr_data.fetch.flickr30k import find_karpathy
 from grr_data.fetch.staged import fetch_staged
 
 SPLITS = ("train", "val")
+SPLIT_CHOICES = ("official", "karpathy")
+KARPATHY_NAME = "dataset_coco.json"
+
+
+def check_options(options: FetchOptions) -> None:
+    """Refuse an unknown --split, and a folder already fetched with the other split."""
+    split = options.split or "official"
+    if split not in SPLIT_CHOICES:
+        raise FetchError(f"--split {split}: mscoco's splits are {' and '.join(SPLIT_CHOICES)}")
+    done = Path(options.out) / FETCH_MANIFEST
+    if done.exists():
+        made = json.loads(done.read_text(encoding="utf-8")).get("split", "official")
+        if made != split:
+            raise FetchError(f"{options.out} holds mscoco with the {made} split; fetch the {split} split "
+                             "into another --out folder")
+
+
+def read_karpathy_splits(path: Path) -> dict[str, str]:
+    """{COCO image id: train | val | test} from Karpathy's dataset_coco.json (restval counts as train)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        splits = {str(im["cocoid"]): "train" if im["split"] == "restval" else im["split"] for im in data["images"]}
+    except json.JSONDecodeError as err:
+        raise FetchError(f"{path}: not valid JSON ({err})") from err
+    except (KeyError, TypeError) as err:
+        raise FetchError(f"{path}: not Karpathy's dataset_coco.json (missing {err})") from err
+    odd = sorted(set(splits.values()) - {"train", "val", "test"})
+    if odd:
+        raise FetchError(f"{path}: unknown split name(s) {', '.join(odd)}; expected train, restval, val, test")
+    return splits
+
+
+def karpathy_regroup(images: dict[str, list[dict]], splits: dict[str, str], where: Path) -> dict[str, list[dict]]:
+    """The 2017 images regrouped by the Karpathy split; each keeps its 2017 folder in "folder"."""
+    by_id = {im["image_id"]: im for split in SPLITS for im in images[split]}
+    missing = sorted(set(splits) - set(by_id), key=int)
+    if missing:
+        raise FetchError(f"{where}: {len(missing)} image id(s) of the Karpathy split have no captions in the "
+                         f"2017 annotations (first: {missing[0]}); pass the matching dataset_coco.json")
+    regrouped = {"train": [], "val": [], "test": []}
+    for image_id in sorted(splits, key=int):
+        im = by_id[image_id]
+        regrouped[splits[image_id]].append({**im, "folder": im["source_split"], "source_split": splits[image_id]})
+    return regrouped
 
 
 def _annotation_name(split: str) -> str:
@@ -83,7 +136,7 @@ def _convert_local(images: dict[str, list[dict]], folders: dict[str, Path], opti
         for split, split_images in images.items():
             writer = PairWriter(out / split, options.shard_size, bar.update)
             for im in split_images:
-                path = folders[split] / im["file_name"]
+                path = folders[im.get("folder", split)] / im["file_name"]
                 writer.add(SourceImage(image_id=im["image_id"], captions=im["captions"], source=str(path),
                                        read=path.read_bytes, extra={"source_split": split}))
             writer.close()
@@ -105,10 +158,20 @@ def fetch(options: FetchOptions) -> dict:
         if source.is_dir():
             report.sources.append(describe_source(where))
         images[split] = images_with_captions(data, where, split)
+    if options.split == "karpathy":
+        karpathy = find_karpathy(source, options.karpathy, KARPATHY_NAME)
+        report.sources.append(describe_source(karpathy))
+        images = karpathy_regroup(images, read_karpathy_splits(karpathy), karpathy)
+        report.manifest = {**report.manifest, **report.manifest["karpathy_split"]}  # its expected counts, rule
+        report.source_counts = {s: SplitCounts(num_attempted=len(ims)) for s, ims in images.items()}
+        report.count_unit = "images"
+    elif options.karpathy is not None:
+        raise FetchError("--karpathy is for mscoco with --split karpathy (or flickr30k)")
+    report.extra["split"] = options.split or "official"
     folders = {split: source / f"{split}2017" for split in SPLITS} if source.is_dir() else {}
     if folders and all(f.is_dir() for f in folders.values()):
         _convert_local(images, folders, options, report)
     else:
-        rows = [im for split in SPLITS for im in images[split]]
+        rows = [im for split_images in images.values() for im in split_images]
         fetch_staged(rows, options, report, source_id=json.dumps([s.get("sha256") for s in report.sources]))
     return report.finish()

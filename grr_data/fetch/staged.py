@@ -33,15 +33,16 @@ def url_list_columns(images: list[dict]) -> dict[str, list]:
     }
 
 
-def _staged_images(staging: Path):
-    """SourceImages from the staging folder in key order: fetched ones from the tars, failed ones
-    from the parquets.
+def iter_downloaded(folder: Path, columns: list[str]):
+    """An img2dataset output folder in key order: (meta, jpg bytes) for each fetched sample from the tars,
+    then (row, None) for each failed one from the parquets (`columns` of it: key, url, status,
+    error_message and the extra columns).
 
     img2dataset writes a shard's samples in the order its download threads finish; its keys follow
     the URL list. Reading in key order makes a rerun of the same fetch write the same pairs in the
     same order (and so the same shards, and the same demo results under one seed).
     """
-    for tar_path in complete_shards(staging):
+    for tar_path in complete_shards(folder):
         with tarfile.open(tar_path) as tar:
             members: dict[str, dict[str, tarfile.TarInfo]] = {}
             for info in tar:
@@ -50,20 +51,28 @@ def _staged_images(staging: Path):
                     members.setdefault(key, {})[ext] = info
             for key in sorted(members):
                 meta = json.loads(tar.extractfile(members[key]["json"]).read())
-                jpg = tar.extractfile(members[key]["jpg"]).read()
-                yield SourceImage(
-                    image_id=meta["image_id"], captions=json.loads(meta["captions"]), source=meta["url"],
-                    read=lambda jpg=jpg: jpg,
-                    extra={"source_split": meta["source_split"]},
-                    final={k: meta[k] for k in ("width", "height", "original_width", "original_height", "sha256")},
-                )
-        failed = pq.read_table(tar_path.with_suffix(".parquet"),
-                               columns=["key", "url", "status", "error_message", *STAGED_COLUMNS]).to_pylist()
-        for row in sorted(failed, key=lambda r: r["key"]):
+                yield meta, tar.extractfile(members[key]["jpg"]).read()
+        rows = pq.read_table(tar_path.with_suffix(".parquet"),
+                             columns=["key", "url", "status", "error_message", *columns]).to_pylist()
+        for row in sorted(rows, key=lambda r: r["key"]):
             if row["status"] != "success":
-                yield SourceImage(image_id=row["image_id"], captions=json.loads(row["captions"]),
-                                  source=row["url"], read=None, extra={"source_split": row["source_split"]},
-                                  error=row["error_message"] or "unknown error")
+                yield row, None
+
+
+def final_info(meta: dict) -> dict:
+    """What PairWriter needs of an image img2dataset already resized and encoded."""
+    return {k: meta[k] for k in ("width", "height", "original_width", "original_height", "sha256")}
+
+
+def _staged_images(staging: Path):
+    """SourceImages from the staging folder in key order (see `iter_downloaded`)."""
+    for meta, jpg in iter_downloaded(staging, STAGED_COLUMNS):
+        common = {"image_id": meta["image_id"], "captions": json.loads(meta["captions"]), "source": meta["url"],
+                  "extra": {"source_split": meta["source_split"]}}
+        if jpg is None:
+            yield SourceImage(**common, read=None, error=meta["error_message"] or "unknown error")
+        else:
+            yield SourceImage(**common, read=lambda jpg=jpg: jpg, final=final_info(meta))
 
 
 def fetch_staged(images: list[dict], options: FetchOptions, report: FetchReport, source_id: str,
