@@ -48,7 +48,7 @@ _OWN_OPTIONS = {
     "url_list": None, "output_folder": None, "input_format": None, "url_col": None, "caption_col": None,
     "output_format": None, "image_size": None, "resize_mode": None, "resize_only_if_bigger": None,
     "encode_format": None, "encode_quality": None, "save_additional_columns": None, "incremental_mode": None,
-    "compute_hash": None, "processes_count": "--workers", "thread_count": "--threads",
+    "compute_hash": None, "oom_shard_count": None, "processes_count": "--workers", "thread_count": "--threads",
     "number_sample_per_shard": "--shard-size", "timeout": "--timeout", "retries": "--retries",
     "distributor": "--distributor",
 }
