@@ -57,13 +57,14 @@ class MetricsLog:
                 self.sync()
         except OSError as err:
             raise _explain(err, self.path) from err
-        if self._tb is not None and "step" in record:
+        if self._tb is not None and "step" in record and record.get("kind") in ("train", "val"):
+            # "train/loss", "val/perplexity" (a validation record's tag group is its split's name)
+            group = record.get("split") or record["kind"]
             for key, value in record.items():
-                if key in ("step", "kind", "time") or isinstance(value, bool):
+                if key in ("step", "kind", "time", "epoch") or isinstance(value, bool):
                     continue
                 if isinstance(value, (int, float)) and math.isfinite(value):
-                    tag = f"{record['kind']}/{record.get('split', '')}{'/' if 'split' in record else ''}{key}"
-                    self._tb.add_scalar(tag, value, record["step"])
+                    self._tb.add_scalar(f"{group}/{key}", value, record["step"])
 
     def sync(self) -> None:
         """Make every record logged so far durable (call before saving a checkpoint)."""

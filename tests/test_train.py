@@ -270,23 +270,25 @@ def test_resume_purges_tensorboard_events_past_the_checkpoint(tmp_path, small_da
     # tensorboard is optional (not installed here): a stand-in SummaryWriter records its arguments.
     import types
 
-    writers = []
+    writers, tags = [], set()
 
     class Writer:
         def __init__(self, log_dir, **kwargs):
             writers.append(kwargs)
 
-        def add_scalar(self, *args):
-            pass
+        def add_scalar(self, tag, *args):
+            tags.add(tag)
 
         def close(self):
             pass
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
-    cfg = tiny(small_data, per_device_batch_size=4, max_steps=2, tensorboard=True, val_split="none")
+    cfg = tiny(small_data, per_device_batch_size=4, max_steps=2, tensorboard=True, val_every=1)
     run_training(cfg, tmp_path / "run")
     run_training(resume_config(tmp_path / "run", max_steps=3), tmp_path / "run", resume=True)
     assert writers == [{}, {"purge_step": 3}]
+    assert {"train/loss", "train/grad_norm", "val/perplexity", "val/loss"} <= tags  # not "val/val/perplexity"
+    assert not any(t.startswith(("val/val/", "event/")) for t in tags)
 
 
 @pytest.mark.slow
