@@ -63,8 +63,8 @@ def test_two_processes_with_accumulation_match_one(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path, num_workers):
+@pytest.mark.parametrize("nproc,num_workers", [(2, 0), (2, 1), (1, 1)])
+def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path, nproc, num_workers):
     # What Slurm, Kubernetes and `timeout` do: SIGTERM to every process of the job's group,
     # the launcher, torchrun, the trainers and their loader workers alike.
     import os
@@ -74,8 +74,8 @@ def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path, num_workers):
     data = make_data(tmp_path / "data", (12,), (4,))
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "cli.main", "train", "pretrain", "--preset", "grr-tiny", "--data", str(data),
-           "--out", str(run), "--nproc-per-node", "2"]
-    for s in ("per_device_batch_size=1", "global_batch_size=2", f"num_workers={num_workers}", "loader=cpu",
+           "--out", str(run), "--nproc-per-node", str(nproc)]
+    for s in (f"per_device_batch_size={2 // nproc}", "global_batch_size=2", f"num_workers={num_workers}", "loader=cpu",
               "tensorboard=false", "epochs=1000", "val_split=none", "checkpoint_every=100000"):
         cmd += ["--set", s]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
