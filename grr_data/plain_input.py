@@ -27,13 +27,13 @@ from grr_data.shard_input import (
     IMAGE_EXTENSIONS,
     InputError,
     Sample,
-    ShardError,
     TarJob,
     TarResult,
     prepare_image,
     read_caption,
     tokenize_pending,
 )
+from grr_data.shard_resume import InputImages
 from grr_data.split import SampleIdentity
 
 log = logging.getLogger(__name__)
@@ -234,12 +234,9 @@ def process_chunk(job: TarJob) -> TarResult:
     return result
 
 
-class PlainImages:
+class PlainImages(InputImages):
     """`shard_resume.InputImages` for a plain input: reads the image of a sample restored from a
     completion record back from its file (main process)."""
-
-    def __init__(self):
-        self.num_decoded = 0
 
     def jpg(self, chunk_path: str, sample: Sample) -> bytes:
         if sample.jpg is not None:
@@ -248,10 +245,4 @@ class PlainImages:
             raw = Path(sample.member).read_bytes()
         except OSError:
             raw = b""
-        if hashlib.sha256(raw).hexdigest() != sample.meta["image_sha256"]:
-            raise ShardError(f"{sample.member}: missing or changed since the interrupted run; "
-                             "delete the output folder and shard again")
-        if not sample.resized:
-            return raw
-        self.num_decoded += 1
-        return prepare_image(raw)[0]
+        return self.restored(raw, sample, sample.member)

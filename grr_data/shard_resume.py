@@ -113,9 +113,14 @@ class InputImages:
             with open(tar_path, "rb") as f:
                 f.seek(where[0])
                 raw = f.read(where[1])
+        return self.restored(raw, sample, f"{tar_path}: {sample.member}")
+
+    def restored(self, raw: bytes, sample: Sample, where: str) -> bytes:
+        """The stored JPEG of a sample restored from a completion record, from its input bytes `raw`:
+        checked against the hash the record holds, re-prepared when the first run resized it."""
         if hashlib.sha256(raw).hexdigest() != sample.meta["image_sha256"]:
-            raise ShardError(f"{tar_path}: {sample.member} is missing or changed since the interrupted run; "
-                               "delete the output folder and shard again")
+            raise ShardError(f"{where} is missing or changed since the interrupted run; "
+                             "delete the output folder and shard again")
         if not sample.resized:
             return raw
         self.num_decoded += 1
