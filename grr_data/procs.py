@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing import Pipe
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 
 _PR_SET_PDEATHSIG = 1
 
@@ -54,19 +54,32 @@ def exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="grr-parent-watch", daemon=True).start()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a Slurm job's or container's share, not the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class WorkerPool:
-    """`num_workers` forked processes running `fn`, results given back in the items' order, at
-    most `depth` items in flight per worker (item i goes to worker i % num_workers).
+    """`num_workers` forked processes running `fn`, each busy with at most one item at a time.
+
+    Two ways to use it: `imap(items)` gives results in the items' order; `submit(item, tag)` to an
+    idle worker and `next_done()` -> (tag, result) of whichever finishes first, for callers that
+    schedule work of several kinds (`grr data shard`: input tars, then the shards built from them).
+    One item per worker: the main process sends only to a worker waiting for work, so a large item
+    or result never leaves both sides blocked writing to each other.
 
     Made for `grr data shard` rather than taken from concurrent.futures: its workers must ignore
     stop signals, and a ProcessPoolExecutor whose workers are killed mid-result can hang its
     owner at interpreter exit (its manager thread waits forever on a half-written message). Here
     there is no helper thread: `close()` ends the workers, killing them when asked, and reaps them.
-    A worker that dies is reported (RuntimeError naming its PID and how it ended)."""
+    A worker that dies is reported (RuntimeError naming its PID and how it ended). `fn` is never
+    pickled (the workers are forked), so it may be a closure over the caller's data."""
 
-    def __init__(self, fn: Callable, num_workers: int, depth: int = 2):
-        self.depth = depth
+    def __init__(self, fn: Callable, num_workers: int):
         self._workers: list[tuple[int, Connection]] = []
+        self._busy: dict[int, object] = {}  # worker number -> tag of the item it holds
         parent = os.getpid()
         try:
             for _ in range(num_workers):
@@ -83,21 +96,49 @@ class WorkerPool:
             self.close(kill=True)
             raise
 
+    @property
+    def num_idle(self) -> int:
+        return len(self._workers) - len(self._busy)
+
+    @property
+    def num_busy(self) -> int:
+        return len(self._busy)
+
+    def submit(self, item, tag=None) -> None:
+        """Hand `item` to an idle worker (there must be one: see `num_idle`)."""
+        n = next(i for i in range(len(self._workers)) if i not in self._busy)
+        self._workers[n][1].send(item)
+        self._busy[n] = tag
+
+    def next_done(self) -> tuple[object, object]:
+        """(tag, result) of the next item to finish; raises what the item raised, or RuntimeError
+        naming a worker that died."""
+        by_conn = {self._workers[n][1]: n for n in self._busy}
+        conn = wait(list(by_conn))[0]
+        n = by_conn[conn]
+        tag = self._busy.pop(n)
+        try:
+            ok, value = conn.recv()
+        except (EOFError, OSError):
+            pid = self._workers[n][0]
+            raise RuntimeError(f"worker process {pid} ended unexpectedly ({self._reap(pid)}); "
+                               "rerun the same command to resume") from None
+        if not ok:
+            raise value
+        return tag, value
+
     def imap(self, items: Sequence) -> Iterator:
-        n, sent = len(self._workers), 0
+        """fn over `items`, results in order (at most one item in flight per worker)."""
+        done: dict[int, object] = {}
+        sent = 0
         for i in range(len(items)):
-            while sent < len(items) and sent < i + self.depth * n:
-                self._workers[sent % n][1].send(items[sent])
-                sent += 1
-            pid, conn = self._workers[i % n]
-            try:
-                ok, value = conn.recv()
-            except (EOFError, OSError):
-                raise RuntimeError(f"worker process {pid} ended unexpectedly ({self._reap(pid)}); "
-                                   "rerun the same command to resume") from None
-            if not ok:
-                raise value
-            yield value
+            while i not in done:
+                while self.num_idle and sent < len(items):
+                    self.submit(items[sent], sent)
+                    sent += 1
+                tag, value = self.next_done()
+                done[tag] = value
+            yield done.pop(i)
 
     def _reap(self, pid: int) -> str:
         try:
@@ -121,13 +162,54 @@ class WorkerPool:
         for pid, conn in self._workers:
             self._reap(pid)
             conn.close()
-        self._workers = []
+        self._workers, self._busy = [], {}
 
     def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(kill=exc_type is not None)
+
+
+class InlinePool:
+    """WorkerPool's `submit`/`next_done` for one worker: runs each item in this process when its
+    result is asked for (`--workers 1`, and tests that patch functions in-process)."""
+
+    def __init__(self, fn: Callable):
+        self._fn = fn
+        self._item: tuple | None = None
+
+    @property
+    def num_idle(self) -> int:
+        return 0 if self._item is not None else 1
+
+    @property
+    def num_busy(self) -> int:
+        return 1 - self.num_idle
+
+    def submit(self, item, tag=None) -> None:
+        assert self._item is None, "InlinePool holds one item at a time"
+        self._item = (tag, item)
+
+    def next_done(self) -> tuple[object, object]:
+        (tag, item), self._item = self._item, None
+        return tag, self._fn(item)
+
+    def imap(self, items: Sequence) -> Iterator:
+        return map(self._fn, items)
+
+    def close(self, kill: bool = False) -> None:
+        self._item = None
+
+    def __enter__(self) -> InlinePool:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+
+def make_pool(fn: Callable, num_workers: int) -> WorkerPool | InlinePool:
+    return WorkerPool(fn, num_workers) if num_workers > 1 else InlinePool(fn)
 
 
 def _serve(fn: Callable, conn: Connection, parent: int) -> None:

@@ -4,9 +4,15 @@ The input is fetch output (img2dataset tars), or a user's own images: a folder w
 beside them, or a CSV/JSONL list (grr_data.plain_input), read in fixed-size chunks of sorted
 paths that stand in for input tars everywhere below.
 
-Input tars are processed in sorted order (in parallel, results merged in order); a single
-`SplitAssigner` decides each sample's split, and each split is cut into shards of `shard_size`
-samples in input order. So the output is the same for any worker count.
+The work is done by a pool of workers, in two kinds of jobs. First each input tar: decode,
+resize and tokenize it, write its samples to work files (grr_data.shard_resume) and hand back
+only a summary of what the split decision reads. Then each output shard: a worker writes it
+from those work files and hashes it (grr_data.shard_write). The main process never holds image
+bytes: it takes the summaries in input order, decides every sample's split with one
+`SplitAssigner`, and cuts each split into shards of `shard_size` samples in input order. So the
+output is the same for any worker count, whichever worker writes a shard. Its CPU per sample is
+a few microseconds (benchmarks/shard_scaling.py), and its memory does not grow with the input
+but for the SplitAssigner's maps (~100 bytes per distinct image).
 
 One run at a time: the run holds `OUT/.grr.lock` (grr_data.lock) from start to end, so a second
 `grr data shard` into the same --out fails at once naming the first.
@@ -30,8 +36,8 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -39,22 +45,13 @@ from tqdm import tqdm
 from grr_data.files import write_json_atomic
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN
 from grr_data.lock import LOCK_NAME, hold_lock
-from grr_data.plain_input import PlainImages
-from grr_data.procs import WorkerPool
-from grr_data.records import (
-    SAMPLE_CHECKSUMS,
-    ShardWriter,
-    checksum_path,
-    index_path,
-    read_checksums,
-    read_index,
-    sample_members,
-    sha256_file,
-)
-from grr_data.shard_input import FOLDER_ORDER, InputError, ShardError, TarJob, TarResult, find_inputs
-from grr_data.shard_resume import InputImages, record_path, run_job
+from grr_data.procs import make_pool, usable_cores
+from grr_data.records import SAMPLE_CHECKSUMS
+from grr_data.shard_input import FOLDER_ORDER, InputError, TarJob, find_inputs
+from grr_data.shard_resume import TarSummary, images_path, record_path
+from grr_data.shard_write import ShardDone, ShardJob, ShardWork
 from grr_data.skips import SkipLog
-from grr_data.split import SplitAssigner, SplitRule, declared_overlaps
+from grr_data.split import SampleIdentity, SplitAssigner, SplitRule, declared_overlaps
 from grr_data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,79 +59,134 @@ MANIFEST = "manifest.json"
 WORK_DIR = ".work"
 
 
-def _indexed_keys(tar: Path) -> list[str] | None:
-    """The sample keys a complete shard's index lists, or None when tar, checksums or index is
-    missing or unreadable, or the tar's size is not the one its index implies (then it is rewritten)."""
-    idx, crc = index_path(tar), checksum_path(tar)
-    if not (tar.is_file() and idx.is_file() and crc.is_file()):
-        return None
-    try:
-        table = read_index(idx)
-        if len(read_checksums(crc)) != len(table):
-            return None
-    except (OSError, ValueError):
-        return None
-    if tar.stat().st_size != table.tar_size():
-        return None
-    return table.keys
-
-
 class _SplitSink:
-    """Cuts one split's samples into shards, keeping shards a killed run already completed."""
+    """One split's plan, in the main process and from metadata alone: cuts the split's samples, in
+    input order, into shards of `shard_size`; each becomes a `ShardJob` a worker writes.
+    `finish_shard()` records the shards the workers have completed (manifest entries, `on_shard`)."""
 
-    def __init__(self, out_dir: Path, split: str, shard_size: int, on_shard: Callable[[Path], None] | None):
+    def __init__(self, out_dir: Path, split: str, shard_size: int, on_shard: Callable[[Path], None] | None,
+                 refs: Counter):
         self.dir, self.split, self.shard_size, self.on_shard = out_dir / split, split, shard_size, on_shard
         self.num_samples = 0
-        self.shards: list[dict] = []
+        self.shards: list[dict] = []  # manifest entries of completed shards (sorted by number at the end)
         self.num_kept = 0
-        self._writer: ShardWriter | None = None
-        self._path: Path | None = None
-        self._keys: list[str] = []
+        self.completed: list[ShardDone] = []  # reported by workers, not yet recorded
+        self._refs = refs  # per input unit: planned shards holding its samples, not yet written
+        self._entries: list[tuple[int, list[int]]] = []
 
-    def add(self, key: str, make_members: Callable[[], dict[str, bytes]]) -> None:
-        """Plan `key` next; `make_members()` is called only when its shard is still to be written."""
-        if self.num_samples % self.shard_size == 0:
-            self.finish_shard()
-            self._path = self.dir / f"shard-{self.num_samples // self.shard_size:06d}.tar"
-            # the plan is deterministic, so a complete shard on disk holds exactly these samples
-            self._writer = None if _indexed_keys(self._path) is not None else ShardWriter(self._path)
-        self._keys.append(key)
-        if self._writer is not None:
-            self._writer.write(key, make_members())
+    def add(self, unit: int, position: int) -> ShardJob | None:
+        """Plan sample `position` of input unit `unit` next; returns the shard it completes, if any."""
+        if self._entries and self._entries[-1][0] == unit:
+            self._entries[-1][1].append(position)
+        else:
+            self._entries.append((unit, [position]))
+            self._refs[unit] += 1
         self.num_samples += 1
+        return self.cut() if self.num_samples % self.shard_size == 0 else None
+
+    def cut(self) -> ShardJob | None:
+        """The shard planned so far (the split's last one may be short); None when there is none."""
+        if not self._entries:
+            return None
+        number = (self.num_samples - 1) // self.shard_size
+        job = ShardJob(self.split, number, str(self.dir / f"shard-{number:06d}.tar"),
+                       tuple((unit, tuple(positions)) for unit, positions in self._entries))
+        self._entries = []
+        return job
 
     def finish_shard(self) -> None:
-        if self._path is None:
-            return
-        if self._writer is not None:
-            self._writer.close()
-        elif _indexed_keys(self._path) != self._keys:
-            raise ShardError(f"{self._path}: an existing shard does not hold the samples planned for it; "
-                               "the input changed since the interrupted run; delete the output folder")
-        else:
-            self.num_kept += 1
-        self.shards.append({"path": f"{self.split}/{self._path.name}", "num_samples": len(self._keys)})
-        if self.on_shard is not None:
-            self.on_shard(self._path)
-        self._writer, self._path, self._keys = None, None, []
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
+        """Record the shards completed since the last call; each is whole on disk."""
+        for done in self.completed:
+            self.shards.append({"path": f"{self.split}/shard-{done.number:06d}.tar", "num_samples": done.num_samples,
+                                "sha256": done.sha256})
+            self.num_kept += done.kept
+            if self.on_shard is not None:
+                self.on_shard(self.dir / f"shard-{done.number:06d}.tar")
+        self.completed = []
 
 
-def _results(jobs: list[TarJob], workers: int) -> Iterator[TarResult]:
-    """run_job over the jobs, in order; at most 2 x workers tars in flight to bound memory.
+class _Plan:
+    """The main loop of a run: hands input units, then the shards planned from their summaries, to
+    the pool; decides splits in input order (one `SplitAssigner`), so the shards' contents do not
+    depend on the worker count or on which result comes back first.
 
-    Pool workers leave SIGTERM and SIGINT to this process and die with it (grr_data.procs); when
-    this generator stops early (an error, Ctrl-C) they are killed rather than waited for."""
-    if workers <= 1:
-        yield from map(run_job, jobs)
-        return
-    # workers tokenize one tar each; Rust threads inside them would only contend for the cores
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    with WorkerPool(run_job, workers, depth=2) as pool:
-        yield from pool.imap(jobs)
+    Memory: summaries of at most `window` units ahead of the next one in order, the open shard of
+    each split (unit and position per sample) and the SplitAssigner's maps; no image bytes."""
+
+    def __init__(self, units: list[TarJob], sinks: dict[str, _SplitSink], assigner: SplitAssigner,
+                 refs: Counter, problem_log: SkipLog):
+        self.units, self.sinks, self.assigner, self.refs, self.problem_log = units, sinks, assigner, refs, problem_log
+        self.totals = Counter()  # decoded, reused, damaged, truncated, resized, redecoded
+        self.skipped: Counter = Counter()
+        self._consumed = 0
+
+    def run(self, pool, window: int, bar) -> None:
+        ready: deque[ShardJob] = deque()
+        arrived: dict[int, TarSummary] = {}
+        next_unit = 0
+        while True:
+            while pool.num_idle and (ready or next_unit < min(len(self.units), self._consumed + window)):
+                if ready:
+                    job = ready.popleft()
+                    pool.submit(job, job)
+                else:
+                    pool.submit(self.units[next_unit], next_unit)
+                    next_unit += 1
+            if not pool.num_busy:
+                return
+            tag, value = pool.next_done()
+            if isinstance(tag, ShardJob):
+                self._written(tag, value)
+                continue
+            arrived[tag] = value
+            while self._consumed in arrived:
+                unit = self._consumed
+                ready.extend(self._consume(unit, arrived.pop(unit)))
+                self._consumed += 1
+                self._release([unit])
+                bar.update(1)
+                bar.set_postfix({n: s.num_samples for n, s in self.sinks.items()} | {"skipped": sum(self.skipped.values())})
+            if self._consumed == len(self.units):
+                ready.extend(job for sink in self.sinks.values() if (job := sink.cut()) is not None)
+
+    def _consume(self, unit: int, summary: TarSummary) -> list[ShardJob]:
+        totals = self.totals
+        totals["decoded"] += summary.num_decoded
+        totals["reused"] += summary.from_record
+        totals["damaged"] += summary.damaged
+        totals["truncated"] += summary.num_truncated
+        totals["resized"] += summary.num_resized
+        self.skipped.update(summary.skipped)
+        for problem in summary.problems:
+            self.problem_log.add(*problem)
+        jobs = []
+        for position, (identity, source_key) in enumerate(zip(summary.identities, summary.source_keys, strict=True)):
+            name = self.assigner.assign(SampleIdentity(*identity))
+            if name is None:
+                self.skipped["duplicate_across_splits"] += 1
+                self.problem_log.add("duplicate_across_splits", source_key,
+                                     f"the same image is already in another split (source split {identity[2]}, "
+                                     f"image id {identity[1]})")
+                continue
+            if (job := self.sinks[name].add(unit, position)) is not None:
+                jobs.append(job)
+        return jobs
+
+    def _written(self, job: ShardJob, done: ShardDone) -> None:
+        self.totals["redecoded"] += done.num_decoded
+        sink = self.sinks[job.split]
+        sink.completed.append(done)
+        sink.finish_shard()
+        for unit, _ in job.entries:
+            self.refs[unit] -= 1
+        self._release([unit for unit, _ in job.entries])
+
+    def _release(self, units: list[int]) -> None:
+        """Delete the `.jpgs` of units fully planned whose shards are all written (disk: bounded
+        by the open shards, not by the input)."""
+        for unit in units:
+            if unit < self._consumed and self.refs[unit] <= 0:
+                images_path(self.units[unit].record).unlink(missing_ok=True)
 
 
 def _read_fetch_manifest(input_dir: Path) -> dict | None:
@@ -230,53 +282,33 @@ def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, pr
 
     jobs = [TarJob(path, folder, tokenizer, source, rule.source, str(record_path(work, i)), items)
             for i, (path, folder, items) in enumerate(inputs.units)]
-    sinks = {name: _SplitSink(out_dir, name, shard_size, on_shard) for name in rule.splits}
+    refs: Counter = Counter()
+    sinks = {name: _SplitSink(out_dir, name, shard_size, on_shard, refs) for name in rule.splits}
     assigner = SplitAssigner(rule, overlaps)
-    images = PlainImages() if inputs.plain else InputImages()
-    num_decoded = num_reused = 0
-    skipped: Counter = Counter()
-    problem_log = SkipLog(log)
-    num_truncated = num_resized = num_damaged = 0
+    plan = _Plan(jobs, sinks, assigner, refs, SkipLog(log))
     if has_folders:
         log.info("reading the split folders in the order %s (not train first): an image in two splits "
                  "stays in the evaluation one", ", ".join(FOLDER_ORDER))
+    workers = workers if workers is not None else usable_cores()
+    if workers > 1:
+        # workers tokenize one tar each; Rust threads inside them would only contend for the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     bar = tqdm(total=len(jobs), unit=inputs.unit_name, desc="shard", disable=not progress)
-    results = _results(jobs, workers if workers is not None else (os.cpu_count() or 1))
     try:
-        for job, result in zip(jobs, results, strict=True):
-            num_decoded += result.num_decoded
-            num_reused += result.from_record
-            skipped.update(result.skipped)
-            num_damaged += result.damaged
-            for problem in result.problems:
-                problem_log.add(*problem)
-            num_truncated += result.num_truncated
-            num_resized += result.num_resized
-            for sample in result.samples:
-                name = assigner.assign(sample.identity)
-                if name is None:
-                    skipped["duplicate_across_splits"] += 1
-                    problem_log.add("duplicate_across_splits", sample.meta["source_key"],
-                                f"the same image is already in another split (source split "
-                                f"{sample.identity.source_split}, image id {sample.identity.image_id})")
-                    continue
-                sinks[name].add(sample.key, lambda job=job, sample=sample, name=name: sample_members(
-                    images.jpg(job.path, sample), sample.caption, sample.ids, dict(sample.meta, split=name)))
-            bar.update(1)
-            bar.set_postfix({n: s.num_samples for n, s in sinks.items()} | {"skipped": sum(skipped.values())})
-        for sink in sinks.values():
-            sink.finish_shard()
+        # pool workers leave SIGTERM and SIGINT to this process and die with it (grr_data.procs)
+        with make_pool(ShardWork(jobs, inputs.plain), workers) as pool:
+            plan.run(pool, 2 * workers, bar)
     except BaseException:
-        results.close()  # stops the pool now, not when the generator is collected
-        for sink in sinks.values():
-            sink.abort()
+        # the pool's workers were killed: drop what they were writing (an inline writer drops its own)
+        for stale in out_dir.glob("*/*.tmp"):
+            stale.unlink(missing_ok=True)
         raise
     finally:
         bar.close()
+    for sink in sinks.values():
+        sink.shards.sort(key=lambda entry: int(Path(entry["path"]).stem.removeprefix("shard-")))
+    totals, skipped = plan.totals, plan.skipped
 
-    shards = [shard for sink in sinks.values() for shard in sink.shards]
-    for shard in tqdm(shards, desc="sha256", unit="shard", disable=not progress):
-        shard["sha256"] = sha256_file(out_dir / shard["path"])
     manifest = {
         "layout_version": LAYOUT_VERSION,
         "seq_len": SEQ_LEN,
@@ -289,10 +321,10 @@ def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, pr
         "splits": {name: {"num_samples": sink.num_samples, "shards": sink.shards} for name, sink in sinks.items()
                    if not rule.source or name != "test" or sink.num_samples},
         "skipped": dict(sorted(skipped.items())),  # samples, by reason
-        "damaged_tars": num_damaged,  # input tars cut or garbled (their lost samples are in `skipped`)
-        "truncated_captions": num_truncated,
+        "damaged_tars": totals["damaged"],  # input tars cut or garbled (their lost samples are in `skipped`)
+        "truncated_captions": totals["truncated"],
         "duplicate_images": assigner.num_duplicate_images,
-        "resized_images": num_resized,
+        "resized_images": totals["resized"],
         "shard_size": shard_size,
         "fetch_manifest": fetch_manifest,
         "split_rule": rule.describe(),
@@ -304,5 +336,5 @@ def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, pr
     write_json_atomic(out_dir / MANIFEST, manifest, indent=1, ensure_ascii=True)
     shutil.rmtree(work, ignore_errors=True)
     stats = {"seconds": round(time.time() - started, 1), "kept_shards": sum(s.num_kept for s in sinks.values()),
-             "reused_tars": num_reused, "decoded_images": num_decoded + images.num_decoded}
+             "reused_tars": totals["reused"], "decoded_images": totals["decoded"] + totals["redecoded"]}
     return manifest, stats

@@ -66,6 +66,7 @@ class Sample:
     identity: SampleIdentity
     member: str  # the image's member name in the input tar (a plain input: its file)
     resized: bool  # whether `jpg` is a re-encoding of that member
+    stored: tuple[int, int] | None = None  # (offset, size) of `jpg` in the tar's `.jpgs` (grr_data.shard_resume)
 
 
 @dataclass

@@ -1,12 +1,19 @@
-"""Per-input-tar completion records, so a resumed `grr data shard` run skips decoding finished tars.
+"""Per-input-tar work files, so workers write the shards and a resumed `grr data shard` run skips
+decoding finished tars.
 
-When a worker has processed an input tar it writes `OUT/.work/tars/NNNNNN.json.gz` (atomically)
-with every per-sample decision: output key, caption, token ids, json meta (image sha256 included),
-split identity, the image's member name in the input tar and whether it was re-encoded, plus the
-tar's skip counts and problem lines. A rerun loads the record instead of decoding the tar again.
-Only samples that land in a shard still to be written need their image: `InputImages` reads it
-back by offset from the input tar, checks its sha256, and re-encodes it (deterministically) only
-when the first run did. So the output is byte-identical to an uninterrupted run.
+When a worker has processed an input tar it writes, in `OUT/.work/tars/`, two files (each
+atomically, the record last): `NNNNNN.jpgs`, the stored JPEG of every kept sample one after the
+other, and the completion record `NNNNNN.json.gz` with every per-sample decision: output key,
+caption, token ids, json meta (image sha256 included), split identity, where its stored JPEG lies
+in `NNNNNN.jpgs`, the image's member name in the input tar and whether it was re-encoded, plus
+the tar's skip counts and problem lines. The main process gets only a `TarSummary` (what the
+split decision reads, never image bytes); the worker that later writes a shard reads the samples
+planned for it from these two files (grr_data.shard_write). A rerun loads the record instead of
+decoding the tar again. Once every shard holding a tar's samples is written, the main process
+deletes its `.jpgs`; should a resumed run still need one of those samples (a shard damaged after
+it was written), `InputImages` reads the image back by offset from the input tar, checks its
+sha256, and re-encodes it (deterministically) only when the first run did. So the output is
+byte-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import hashlib
 import json
 import tarfile
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +33,75 @@ from grr_data.shard_input import Sample, ShardError, TarJob, TarResult, prepare_
 from grr_data.split import SampleIdentity
 
 RECORDS_DIR = "tars"
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 
 
 def record_path(work_dir: Path, index: int) -> Path:
     return work_dir / RECORDS_DIR / f"{index:06d}.json.gz"
 
 
+def images_path(record: str | Path) -> Path:
+    """The stored JPEGs written beside a completion record."""
+    record = Path(record)
+    return record.with_name(record.name.removesuffix(".json.gz") + ".jpgs")
+
+
+@dataclass
+class TarSummary:
+    """What the main process gets back for one input tar: counts, problem lines, and per kept
+    sample only what the split decision reads. Never image bytes (tests/test_shard_scaling.py)."""
+
+    identities: list[tuple[bytes, str | None, str | None]] = field(default_factory=list)  # SampleIdentity fields
+    source_keys: list[str] = field(default_factory=list)  # `tar:key` per sample, for problem lines
+    skipped: Counter = field(default_factory=Counter)
+    damaged: bool = False
+    problems: list[tuple[str, str, str]] = field(default_factory=list)
+    num_truncated: int = 0
+    num_resized: int = 0
+    num_decoded: int = 0
+    from_record: bool = False
+
+
+def summarize(result: TarResult) -> TarSummary:
+    return TarSummary(
+        [(s.identity.image_sha256, s.identity.image_id, s.identity.source_split) for s in result.samples],
+        [s.meta["source_key"] for s in result.samples], result.skipped, result.damaged, result.problems,
+        result.num_truncated, result.num_resized, result.num_decoded, result.from_record)
+
+
+def prepare_tar(job: TarJob) -> TarSummary:
+    """A worker's first job for an input tar: process it and write its `.jpgs` and completion record,
+    unless an earlier run did; returns its summary."""
+    return summarize(run_job(job))
+
+
 def run_job(job: TarJob) -> TarResult:
-    """The tar's completion record when an earlier run finished it, else process_tar and write one
-    (runs in a worker)."""
+    """The tar's completion record when an earlier run finished it, else process_tar and write its
+    stored JPEGs and record (runs in a worker). Samples come back without image bytes when there is
+    a record path."""
     if job.record is not None and Path(job.record).is_file():
         return load_record(job)
     result = process_tar(job)
     if job.record is not None:
+        save_images(job, result)
         save_record(job, result)
     return result
+
+
+def save_images(job: TarJob, result: TarResult) -> None:
+    """Write every kept sample's stored JPEG to the tar's `.jpgs` file, note where in the sample, and
+    drop the bytes (a worker holds one tar's images at most, the main process none)."""
+    path = images_path(job.record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    offset = 0
+    with open(tmp, "wb") as f:
+        for sample in result.samples:
+            f.write(sample.jpg)
+            sample.stored = (offset, len(sample.jpg))
+            offset += len(sample.jpg)
+            sample.jpg = None
+    publish(tmp, path)
 
 
 def save_record(job: TarJob, result: TarResult) -> None:
@@ -54,7 +115,7 @@ def save_record(job: TarJob, result: TarResult) -> None:
         "num_resized": result.num_resized,
         "samples": [{"key": s.key, "member": s.member, "resized": s.resized, "caption": s.caption,
                      "ids": s.ids.tolist(), "meta": s.meta, "image_id": s.identity.image_id,
-                     "source_split": s.identity.source_split} for s in result.samples],
+                     "source_split": s.identity.source_split, "stored": s.stored} for s in result.samples],
     }
     path = Path(job.record)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +129,11 @@ def save_record(job: TarJob, result: TarResult) -> None:
 def load_record(job: TarJob) -> TarResult:
     with gzip.open(job.record, "rt", encoding="utf-8") as f:
         data = json.load(f)
-    if data.get("version") != RECORD_VERSION or data.get("tar") != job.path:
+    if data.get("version") != RECORD_VERSION:
+        raise ShardError(f"{job.record}: a completion record of version {data.get('version')} (this grr writes "
+                         f"{RECORD_VERSION}): the interrupted run was made by another grr version; delete the output "
+                         "folder and shard again")
+    if data.get("tar") != job.path:
         raise ShardError(f"{job.record}: a completion record for {data.get('tar')}, expected {job.path}; "
                            "the output folder holds another run's work: delete it and start again")
     result = TarResult(skipped=Counter(data["skipped"]), damaged=data["damaged"],
@@ -77,7 +142,7 @@ def load_record(job: TarJob) -> TarResult:
     for s in data["samples"]:
         identity = SampleIdentity(bytes.fromhex(s["meta"]["image_sha256"]), s["image_id"], s["source_split"])
         result.samples.append(Sample(s["key"], None, s["caption"], np.asarray(s["ids"], dtype=np.int64), s["meta"],
-                                     identity, s["member"], s["resized"]))
+                                     identity, s["member"], s["resized"], s["stored"] and tuple(s["stored"])))
     return result
 
 
@@ -94,8 +159,8 @@ def _member_offsets(path: str) -> dict[str, tuple[int, int]]:
 
 
 class InputImages:
-    """Reads the stored image of samples restored from a record back from their input tar (main
-    process; samples arrive tar by tar, so one tar's header map is kept at a time)."""
+    """Reads the stored image of samples restored from a record back from their input tar (the worker
+    writing a shard, when the tar's `.jpgs` is gone; one tar's header map is kept at a time)."""
 
     def __init__(self):
         self.num_decoded = 0

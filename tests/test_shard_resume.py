@@ -19,18 +19,33 @@ from test_shard import jpeg, make_fetch_output, shard_hashes, write_tar  # noqa:
 import grr_data.shard_input  # noqa: E402
 from grr_data.check import check_dataset  # noqa: E402
 from grr_data.shard import shard_dataset  # noqa: E402
-from grr_data.shard_input import TarJob  # noqa: E402
-from grr_data.shard_resume import InputImages, run_job  # noqa: E402
+from grr_data.shard_input import TarJob, process_tar  # noqa: E402
+from grr_data.shard_resume import InputImages, images_path, run_job  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = {"split": "70/30", "shard_size": 3, "progress": False}
 PER_TAR = 12  # make_fetch_output's default: 3 tars of 12 samples
-KILL_AFTER_FIRST_SHARD = """
+KILL_IN_SECOND_SHARD = """
+import os, signal, sys
+from grr_data.records import ShardWriter
+from grr_data.shard import shard_dataset
+done, write = [], ShardWriter.write
+def write_then_die(self, key, members):
+    write(self, key, members)
+    if done:  # a real kill halfway through the second shard: no cleanup runs
+        os.kill(os.getpid(), signal.SIGKILL)
+ShardWriter.write = write_then_die
+shard_dataset(sys.argv[1], sys.argv[2], split="70/30", shard_size=3, workers=1, progress=False, on_shard=done.append)
+"""
+KILL_AFTER_SHARDS = """
 import os, signal, sys
 from grr_data.shard import shard_dataset
-def die(path):
-    os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup runs
-shard_dataset(sys.argv[1], sys.argv[2], split="70/30", shard_size=3, workers=1, progress=False, on_shard=die)
+done = []
+def die(path):  # the main process killed while its two workers write and decode
+    done.append(path)
+    if len(done) == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+shard_dataset(sys.argv[1], sys.argv[2], split="70/30", shard_size=3, workers=2, progress=False, on_shard=die)
 """
 
 
@@ -44,7 +59,7 @@ def reference(tmp_path_factory):
 
 def test_killed_run_resumes_to_identical_shards(reference, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_SHARD, str(reference / "in"), str(out)],
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_SHARD, str(reference / "in"), str(out)],
                           cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert not (out / "manifest.json").exists() and (out / ".work" / "params.json").is_file()
@@ -53,9 +68,9 @@ def test_killed_run_resumes_to_identical_shards(reference, tmp_path):
     records = sorted(p.name for p in (out / ".work" / "tars").glob("*.json.gz"))
     assert records and len(records) < 3, records  # at least the tar being written when killed
     left_over = sorted(p.name for p in out.glob("*/*.tmp"))
-    assert left_over, "the killed run should have left a half-written shard"
+    assert left_over == ["shard-000001.tar.tmp"], "the killed run should have left a half-written shard"
     # a kill between the tar's rename and its index's: the tar alone must not count as complete
-    later = out / "train" / "shard-000002.tar"
+    later = next(out.glob("*/*.tar")).with_name("shard-000002.tar")
     later.write_bytes(b"partial")
 
     manifest, stats = shard_dataset(reference / "in", out, workers=2, **ARGS)
@@ -67,6 +82,33 @@ def test_killed_run_resumes_to_identical_shards(reference, tmp_path):
     assert manifest["splits"] == json.loads((reference / "whole" / "manifest.json").read_text())["splits"]
     assert not list(out.glob("*/*.tmp")) and not (out / ".work").exists()
     assert check_dataset(out, progress=False).ok
+
+
+@pytest.mark.parametrize("kill_after", [1, 3])
+def test_a_killed_pool_run_resumes_to_identical_shards_and_manifest(reference, tmp_path, kill_after):
+    """The main process killed while two workers decode and write: resumed with three."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_SHARDS, str(reference / "in"), str(out), str(kill_after)],
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert len(list(out.glob("*/*.idx"))) >= kill_after and not (out / "manifest.json").exists()
+    _, stats = shard_dataset(reference / "in", out, workers=3, **ARGS)
+    assert stats["kept_shards"] >= kill_after
+    assert shard_hashes(out) == shard_hashes(reference / "whole")
+    assert (out / "manifest.json").read_bytes() == (reference / "whole" / "manifest.json").read_bytes()
+
+
+def test_resume_without_the_work_images_reads_them_back_from_the_input(reference, tmp_path):
+    """A `.jpgs` work file is deleted once its samples' shards are written; a shard that must be
+    written again after that (damaged, deleted) takes its images from the input tar."""
+    out = tmp_path / "out"
+    _fail_at_second_shard(reference, out)
+    images = list((out / ".work" / "tars").glob("*.jpgs"))
+    assert len(images) == 1  # the first tar's, still needed by shards not yet written
+    images[0].unlink()
+    _, stats = shard_dataset(reference / "in", out, workers=2, **ARGS)
+    assert stats["kept_shards"] == 2 and stats["reused_tars"] == 1
+    assert shard_hashes(out) == shard_hashes(reference / "whole")
 
 
 def test_failed_run_resumes_and_other_arguments_are_refused(reference, tmp_path, monkeypatch):
@@ -92,17 +134,23 @@ def test_a_record_restores_samples_and_their_images(tmp_path):
                                        {"key": "b", "png": jpeg(2, size=(500, 400), fmt="PNG"), "txt": "an old car"},
                                        {"key": "c", "jpg": b"not a jpeg", "txt": "a cat"}])
     job = TarJob(str(tmp_path / "00000.tar"), None, None, "made-up", False, str(tmp_path / "rec.json.gz"))
+    stored = [s.jpg for s in process_tar(job).samples]  # what a run without work files would store
+    assert len(stored) == 2
     first = run_job(job)
     assert not first.from_record and first.num_decoded == 3 and Path(job.record).is_file()
+    # the worker keeps no image: the stored JPEGs are in the tar's `.jpgs`, where the samples say
+    work_images = images_path(job.record).read_bytes()
+    assert [s.jpg for s in first.samples] == [None, None]
+    assert [work_images[s.stored[0]: s.stored[0] + s.stored[1]] for s in first.samples] == stored
     again = run_job(job)
     assert again.from_record and again.num_decoded == 0
     assert again.skipped == first.skipped and again.problems == first.problems
     images = InputImages()
-    for old, new in zip(first.samples, again.samples, strict=True):
-        assert new.jpg is None and (new.key, new.caption, new.meta, new.identity) == (old.key, old.caption,
-                                                                                       old.meta, old.identity)
+    for old, new, jpg in zip(first.samples, again.samples, stored, strict=True):
+        assert new.jpg is None and (new.key, new.caption, new.meta, new.identity, new.stored) == \
+            (old.key, old.caption, old.meta, old.identity, old.stored)
         assert (new.ids == old.ids).all()
-        assert images.jpg(job.path, new) == old.jpg
+        assert images.jpg(job.path, new) == jpg  # read back from the input when the `.jpgs` is gone
     assert images.num_decoded == 1  # only the re-encoded one
     # an input changed since the record was written is refused, naming the tar and member
     write_tar(tmp_path / "00000.tar", [{"key": "a", "jpg": jpeg(3), "txt": "a red dog"}])
