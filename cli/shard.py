@@ -26,8 +26,8 @@ def shard(
     tokenizer: str = typer.Option(None, help="Local directory holding spiece.model, or a hub name such as "
                                              "google-t5/t5-base. Default: the small bundled test tokenizer."),
     shard_size: int = typer.Option(10_000, help="Samples per output shard."),
-    workers: int = typer.Option(None, help="Processes over input tars, or over chunks of a folder or list "
-                                           "(default: CPU count)."),
+    workers: int = typer.Option(None, help="Processes that decode input tars (or chunks of a folder or list) "
+                                           "and write the shards (default: the usable cores)."),
     break_lock: bool = typer.Option(False, "--break-lock", help="Take over --out's lock left by a run on "
                                                                "another host that is known to be dead."),
 ) -> None:
@@ -82,11 +82,15 @@ def shard(
 
 
 @data_app.command("check")
-def check(data_dir: Path = typer.Argument(..., help="A sharded set (the folder holding manifest.json).")) -> None:
+def check(
+    data_dir: Path = typer.Argument(..., help="A sharded set (the folder holding manifest.json)."),
+    workers: int = typer.Option(None, help="Processes reading and hashing shards (default: the usable cores); "
+                                           "the report is the same for any number."),
+) -> None:
     """Verify a sharded set against its manifest; exits 1 naming each file that does not match."""
     from grr_data.check import check_dataset
 
-    report = check_dataset(data_dir)
+    report = check_dataset(data_dir, workers=workers)
     for name, count in report.num_samples.items():
         typer.echo(f"  {name:5s} {count:>10,} samples")
     for warning in report.warnings:

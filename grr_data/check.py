@@ -5,7 +5,9 @@ index matches the tar member by member, that every member's CRC32 is the one its
 recorded (what the loaders verify per sample; sets sharded before checksums get a warning),
 that each sample has all four members and a valid token layout, that no key is stored twice
 and no image (sha256 of the stored JPEG) is in two splits, and that no shard on disk is
-missing from the manifest. The one allowed overlap is one the
+missing from the manifest. Shards are read and hashed by a pool of workers (`workers`, default
+the usable cores); the checks across shards run in the main process in manifest order, so the
+report is the same for any worker count. The one allowed overlap is one the
 manifest declares (`overlapping_splits`, from ROCO's paper split): it is reported as a warning
 when exactly the declared number of images is shared, and as a problem otherwise.
 """
@@ -19,11 +21,13 @@ import tarfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
 from grr_data.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds, check_layout
+from grr_data.procs import make_pool, usable_cores
 from grr_data.records import (
     EXTENSIONS,
     SAMPLE_CHECKSUMS,
@@ -93,26 +97,27 @@ def _check_crcs(path: Path, samples: list, crcs: list[dict[str, int]], problem) 
                     "(the bytes changed since sharding; the loaders skip this sample)")
 
 
-def _check_shard(root: Path, entry: dict, special: SpecialIds, checksums: bool,
-                 problems: list[str]) -> tuple[list[str], list[str]]:
-    """Check one listed shard; returns its keys and image hashes (for the disjointness check)."""
+def _check_shard(root: Path, special: SpecialIds, checksums: bool,
+                 entry: dict) -> tuple[list[str], list[str], list[str]]:
+    """Check one listed shard (in a worker); returns its problems, and its keys and image hashes
+    for the checks across shards."""
     path = root / entry["path"]
-    start = len(problems)
+    problems: list[str] = []
 
     def problem(text: str) -> None:
-        if len(problems) - start < MAX_PROBLEMS_PER_SHARD:
+        if len(problems) < MAX_PROBLEMS_PER_SHARD:
             problems.append(f"{path}: {text}")
 
     if not path.is_file():
         problem("missing (listed in manifest.json)")
-        return [], []
+        return problems, [], []
     if sha256_file(path) != entry.get("sha256"):
         problem("sha256 differs from manifest.json (the file changed or is damaged)")
     try:
         samples, ids, jpg_hashes, crcs = _tar_samples(path)
     except (tarfile.TarError, OSError, EOFError) as err:
         problem(f"unreadable tar ({err})")
-        return [], []
+        return problems, [], []
     if len(samples) != entry.get("num_samples"):
         problem(f"holds {len(samples)} samples, manifest.json says {entry.get('num_samples')}")
     idx = index_path(path)
@@ -134,7 +139,7 @@ def _check_shard(root: Path, entry: dict, special: SpecialIds, checksums: bool,
             if reason is not None:
                 problem(f"sample {key}: token ids {reason}")
     hashes = [jpg_hashes[key] for key, _ in samples if key in jpg_hashes]
-    return [key for key, _ in samples], hashes
+    return problems, [key for key, _ in samples], hashes
 
 
 def _read_manifest(path: Path) -> tuple[dict, SpecialIds]:
@@ -154,7 +159,9 @@ def _read_manifest(path: Path) -> tuple[dict, SpecialIds]:
     return manifest, special
 
 
-def check_dataset(data_dir: str | os.PathLike, progress: bool = True) -> CheckReport:
+def check_dataset(data_dir: str | os.PathLike, progress: bool = True, workers: int | None = None) -> CheckReport:
+    """Check a sharded set; `workers` processes read and hash the shards (default: the usable cores),
+    the report is the same for any number."""
     root = Path(data_dir)
     report = CheckReport()
     manifest_path = root / "manifest.json"
@@ -184,31 +191,48 @@ def check_dataset(data_dir: str | os.PathLike, progress: bool = True) -> CheckRe
                                "checked here, but the loaders check only token ids per sample; re-shard to have "
                                "every sample verified when it is read")
 
-    owner_of_key: dict[str, str] = {}
-    owner_of_image: dict[str, tuple[str, str]] = {}  # image sha256 -> (split, shard path)
-    reported_images: set[str] = set()
-    declared = manifest.get("overlapping_splits") or {}
-    shared: dict[str, set[str]] = {pair: set() for pair in declared}  # declared pair -> image sha256s in both
+    across = _AcrossShards(root, manifest.get("overlapping_splits") or {})
     entries = [(name, entry) for name, split in splits.items() for entry in split["shards"]]
-    for name, entry in tqdm(entries, desc="check", unit="shard", disable=not progress):
-        keys, hashes = _check_shard(root, entry, special, checksums, report.problems)
+    workers = max(1, min(workers if workers is not None else usable_cores(), len(entries)))
+    # workers read and hash the shards; the checks across shards run here, in manifest order, so
+    # the report is the same for any worker count
+    with make_pool(partial(_check_shard, root, special, checksums), workers) as pool:
+        results = pool.imap([entry for _, entry in entries])
+        for (name, entry), (problems, keys, hashes) in tqdm(zip(entries, results, strict=True), total=len(entries),
+                                                            desc="check", unit="shard", disable=not progress):
+            report.problems += problems
+            across.add(name, entry, keys, hashes, report)
+    _compare_overlaps(manifest_path, manifest, across.declared, across.shared, report)
+    return report
+
+
+class _AcrossShards:
+    """The checks across shards: no key stored twice, no image (stored JPEG sha256) in two splits
+    but for a declared overlap, whose shared images are collected."""
+
+    def __init__(self, root: Path, declared: dict):
+        self.root, self.declared = root, declared
+        self.owner_of_key: dict[str, str] = {}
+        self.owner_of_image: dict[str, tuple[str, str]] = {}  # image sha256 -> (split, shard path)
+        self.reported_images: set[str] = set()
+        self.shared: dict[str, set[str]] = {pair: set() for pair in declared}  # declared pair -> image sha256s in both
+
+    def add(self, name: str, entry: dict, keys: list[str], hashes: list[str], report: CheckReport) -> None:
         report.num_samples[name] = report.num_samples.get(name, 0) + len(keys)
         report.num_shards += 1
         for key in keys:
-            if key in owner_of_key:
-                report.problems.append(f"{root / entry['path']}: key {key} is stored twice "
-                                       f"({owner_of_key[key]} and {name})")
-            owner_of_key[key] = name
+            if key in self.owner_of_key:
+                report.problems.append(f"{self.root / entry['path']}: key {key} is stored twice "
+                                       f"({self.owner_of_key[key]} and {name})")
+            self.owner_of_key[key] = name
         for digest in hashes:
-            other_split, other_path = owner_of_image.setdefault(digest, (name, entry["path"]))
-            if other_split != name and pair_name(other_split, name) in declared:
-                shared[pair_name(other_split, name)].add(digest)
-            elif other_split != name and digest not in reported_images:
-                reported_images.add(digest)
-                report.problems.append(f"{root / entry['path']}: image {digest[:16]} is in splits {other_split} "
-                                       f"({other_path}) and {name}")
-    _compare_overlaps(manifest_path, manifest, declared, shared, report)
-    return report
+            other_split, other_path = self.owner_of_image.setdefault(digest, (name, entry["path"]))
+            if other_split != name and pair_name(other_split, name) in self.declared:
+                self.shared[pair_name(other_split, name)].add(digest)
+            elif other_split != name and digest not in self.reported_images:
+                self.reported_images.add(digest)
+                report.problems.append(f"{self.root / entry['path']}: image {digest[:16]} is in splits "
+                                       f"{other_split} ({other_path}) and {name}")
 
 
 def _find_unlisted(root: Path, splits: dict, report: CheckReport) -> None:

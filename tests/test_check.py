@@ -138,3 +138,34 @@ def test_stray_folders_leftovers_and_bad_entries_are_caught(data):
     (data / "manifest.json").write_text(json.dumps(manifest))
     problems = check_dataset(data, progress=False).problems
     assert len(problems) == 1 and "split 'val' shard #0 has no path" in problems[0]
+
+
+def test_the_report_is_the_same_for_any_worker_count(data):
+    """Shards are read and hashed in parallel; the report (problems in order, counts, exit code and
+    output of the CLI) does not depend on how many workers did it, on a good or a damaged set."""
+
+    def reports():
+        found = [check_dataset(data, progress=False, workers=n) for n in (1, 2, 3)]
+        outputs = [CliRunner().invoke(app, ["data", "check", str(data), "--workers", str(n)]) for n in (1, 2)]
+        assert found[1:] == found[:1] * 2
+        # all but the progress bar, whose speed differs
+        lines = [[line for line in out.output.splitlines() if "shard/s" not in line] for out in outputs]
+        assert outputs[0].exit_code == outputs[1].exit_code and lines[0] == lines[1]
+        return found[0], outputs[0]
+
+    report, _ = reports()
+    assert report.ok and report.num_shards >= 9
+    # a flipped byte in one shard, a key stored twice across shards, a val image leaked into train
+    path = data / "train" / "shard-000001.tar"
+    raw = bytearray(path.read_bytes())
+    raw[2000] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    val_key, val_members = next(iter_tar_samples(data / "val" / "shard-000000.tar"))
+    rewrite_shard(data, "train/shard-000000.tar",
+                  lambda samples: samples + [(val_key, dict(samples[0][1], jpg=val_members["jpg"]))])
+    report, result = reports()
+    assert len(report.problems) == 4, report.problems
+    assert result.exit_code == 1 and "4 problem(s)" in result.output
+    starts = ["train/shard-000001.tar: sha256 differs", "train/shard-000001.tar: sample 00001_",
+              f"val/shard-000000.tar: key {val_key} is stored twice", "val/shard-000000.tar: image "]
+    assert [p.startswith(f"{data}/{start}") for p, start in zip(report.problems, starts, strict=True)] == [True] * 4
