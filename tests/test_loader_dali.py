@@ -14,6 +14,7 @@ from shardset import jpeg_bytes, make_shardset, sample_number
 
 from grr_data.loader import make_loader
 from grr_data.loader.base import STD
+from grr_data.loader.reader import BatchReader, thread_stacks
 
 pytest.importorskip(
     "nvidia.dali", reason="nvidia.dali does not import here (pip install nvidia-dali-cuda120)"
@@ -93,6 +94,28 @@ def reader_threads():
     return [t for t in threading.enumerate() if t.name == "grr-dali-reader"]
 
 
+def no_reader():
+    """True when no reader thread is alive; else the test fails at once with each live reader's
+    stack (where it is stuck: a read, the garbage collector running a finalizer on it, ...)."""
+    stacks = thread_stacks("grr-dali-reader")
+    if stacks:
+        pytest.fail("grr-dali-reader still alive:\n" + "\n".join(f"thread {i}:\n{s}" for i, s in stacks.items()))
+    return True
+
+
+@pytest.fixture(autouse=True)
+def no_reader_left_behind():
+    """A reader left alive by a test fails that test (with its stack) and is stopped here, so that
+    it does not fail every later test that counts reader threads."""
+    yield
+    stacks = thread_stacks("grr-dali-reader")
+    if stacks:
+        for r in [o for o in gc.get_objects() if isinstance(o, BatchReader)]:
+            r.close()
+        pytest.fail("this test left grr-dali-reader threads alive:\n" + "\n".join(
+            f"thread {i}:\n{s}" for i, s in stacks.items()))
+
+
 def corrupt_batch(loader, monkeypatch, bad_batch, replacement=b"not a jpeg"):
     """DALI gets garbage for one batch while Pillow (which reads the shards itself) sees good JPEGs."""
     payload = loader._payload
@@ -122,7 +145,7 @@ def test_dali_rejecting_a_good_batch_falls_back_to_pillow(photos, monkeypatch, c
         assert levels(c["images"], d["images"]).max() <= MAX_LEVELS
     # The fallback batch is exactly what the CPU loader (Pillow, full decode) gives.
     assert torch.equal(dali[1]["images"], cpu[1]["images"])
-    assert loader.batches_done == 0 and loader.epoch == 1 and not reader_threads()
+    assert loader.batches_done == 0 and loader.epoch == 1 and no_reader()
 
 
 def test_dali_source_errors_are_raised_not_decoded_around(photos, monkeypatch):
@@ -137,7 +160,40 @@ def test_dali_source_errors_are_raised_not_decoded_around(photos, monkeypatch):
     monkeypatch.setattr(loader, "_payload", failing)
     with pytest.raises(OSError, match="disk went away"):
         list(loader)
-    assert loader.fallback_batches == 0 and not reader_threads()
+    assert loader.fallback_batches == 0 and no_reader()
+
+
+def test_dali_a_failed_pipeline_is_released_at_once_not_by_the_collector(photos, monkeypatch):
+    """After a source error the failed pipeline must go when the error and loader go, on this thread:
+    left in a reference cycle (the error's traceback holding the feed that holds the error), it was
+    shut down by the cyclic collector, on whichever thread that ran, a reader thread included."""
+    loader = make_loader(photos, kind="dali", batch_size=4)
+    pipes, pipeline, payload = [], loader._pipeline, loader._payload
+
+    def kept(source):
+        pipe = pipeline(source)
+        pipes.append(weakref.ref(pipe))
+        return pipe
+
+    def failing(batches, b):
+        if b == 2:
+            raise OSError("disk went away")
+        return payload(batches, b)
+
+    monkeypatch.setattr(loader, "_pipeline", kept)
+    monkeypatch.setattr(loader, "_payload", failing)
+    gc.collect()
+    gc.disable()
+    try:
+        try:
+            list(loader)
+        except OSError as err:
+            assert "disk went away" in str(err)
+        monkeypatch.undo()
+        del loader
+        assert len(pipes) == 1 and pipes[0]() is None, "the failed pipeline waits for the garbage collector"
+    finally:
+        gc.enable()
 
 
 def test_dali_prefetch_deeper_than_the_epoch_and_no_thread_leaks(photos):
@@ -150,13 +206,13 @@ def test_dali_prefetch_deeper_than_the_epoch_and_no_thread_leaks(photos):
         assert len(got) == len(reference) and all(
             torch.equal(a, b) for a, b in zip(got, reference, strict=True)
         )
-        assert not reader_threads()
+        assert no_reader()
     # 7 batches, 2 ahead in DALI and 2 in the reader's queue: the reader is still at work.
     it = iter(make_loader(photos, kind="dali", batch_size=4, seed=2, prefetch=2))
     next(it)
     assert len(reader_threads()) == 1
     it.close()  # an epoch abandoned part way (max_steps) stops its reader
-    assert not reader_threads()
+    assert no_reader()
     with pytest.raises(ValueError, match="prefetch"):
         make_loader(photos, kind="dali", prefetch=0)
 
@@ -197,7 +253,7 @@ def test_dali_one_pipeline_for_many_epochs(photos, monkeypatch, prefetch):
         assert all(
             levels(c["images"], d["images"]).max() <= MAX_LEVELS for c, d in zip(cpu[e], got, strict=True)
         )
-        assert loader.epoch == e + 1 and not reader_threads()
+        assert loader.epoch == e + 1 and no_reader()
     assert len(builds) == 1
 
 
@@ -210,7 +266,7 @@ def test_dali_abandoned_epoch_stops_its_reader_and_the_next_is_exact(photos, mon
     head = [next(it), next(it)]
     assert len(reader_threads()) == 1  # 13 batches, ~4 ahead in DALI and 2 read: still at work
     it.close()  # an epoch abandoned part way (max_steps, an exception in the step)
-    assert not reader_threads()  # stopped and joined by close itself, no waiting
+    assert no_reader()  # stopped and joined by close itself, no waiting
     assert (loader.epoch, loader.batches_done) == (0, 2)
     # The same epoch goes on from where it stopped, on the same pipeline: DALI's prefetched
     # batches of the abandoned feed are dropped, not handed out.
@@ -219,16 +275,16 @@ def test_dali_abandoned_epoch_stops_its_reader_and_the_next_is_exact(photos, mon
     it = iter(loader)
     next(it)
     del it
-    assert not reader_threads()
+    assert no_reader()
     loader.set_epoch(2)
     same(list(loader), cpu[2])
-    assert len(builds) == 1 and not reader_threads()
+    assert len(builds) == 1 and no_reader()
     # DALI has asked for the whole epoch (and past its end) before the first batch is taken.
     deep = make_loader(photos, kind="dali", prefetch=17, **opts)
     it = iter(deep)
     next(it)
     it.close()
-    assert not reader_threads()
+    assert no_reader()
     deep.set_epoch(1)
     same(list(deep), cpu[1])
 
@@ -259,7 +315,7 @@ def test_dali_an_earlier_open_iteration_is_superseded(photos):
     with pytest.raises(RuntimeError, match="iterated again while an earlier iteration"):
         next(old)
     new.close()
-    assert not reader_threads()
+    assert no_reader()
 
 
 def test_dali_failure_in_a_later_epoch_falls_back_and_rebuilds_once(photos, monkeypatch, caplog):
@@ -283,7 +339,7 @@ def test_dali_failure_in_a_later_epoch_falls_back_and_rebuilds_once(photos, monk
     assert loader.fallback_batches == 1 and "decoded it with Pillow" in caplog.text
     assert torch.equal(got[1]["images"], cpu[1][1]["images"])  # Pillow's full decode, as the CPU loader
     same(list(loader), cpu[2])
-    assert len(builds) == 2 and not reader_threads()  # the first, and one after the failure
+    assert len(builds) == 2 and no_reader()  # the first, and one after the failure
 
 
 def test_dali_close_releases_the_pipeline(photos, monkeypatch):
@@ -293,7 +349,7 @@ def test_dali_close_releases_the_pipeline(photos, monkeypatch):
     pipe = weakref.ref(loader._pipe)
     loader.close()
     gc.collect()
-    assert pipe() is None and not reader_threads()
+    assert pipe() is None and no_reader()
     loader.set_epoch(0)
     assert all(torch.equal(a["ids"], r) for a, r in zip(loader, reference, strict=True))  # a new pipeline
     assert len(builds) == 2
@@ -302,7 +358,7 @@ def test_dali_close_releases_the_pipeline(photos, monkeypatch):
     next(it)
     pipe = weakref.ref(other._pipe)
     del it, other  # the loader itself collected: its pipeline goes with it, no reader left
-    assert pipe() is None and not reader_threads()
+    assert pipe() is None and no_reader()
 
 
 @pytest.mark.gpu
@@ -317,12 +373,12 @@ def test_dali_gpu_epochs_exact_and_an_abandoned_epoch_leaves_no_reader(photos, m
     head = [next(it) for _ in range(3)]
     assert len(reader_threads()) == 1
     it.close()
-    assert not reader_threads()
+    assert no_reader()
     same(head + list(loader), cpu[1])
     same(list(loader), cpu[2])
     assert head[0]["images"].device.type == "cuda" and len(builds) == 1
     loader.close()
-    assert not reader_threads()
+    assert no_reader()
 
 
 @pytest.mark.gpu
@@ -346,4 +402,4 @@ def test_dali_gpu_epoch_boundary_costs_no_pipeline_build(photos, monkeypatch):
     assert max(cross) < limit, (
         f"epoch boundaries took {cross} s; batches inside an epoch {np.median(inside)} s"
     )
-    assert len(builds) == 1 and not reader_threads()
+    assert len(builds) == 1 and no_reader()

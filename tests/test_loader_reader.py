@@ -1,7 +1,9 @@
 """BatchReader: order, and close() ends its thread at once (or says where it is stuck)."""
 
+import gc
 import logging
 import threading
+import weakref
 
 import pytest
 
@@ -47,3 +49,37 @@ def test_close_names_where_a_blocked_read_is_stuck(monkeypatch, caplog):
     release.set()
     r.close()
     assert not alive("t-stuck")
+
+
+def test_an_error_is_raised_without_a_reference_cycle():
+    """The error a read raised reaches the consumer, and once dropped it takes everything its
+    frames held with it at once (a cycle through the traceback would leave that to the garbage
+    collector, which may run it on any thread)."""
+
+    class Held:
+        pass
+
+    def failing(b):
+        held = Held()  # noqa: F841 - held by this frame, hence by the error's traceback
+        holder.append(weakref.ref(held))
+        raise OSError(f"batch {b} unreadable")
+
+    holder = []
+    r = BatchReader(failing, 0, 3, depth=1, name="t-error")
+    gc.disable()
+    try:
+        with pytest.raises(OSError, match="batch 0 unreadable"):
+            r.get(0)
+        r.close()
+        assert holder and holder[0]() is None
+    finally:
+        gc.enable()
+    assert not alive("t-error")
+
+
+def test_close_stops_a_reader_whose_items_are_never_taken():
+    reads = []
+    r = BatchReader(lambda b: reads.append(b) or b, 0, 10_000, depth=1, name="t-untaken")
+    r.close()
+    assert not alive("t-untaken")
+    assert len(reads) <= 3  # stopped at once: the queue's one item, one in hand, no more

@@ -364,10 +364,17 @@ class DaliLoader(LoaderBase):
                 if self._source.feed is feed:
                     # DALI's state after an error is unknown: the next feed gets a new pipeline.
                     self._drop_pipeline()
-                if feed.error is not None:
-                    if err is feed.error:
-                        raise
-                    raise feed.error from err
+                # Taken off the feed: a feed holding its error's traceback is a cycle (the traceback's
+                # frames hold the feed and DALI's iterator) that would keep the failed pipeline until
+                # the cyclic collector runs, on whatever thread it runs on (a reader thread, too).
+                error, feed.error = feed.error, None
+                if error is not None:
+                    try:
+                        if err is error:
+                            raise
+                        raise error from err
+                    finally:
+                        del error  # nor may this frame keep it
                 if not isinstance(err, RuntimeError) or self._source.feed is not feed:
                     raise
                 failure = err
