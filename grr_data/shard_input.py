@@ -20,6 +20,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -217,16 +218,18 @@ def _output_key(job: TarJob, key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"{prefix}{Path(job.path).stem}_{key}")
 
 
-def process_tar(job: TarJob) -> TarResult:
+def process_tar(job: TarJob, images: BinaryIO | None = None) -> TarResult:
     """Validate, resize and tokenize every sample of one input tar, or of a plain input's chunk
-    (runs in a worker)."""
+    (runs in a worker). With `images` (a tar's `.jpgs` work file, grr_data.shard_resume), each stored
+    JPEG is written there as soon as it is ready and its sample keeps only where (`Sample.stored`),
+    so a worker holds one image at a time, not a whole tar's; a chunk's samples keep their bytes."""
     if job.items is not None:
         from grr_data.plain_input import process_chunk  # it builds on this module
 
         return process_chunk(job)
     result = TarResult()
     tar_name = f"{job.folder_split}/{Path(job.path).name}" if job.folder_split else Path(job.path).name
-    pending: list[tuple[str, bytes, str, dict, SampleIdentity, str, bool]] = []
+    pending: list[tuple[str, bytes | tuple[int, int], str, dict, SampleIdentity, str, bool]] = []
     seen_keys: set[str] = set()
     num_groups = 0
 
@@ -269,6 +272,9 @@ def process_tar(job: TarJob) -> TarResult:
                 if info.get(name) is not None:
                     meta[name] = info[name]
             identity = SampleIdentity(digest, image_id, split)
+            if images is not None:
+                images.write(jpg)
+                jpg = (images.tell() - len(jpg), len(jpg))
             pending.append((_output_key(job, key), jpg, caption, meta, identity, f"{key}.{image_ext}", resized))
     except tarfile.ReadError as err:
         expected = _expected_count(Path(job.path))
@@ -291,7 +297,8 @@ def process_tar(job: TarJob) -> TarResult:
 
 def tokenize_pending(job: TarJob, result: TarResult, pending: list[tuple]) -> None:
     """Tokenize the captions of the samples read so far, all at once, and add them to `result`.
-    `pending`: (key, jpg, caption, meta, identity, member, resized) per sample."""
+    `pending`: (key, jpg, caption, meta, identity, member, resized) per sample; `jpg` is the bytes, or
+    (offset, size) in the `.jpgs` work file they were written to."""
     ids, truncated, invalid = load_tokenizer(job.tokenizer).encode_captions([p[2] for p in pending])
     for row, (key, jpg, caption, meta, identity, member, resized) in enumerate(pending):
         if invalid[row]:
@@ -300,6 +307,8 @@ def tokenize_pending(job: TarJob, result: TarResult, pending: list[tuple]) -> No
                                     f"caption {caption[:80]!r} tokenizes to PAD or EOS"))
             continue
         meta["caption_truncated"] = bool(truncated[row])
-        result.samples.append(Sample(key, jpg, caption, ids[row], meta, identity, member, resized))
+        stored = jpg if isinstance(jpg, tuple) else None
+        result.samples.append(Sample(key, None if stored else jpg, caption, ids[row], meta, identity, member, resized,
+                                     stored))
         result.num_resized += resized
     result.num_truncated = int(truncated.sum())

@@ -2,7 +2,7 @@
 decoding finished tars.
 
 When a worker has processed an input tar it writes, in `OUT/.work/tars/`, two files (each
-atomically, the record last): `NNNNNN.jpgs`, the stored JPEG of every kept sample one after the
+atomically, the record last): `NNNNNN.jpgs`, the stored JPEG of each sample one after the
 other, and the completion record `NNNNNN.json.gz` with every per-sample decision: output key,
 caption, token ids, json meta (image sha256 included), split identity, where its stored JPEG lies
 in `NNNNNN.jpgs`, the image's member name in the input tar and whether it was re-encoded, plus
@@ -76,32 +76,30 @@ def prepare_tar(job: TarJob) -> TarSummary:
 
 
 def run_job(job: TarJob) -> TarResult:
-    """The tar's completion record when an earlier run finished it, else process_tar and write its
-    stored JPEGs and record (runs in a worker). Samples come back without image bytes when there is
-    a record path."""
+    """The tar's completion record when an earlier run finished it, else process_tar, writing its
+    stored JPEGs and its record (runs in a worker). Samples come back without image bytes when
+    there is a record path."""
     if job.record is not None and Path(job.record).is_file():
         return load_record(job)
-    result = process_tar(job)
-    if job.record is not None:
-        save_images(job, result)
-        save_record(job, result)
-    return result
-
-
-def save_images(job: TarJob, result: TarResult) -> None:
-    """Write every kept sample's stored JPEG to the tar's `.jpgs` file, note where in the sample, and
-    drop the bytes (a worker holds one tar's images at most, the main process none)."""
+    if job.record is None:
+        return process_tar(job)
     path = images_path(job.record)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
-    offset = 0
-    with open(tmp, "wb") as f:
-        for sample in result.samples:
-            f.write(sample.jpg)
-            sample.stored = (offset, len(sample.jpg))
-            offset += len(sample.jpg)
-            sample.jpg = None
-    publish(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            result = process_tar(job, f)
+            for sample in result.samples:  # a plain chunk's samples come back with their bytes
+                if sample.jpg is not None:
+                    sample.stored = (f.tell(), len(sample.jpg))
+                    f.write(sample.jpg)
+                    sample.jpg = None
+        publish(tmp, path)  # before the record: a record always has its images
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    save_record(job, result)
+    return result
 
 
 def save_record(job: TarJob, result: TarResult) -> None:
