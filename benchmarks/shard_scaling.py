@@ -6,8 +6,9 @@ Makes img2dataset-like inputs (photo crops: 9 in 10 JPEGs already at the stored 
 larger, to be re-encoded; random captions) of each size in `--tars`, shards each with each worker
 count in a fresh process, and prints one JSON line per run plus a summary: wall seconds and
 samples/s; CPU seconds of the main process (getrusage SELF) and of the workers (CHILDREN, once
-reaped); per sample, CPU ms of each and the main's share of a worker's; peak RSS of the main
-process (before and during the run) and of the largest worker. The marginal figures (the
+reaped); per sample, CPU ms of each and the main's share of a worker's; the main process's RSS
+at the start and the highest seen after each shard (/proc/self/statm), and peak RSS (getrusage)
+of the main process and of the largest worker. The marginal figures (the
 difference between the two input sizes) leave out fixed costs (tokenizer load, start-up).
 From the shares it estimates samples/s on 32 and 64 cores (compute only: no disk or network
 limit), as min(cores / (worker + main CPU per sample), 1 / main CPU per sample).
@@ -38,14 +39,18 @@ inp, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def cpu(who):
     r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
-before_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def rss_mb():  # resident now (ru_maxrss is a high-water mark, mostly set by the imports)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+before_rss, during = rss_mb(), []
 main0, kids0, t0 = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
-manifest, _ = shard_dataset(inp, out, split="95/5", shard_size=int(sys.argv[4]), workers=workers, progress=False)
+manifest, _ = shard_dataset(inp, out, split="95/5", shard_size=int(sys.argv[4]), workers=workers, progress=False,
+                            on_shard=lambda path: during.append(rss_mb()))
 wall = time.perf_counter() - t0
 print(json.dumps({"workers": workers, "wall_s": wall,
                   "num_samples": sum(s["num_samples"] for s in manifest["splits"].values()),
                   "main_cpu_s": cpu(resource.RUSAGE_SELF) - main0, "worker_cpu_s": cpu(resource.RUSAGE_CHILDREN) - kids0,
-                  "main_rss_before_mb": before_rss / 1024,
+                  "main_rss_before_mb": before_rss, "main_rss_max_mb": max(during + [rss_mb()]),
                   "main_rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "worker_rss_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
@@ -125,9 +130,11 @@ def main() -> None:
               f"main {main_ms:.4f} CPU ms, workers {worker_ms:.3f} CPU ms, main/worker {100 * main_ms / worker_ms:.1f}%; "
               f"whole big run: main {1000 * big['main_cpu_s'] / big['num_samples']:.4f} ms, workers "
               f"{1000 * big['worker_cpu_s'] / big['num_samples']:.3f} ms per sample")
-        print(f"  peak RSS: main {small['main_rss_peak_mb']:.0f} -> {big['main_rss_peak_mb']:.0f} MB (after imports "
-              f"{small['main_rss_before_mb']:.0f} / {big['main_rss_before_mb']:.0f}), largest worker "
-              f"{small['worker_rss_peak_mb']:.0f} -> {big['worker_rss_peak_mb']:.0f} MB")
+        print(f"  main RSS at the start -> highest seen after a shard: {small['main_rss_before_mb']:.1f} -> "
+              f"{small['main_rss_max_mb']:.1f} MB ({small['num_samples']} samples), {big['main_rss_before_mb']:.1f} -> "
+              f"{big['main_rss_max_mb']:.1f} MB ({big['num_samples']}); peak RSS (getrusage) main "
+              f"{small['main_rss_peak_mb']:.0f} / {big['main_rss_peak_mb']:.0f} MB, largest worker "
+              f"{small['worker_rss_peak_mb']:.0f} / {big['worker_rss_peak_mb']:.0f} MB")
         for cores in (32, 64):
             estimate = min(cores / (worker_ms + main_ms), 1 / main_ms) * 1000
             print(f"  estimate on {cores} cores: {estimate:,.0f} samples/s (compute only)")
