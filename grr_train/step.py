@@ -11,9 +11,16 @@ Two loss choices a reader should know:
   all-reduce before the forward passes), so accumulation and DDP give the same caption loss
   as one big batch would.
 
-The host waits for the GPU once per step, after clipping: the token count, the losses, the
-gradient norm and the stop flag come back in one transfer, and the optimizer steps only when
-they are finite. Nothing inside the micro-batch loop reads a value back.
+The host need not wait for the GPU at all: the finite check runs on the device and gates fused
+AdamW through its `found_inf` input (as torch's GradScaler does: a flagged step changes no
+weight or moment, and the step count it adds is subtracted again), so `launch()` enqueues the
+whole step, optimizer included, and returns a `PendingStep` whose metrics (token count, losses,
+gradient norm, the stop flag, whether the update was applied) come back in one copy started
+after clipping. `result()` waits for that copy only: a caller that launches step N+1 before
+reading step N's metrics keeps the GPU fed (`grr bench train --defer`). `step(...)` is launch
+then result (one wait per step). Nothing inside the micro-batch loop reads a value back. An
+optimizer that is not fused AdamW on plain tensors (FSDP2's DTensors: their fused step has no
+`found_inf` path here) is gated on the host instead, which reads the metrics back at launch.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from grr_data.layout import SpecialIds
 from grr_train.distributed import all_reduce_sum
@@ -40,16 +48,53 @@ class StepSettings:
     autocast_dtype: torch.dtype | None = None
 
 
+class PendingStep:
+    """A launched step's metrics on their way to the host; `result()` waits for them (once)."""
+
+    def __init__(self, stats: torch.Tensor, micro_batches: int, settings: StepSettings):
+        self.micro_batches, self.settings, self._metrics = micro_batches, settings, None
+        self._ready = None
+        if stats.device.type == "cuda":  # copied behind the step's kernels; only this copy is waited for
+            self._host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            self._host.copy_(stats, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = stats
+
+    def result(self) -> dict:
+        """The step's global metrics: loss, contrastive, caption, grad_norm, num_tokens, finite
+        (the update was applied), stop_requested."""
+        if self._metrics is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            s = self.settings
+            contrastive_sum, caption_sum, flags, tokens, norm, applied = self._host.tolist()
+            contrastive = contrastive_sum / (self.micro_batches * s.world_size)
+            caption = caption_sum / tokens
+            loss = s.lambda_con * contrastive + s.lambda_cap * caption
+            self._metrics = {"loss": loss, "contrastive": contrastive, "caption": caption, "grad_norm": norm,
+                             "num_tokens": int(tokens), "finite": applied > 0, "stop_requested": flags > 0}
+        return self._metrics
+
+
 class TrainStep:
-    """`step(micro_batches, stop_flag)` -> the step's metrics, every rank's the same (global)."""
+    """`step(micro_batches, stop_flag)` -> the step's metrics, every rank's the same (global);
+    `launch(...)` -> a PendingStep: the same step, enqueued without waiting for the GPU."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, special: SpecialIds,
                  settings: StepSettings, device: torch.device) -> None:
         self.model, self.optimizer, self.special = model, optimizer, special
         self.settings, self.device = settings, device
         self.ignored = tuple(special.ignored_targets)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.gate_on_device = (isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+                               and not any(isinstance(p, DTensor) for p in params))
 
     def __call__(self, micro_batches: list[dict], stop_flag: bool = False) -> dict:
+        return self.launch(micro_batches, stop_flag).result()
+
+    def launch(self, micro_batches: list[dict], stop_flag: bool = False) -> PendingStep:
         s = self.settings
         if not self.model.training:
             self.model.train()
@@ -68,18 +113,25 @@ class TrainStep:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip, foreach=True)
         flag = torch.tensor([float(stop_flag)], dtype=torch.float64, device=self.device)
         reduced = all_reduce_sum(torch.cat([sums, flag]))
-        # The one read-back of the step.
-        contrastive_sum, caption_sum, flags, tokens, norm = torch.cat(
-            [reduced, global_tokens, grad_norm.detach().double().reshape(1)]).tolist()
-        contrastive = contrastive_sum / (len(micro_batches) * s.world_size)
-        caption = caption_sum / tokens
-        loss = s.lambda_con * contrastive + s.lambda_cap * caption
-        finite = math.isfinite(loss) and math.isfinite(norm)
-        if finite:
-            self.optimizer.step()
+        stats = torch.cat([reduced, global_tokens, grad_norm.detach().double().reshape(1)])
+        # The loss as PendingStep.result computes it from these values, in float64.
+        loss = (s.lambda_con * (stats[0] / (len(micro_batches) * s.world_size))
+                + s.lambda_cap * (stats[1] / stats[3]))
+        if self.gate_on_device:
+            finite = torch.isfinite(loss) & torch.isfinite(stats[4])
+            pending = PendingStep(torch.cat([stats, finite.double().reshape(1)]), len(micro_batches), s)
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, (~finite).float()
+            try:
+                self.optimizer.step()  # a flagged step: no weight or moment changes, step count undone
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        else:
+            finite = math.isfinite(loss.item()) and math.isfinite(stats[4].item())  # waits for the GPU
+            pending = PendingStep(torch.cat([stats, stats.new_tensor([float(finite)])]), len(micro_batches), s)
+            if finite:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "contrastive": contrastive, "caption": caption, "grad_norm": norm,
-                "num_tokens": int(tokens), "finite": finite, "stop_requested": flags > 0}
+        return pending
 
     def _count_tokens(self, micro_batches: list[dict]) -> torch.Tensor:
         """This rank's counted caption targets, (1,) float64 on the device, without a read-back.

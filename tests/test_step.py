@@ -89,6 +89,69 @@ def test_a_non_finite_step_is_not_applied():
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
 
 
+def test_a_non_finite_step_leaves_the_optimizer_state_as_it_was():
+    """The finite check gates fused AdamW on the device (found_inf): a flagged step changes no
+    moment, and the step count it adds is taken off again, so the next good step is the one a
+    step that was never taken would have been."""
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    step = TrainStep(model, opt, SpecialIds.for_vocab(V), StepSettings(2.0, 1.0, 1.0, 0.07), torch.device("cpu"))
+    assert step.gate_on_device
+    step([batch(2)])
+    state = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    bad = batch(2, seed=1)
+    bad["images"] = bad["images"].clone()
+    bad["images"][0, 0, 0, 0] = float("inf")
+    assert not step([bad])["finite"]
+    for n, p in model.named_parameters():
+        for k, v in state[n].items():
+            assert torch.equal(opt.state[p][k], v), (n, k)
+    assert not hasattr(opt, "found_inf")  # the flag does not outlive the step
+
+
+def test_launching_ahead_gives_the_same_steps_and_metrics():
+    """Metrics read one step late (launch N+1, then read N) are those of reading each at once,
+    and the weights end the same, bit for bit, a skipped step included."""
+    data = [batch(2, seed=k) for k in range(4)]
+    data[2]["images"] = data[2]["images"].clone()
+    data[2]["images"][1, 0, 0, 0] = float("nan")
+
+    def make():
+        model = tiny_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        return model, TrainStep(model, opt, SpecialIds.for_vocab(V), StepSettings(2.0, 1.0, 1.0, 0.07),
+                                torch.device("cpu"))
+
+    model_now, now = make()
+    at_once = [now([b]) for b in data]
+    model_late, late = make()
+    pending, read = None, []
+    for b in data:
+        launched = late.launch([b])
+        if pending is not None:
+            read.append(pending.result())
+        pending = launched
+    read.append(pending.result())
+    assert repr(read) == repr(at_once)  # float reprs round-trip: equal bits (and nan equals nan)
+    assert [m["finite"] for m in read] == [True, True, False, True]
+    for (n, a), b in zip(model_now.named_parameters(), model_late.parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_an_optimizer_without_found_inf_is_gated_on_the_host():
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    step = TrainStep(model, opt, SpecialIds.for_vocab(V), StepSettings(2.0, 1.0, 1.0, 0.07), torch.device("cpu"))
+    assert not step.gate_on_device
+    bad = batch(2)
+    bad["images"] = bad["images"].clone()
+    bad["images"][0, 0, 0, 0] = float("nan")
+    assert not step([bad])["finite"] and not opt.state
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert step([batch(2)])["finite"] and opt.state
+
+
 def test_the_stop_flag_rides_on_the_step():
     assert run_step(tiny_model(), [batch(2)], stop=True)["stop_requested"]
     assert not run_step(tiny_model(), [batch(2)])["stop_requested"]
@@ -185,3 +248,25 @@ def test_no_host_sync_inside_the_micro_batch_loop():
             step._forward_backward(b["images"], b["ids"], scale, len(micro))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_a_launched_step_makes_no_host_sync():
+    """The whole step, clipping, the finite check and the fused AdamW update included, is enqueued
+    without waiting for the GPU; only result() waits."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model(get_config("grr-tiny", vocab_size=V)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    step = TrainStep(model, opt, SpecialIds.for_vocab(V), StepSettings(2.0, 1.0, 1.0, 0.07,
+                     autocast_dtype=torch.bfloat16), dev)
+    micro = [{k: v.to(dev) for k, v in batch(2, s).items()} for s in range(2)]
+    first = step(micro)  # creates the optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = step.launch(micro)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    m = pending.result()
+    assert m["finite"] and math.isfinite(m["loss"]) and m["num_tokens"] == first["num_tokens"]
