@@ -107,7 +107,12 @@ class WorkerPool:
     def submit(self, item, tag=None) -> None:
         """Hand `item` to an idle worker (there must be one: see `num_idle`)."""
         n = next(i for i in range(len(self._workers)) if i not in self._busy)
-        self._workers[n][1].send(item)
+        pid, conn = self._workers[n]
+        try:
+            conn.send(item)
+        except OSError:  # it died while idle (the OOM killer)
+            raise RuntimeError(f"worker process {pid} ended unexpectedly ({self._reap(pid)}); "
+                               "rerun the same command to resume") from None
         self._busy[n] = tag
 
     def next_done(self) -> tuple[object, object]:

@@ -26,7 +26,7 @@ from grr_data.records import (
     sha256_file,
 )
 from grr_data.shard_input import Sample, ShardError, TarJob, TarResult
-from grr_data.shard_resume import InputImages, images_path, load_record
+from grr_data.shard_resume import InputImages, images_path, load_record, prepare_tar
 
 # completion records a worker keeps parsed: a shard's samples come from a few consecutive input tars
 _RECORDS_KEPT = 4
@@ -90,8 +90,6 @@ class ShardWork:
             self._fallback = InputImages()
 
     def __call__(self, job: TarJob | ShardJob):
-        from grr_data.shard_resume import prepare_tar
-
         return self.write(job) if isinstance(job, ShardJob) else prepare_tar(job)
 
     def _record(self, unit: int) -> TarResult:
@@ -134,7 +132,7 @@ class ShardWork:
         `.jpgs` was deleted once the shards of the first run holding these samples were written)."""
         if unit not in files:
             try:
-                files[unit] = open(images_path(self.units[unit].record), "rb")  # noqa: SIM115 - closed by write()
+                files[unit] = open(images_path(self.units[unit].record), "rb")  # closed by write()
             except FileNotFoundError:
                 files[unit] = None
         f = files[unit]

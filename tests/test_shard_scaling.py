@@ -95,3 +95,27 @@ def test_work_images_are_deleted_once_their_shards_are_written(varied_input, tmp
     assert min(alive) <= 1 and max(alive) <= 3, alive  # never all 5 tars' images at once
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert len(alive) == sum(len(split["shards"]) for split in manifest["splits"].values())
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_the_pool_gives_results_as_they_finish_and_reports_a_worker_that_died_idle():
+    import signal
+    import time
+
+    from grr_data.procs import WorkerPool
+
+    with WorkerPool(_square, 2) as pool:
+        pool.submit(3, "a")
+        pool.submit(4, "b")
+        assert pool.num_idle == 0
+        assert sorted(pool.next_done() for _ in range(2)) == [("a", 9), ("b", 16)]
+        assert pool.num_idle == 2
+    with pytest.raises(RuntimeError, match=r"worker process \d+ ended unexpectedly \(killed by SIGKILL\)"):
+        with WorkerPool(_square, 1) as pool:
+            os.kill(pool._workers[0][0], signal.SIGKILL)  # the OOM killer, between two items
+            time.sleep(0.5)
+            pool.submit(5, "c")
+            pool.next_done()
