@@ -133,12 +133,13 @@ class WorkerPool:
         return tag, value
 
     def imap(self, items: Sequence) -> Iterator:
-        """fn over `items`, results in order (at most one item in flight per worker)."""
+        """fn over `items`, results in order (at most one item in flight per worker, and at most
+        2 x workers results waiting for a slower one before them)."""
         done: dict[int, object] = {}
         sent = 0
         for i in range(len(items)):
             while i not in done:
-                while self.num_idle and sent < len(items):
+                while self.num_idle and sent < min(len(items), i + 2 * len(self._workers)):
                     self.submit(items[sent], sent)
                     sent += 1
                 tag, value = self.next_done()

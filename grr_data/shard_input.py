@@ -60,7 +60,7 @@ class TarJob:
 @dataclass
 class Sample:
     key: str
-    jpg: bytes | None  # None when restored from a completion record: read back only if needed
+    jpg: bytes | None  # None once written to the tar's `.jpgs` work file, or restored from a completion record
     caption: str
     ids: np.ndarray  # (65,) int64
     meta: dict
