@@ -24,17 +24,30 @@ def list_presets() -> None:
 
 @model_app.command("summary")
 def summary(
-    preset: str = typer.Argument(..., help="a preset name (see `grr model list`)"),
+    preset: str = typer.Argument(None, help="a preset name (see `grr model list`); none: every preset, one line each"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    count_flops: bool = typer.Option(False, "--count-flops",
+                                     help="also count one training step with torch's FLOP counter (seconds)"),
 ) -> None:
-    """Parameter table per component and training FLOPs per sample of a preset."""
+    """Parameters and training FLOPs per sample: of every preset, or per component of one."""
     from grr_train.model import PRESETS
-    from grr_train.model.summary import summarize
+    from grr_train.model.summary import counted_training_flops, preset_overview, summarize
 
+    if preset is None:
+        rows = preset_overview()
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        typer.echo(f"{'preset':<18} {'parameters':>13}  training FLOPs per sample")
+        for r in rows:
+            typer.echo(f"{r['preset']:<18} {r['total_params']:>13,}  {r['flops_per_sample']:.4e}")
+        return
     if preset not in PRESETS:
         typer.echo(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}", err=True)
         raise typer.Exit(2)
     info = summarize(preset)
+    if count_flops:
+        info["counted_flops_per_sample"] = counted_training_flops(PRESETS[preset])
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -43,3 +56,7 @@ def summary(
         typer.echo(f"  {label:<20} {count:>13,}")
     typer.echo(f"  {'total':<20} {info['total_params']:>13,}")
     typer.echo(f"training FLOPs per sample {info['flops_per_sample']:.4e}  ({info['flops_counting']})")
+    if count_flops:
+        counted = info["counted_flops_per_sample"]
+        typer.echo(f"torch.utils.flop_counter, one forward and backward: {counted:.4e} "
+                   f"(x{counted / info['flops_per_sample']:.5f} of the above; the images get no gradient)")
