@@ -151,6 +151,10 @@ def bench_train(
     count_ops: bool = typer.Option(False, "--count-ops", metavar="",
                                    help="Also count the operators one step dispatches (a CPU proxy for GPU kernel launches)."),
     vocab_size: int = typer.Option(None, help="Vocabulary size (default: the preset's, 32,102 for the paper's)."),
+    read_back: str = typer.Option("per-step", help="per-step (as the trainer), deferred (step N's metrics read "
+                                  "after step N+1 is launched) or both (alternating, one compiled model)."),
+    inductor_mode: str = typer.Option(None, help="torch.compile mode for what --compile compiles, "
+                                      "e.g. max-autotune-no-cudagraphs."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON."),
 ) -> None:
     """The trainer's step on synthetic inputs: samples/s, MFU on a known GPU, peak memory."""
@@ -158,14 +162,22 @@ def bench_train(
 
     r = run_bench(preset, batch_size, steps, warmup=warmup, accumulation=accumulation, precision=precision,
                   compile=compile, activation_checkpointing=activation_checkpointing, count_ops=count_ops,
-                  vocab_size=vocab_size)
+                  vocab_size=vocab_size, read_back=read_back, inductor_mode=inductor_mode)
     if json_out:
-        typer.echo(json.dumps(r))
+        typer.echo(json.dumps(r[0] if len(r) == 1 else r))
         return
+    for one in r:
+        _print_bench_train(one)
+    if count_ops:
+        typer.echo(f"operators dispatched per step: {r[0]['ops_per_step']} (top: {r[0]['top_ops']})")
+
+
+def _print_bench_train(r: dict) -> None:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no known bf16 peak for this device)"
     memory = f", peak memory {r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else ""
-    typer.echo(f"{r['preset']} on {r['device']} ({r['precision']}, compile {r['compile']}, micro-batch "
-               f"{r['batch_size']} x {r['accumulation']}, synthetic inputs, trainer step): "
-               f"{r['samples_per_s']:.2f} samples/s, {1000 * r['seconds_per_step']:.0f} ms/step, MFU {mfu}{memory}")
-    if count_ops:
-        typer.echo(f"operators dispatched per step: {r['ops_per_step']} (top: {r['top_ops']})")
+    mode = f" {r['inductor_mode']}" if r["inductor_mode"] else ""
+    readback = f"{r['read_back']} read-back"
+    typer.echo(f"{r['preset']} on {r['device']} ({r['precision']}, compile {r['compile']}{mode}, micro-batch "
+               f"{r['batch_size']} x {r['accumulation']}, synthetic inputs, trainer step, {readback}): "
+               f"{r['samples_per_s']:.2f} samples/s, {1000 * r['seconds_per_step']:.0f} ms/step, MFU {mfu}{memory}; "
+               f"set-up and warm-up {r['setup_and_warmup_s']:.0f} s")

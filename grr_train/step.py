@@ -17,7 +17,7 @@ weight or moment, and the step count it adds is subtracted again), so `launch()`
 whole step, optimizer included, and returns a `PendingStep` whose metrics (token count, losses,
 gradient norm, the stop flag, whether the update was applied) come back in one copy started
 after clipping. `result()` waits for that copy only: a caller that launches step N+1 before
-reading step N's metrics keeps the GPU fed (`grr bench train --defer`). `step(...)` is launch
+reading step N's metrics keeps the GPU fed (`grr bench train --read-back deferred`). `step(...)` is launch
 then result (one wait per step). Nothing inside the micro-batch loop reads a value back. An
 optimizer that is not fused AdamW on plain tensors (FSDP2's DTensors: their fused step has no
 `found_inf` path here) is gated on the host instead, which reads the metrics back at launch.
