@@ -13,10 +13,15 @@ depths and the micro-batch. The trainer's own losses are used (`grr_train/step.p
 With --activation-checkpointing each block keeps only its input (residual-stream dtype as measured)
 and one block's activations live again during its recompute.
 
-Not counted: the CUDA context and cuBLAS/cuDNN workspaces (~1 GB), allocator fragmentation, and
-the transient buffers of a single op. The GPU's attention kernels (flash for the ViT, memory-
-efficient with the text masks) save what the CPU's flash kernel does (q, k, v, output, log-sum-exp),
-not the score matrices. So the figure is a floor; read 10-15% above it as the expected peak.
+This is the eager step's figure, and an upper bound for a per-block compiled one: checked against
+the one GPU measurement we have (docs/LOG.md, H200, grr-coca, per-block compile, peak allocated
+14.2 GB at micro-batch 48 and 38.8 GB at 192) it gives 17.7 and 49.5 GB, i.e. the compiled step
+kept 0.67-0.75 x the activations counted here (Inductor fuses the norms, RoPE and GEGLU and saves
+fewer intermediates; gradients are also allocated while activations are being freed). On a CPU,
+against the peak resident memory of two real bf16 steps of a 2-block copy of grr-coca-1b at
+micro-batch 16, it gave 3.20 GB for 3.15 measured. Not counted: the CUDA context and workspaces
+(~1 GB) and allocator fragmentation. The GPU's attention kernels save what the CPU's flash kernel
+does (q, k, v, output, log-sum-exp), not the score matrices.
 """
 
 from __future__ import annotations
