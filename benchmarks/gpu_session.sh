@@ -7,8 +7,18 @@
 #                                          in $WHL), the gpu tests of the step
 #   bash benchmarks/gpu_session.sh data    DALI (/tmp/dali.env), a 32,102-id tokenizer, 6,000 photo crops
 #                                          sharded, the loaders, and `grr train pretrain` end to end
-# Results are appended to $OUT/results.txt and printed. P, B, BIG, N, KIT override the preset, the
-# micro-batches, the steps and the folder of ../shared/gpu's scripts (for a dry run on a CPU).
+#   bash benchmarks/gpu_session.sh speed   (~5-6 min on an H200, no DALI) a profile of grr-coca per-block compiled
+#                                          at micro-batch 192 (benchmarks/profile_step.py, trace into $OUT);
+#                                          grr-coca and baseline-coca at 192 with the per-step and the deferred
+#                                          read-back (one compiled model each); the gpu tests; then, in what is
+#                                          left of SPEED_S seconds, grr-coca compiled whole with
+#                                          max-autotune-no-cudagraphs (skipped when under 90 s are left)
+#   bash benchmarks/gpu_session.sh dali    the DALI tests (/tmp/dali.env as for data), whole log in
+#                                          $OUT/dali_tests.log: a reader thread left alive fails its test with
+#                                          the thread's stack; a test hung for 120 s dumps every thread's stack
+# Results are appended to $OUT/results.txt and printed. P, BASE, B, BIG, N, KIT, COMPILE override the preset,
+# the baseline, the micro-batches, the steps, the folder of ../shared/gpu's scripts and the compile mode
+# (for a dry run on a CPU).
 set -u
 PART=${1:-model}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -22,7 +32,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 run() {  # run LIMIT CMD...: the command's last lines (progress bars dropped) into the results
   local t=$1; shift; echo "== $*" >>"$R"; local s=$SECONDS
   timeout "$t" "$@" >"$OUT/last.log" 2>&1; local rc=$?
-  tr '\r' '\n' <"$OUT/last.log" | grep -v '%|\|^ *$\|Warning\|warn(' | tail -n "${TAIL:-3}" | tee -a "$R"
+  tr '\r' '\n' <"$OUT/last.log" | grep -v '%|\|^ *$\|Warning\|warn(\|^USDT' | tail -n "${TAIL:-3}" | tee -a "$R"
   echo "   rc=$rc wall=$((SECONDS - s))s" | tee -a "$R"
 }
 case $PART in
@@ -53,6 +63,29 @@ rs = [json.loads(l) for l in open(sys.argv[1]) if '"train"' in l]
 print("e2e:", ", ".join(f"step {r['step']} {r['samples_per_s']:.0f} sps mfu {r.get('mfu') or 0:.3f}" for r in rs))
 PY
   TAIL=8 run 200 $PY -m pytest -q tests/test_loader_dali.py tests/test_loader_reader.py -p no:cacheprovider ;;
-*) echo "usage: gpu_session.sh model|peer|data"; exit 2 ;;
+speed)
+  T0=$SECONDS; C=${COMPILE:-blocks}
+  TAIL=45 run 200 $PY benchmarks/profile_step.py --preset "$P" --batch-size "$BIG" --compile "$C" --steps "${PN:-5}" --out "$OUT"
+  TAIL=2 run 150 $G bench train --preset "$P" --batch-size "$BIG" --steps "$N" --compile "$C" --read-back both
+  TAIL=2 run 150 $G bench train --preset "$BASE" --batch-size "$BIG" --steps "$N" --compile "$C" --read-back both
+  TAIL=6 run 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_loader_dali.py
+  LEFT=$(( ${SPEED_S:-340} - (SECONDS - T0) ))
+  if (( LEFT >= 90 )); then  # a compile that runs past LEFT is killed: reported as rc=124, i.e. skipped
+    TAIL=1 run "$LEFT" $G bench train --preset "$P" --batch-size "$BIG" --steps "$N" --compile model \
+        --inductor-mode max-autotune-no-cudagraphs
+  else
+    echo "== max-autotune-no-cudagraphs whole-model compile skipped: ${LEFT}s left of ${SPEED_S:-340}s" | tee -a "$R"
+  fi ;;
+dali)
+  [[ -f /tmp/dali.env ]] || { [[ -f $KIT/dali.sh ]] && bash "$KIT/dali.sh" | tail -n 1 | tee -a "$R"; }
+  [[ -f /tmp/dali.env ]] && . /tmp/dali.env
+  $PY -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tail -n 1 | tee -a "$R"
+  echo "== pytest tests/test_loader_dali.py tests/test_loader_reader.py (whole log: dali_tests.log)" >>"$R"
+  timeout 240 $PY -X faulthandler -m pytest -q -p no:cacheprovider -o faulthandler_timeout=120 -rfE \
+      tests/test_loader_dali.py tests/test_loader_reader.py >"$OUT/dali_tests.log" 2>&1; rc=$?
+  grep -E "^(FAILED|ERROR)|grr-dali-reader still alive|left grr-dali-reader|did not stop within|Timeout|passed|failed" \
+      "$OUT/dali_tests.log" | tail -n 15 | tee -a "$R"
+  echo "   rc=$rc" | tee -a "$R" ;;
+*) echo "usage: gpu_session.sh model|peer|data|speed|dali"; exit 2 ;;
 esac
 echo "== done $PART" | tee -a "$R"

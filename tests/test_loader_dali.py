@@ -112,6 +112,8 @@ def no_reader_left_behind():
     if stacks:
         for r in [o for o in gc.get_objects() if isinstance(o, BatchReader)]:
             r.close()
+        for t in reader_threads():  # readers already dropped were told to stop; let them end
+            t.join(timeout=35)
         pytest.fail("this test left grr-dali-reader threads alive:\n" + "\n".join(
             f"thread {i}:\n{s}" for i, s in stacks.items()))
 

@@ -83,3 +83,11 @@ def test_close_stops_a_reader_whose_items_are_never_taken():
     r.close()
     assert not alive("t-untaken")
     assert len(reads) <= 3  # stopped at once: the queue's one item, one in hand, no more
+
+
+def test_a_reader_dropped_without_close_stops_its_thread():
+    r = BatchReader(lambda b: b, 0, 10_000, depth=1, name="t-dropped")
+    thread = r._thread
+    del r  # the thread holds only what it reads with, so the reader is collected at once
+    thread.join(timeout=5)
+    assert not thread.is_alive()

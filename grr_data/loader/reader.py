@@ -111,6 +111,11 @@ class BatchReader(Generic[T]):
             except queue.Empty:
                 return
 
+    def __del__(self):
+        # Dropped without close(): the thread, which does not hold this object, ends after the batch in hand.
+        if "_stop" in self.__dict__:
+            self._stop.set()
+
     def close(self) -> None:
         """Stop the thread and drop what it read ahead; returns once the thread has ended. The
         queue is emptied while waiting (a put blocked on a full queue always completes), so this
