@@ -111,7 +111,8 @@ class TrainStep:
                 sums += self._forward_backward(batch["images"], batch["ids"], caption_scale, len(micro_batches))
 
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip, foreach=True)
-        flag = torch.tensor([float(stop_flag)], dtype=torch.float64, device=self.device)
+        # A fill, not torch.tensor([...], device=...): copying host data to the GPU waits for it.
+        flag = torch.full((1,), float(stop_flag), dtype=torch.float64, device=self.device)
         reduced = all_reduce_sum(torch.cat([sums, flag]))
         stats = torch.cat([reduced, global_tokens, grad_norm.detach().double().reshape(1)])
         # The loss as PendingStep.result computes it from these values, in float64.
