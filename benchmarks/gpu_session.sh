@@ -65,10 +65,10 @@ PY
   TAIL=8 run 200 $PY -m pytest -q tests/test_loader_dali.py tests/test_loader_reader.py -p no:cacheprovider ;;
 speed)
   T0=$SECONDS; C=${COMPILE:-blocks}
-  TAIL=45 run 200 $PY benchmarks/profile_step.py --preset "$P" --batch-size "$BIG" --compile "$C" --steps "${PN:-5}" --out "$OUT"
-  TAIL=2 run 150 $G bench train --preset "$P" --batch-size "$BIG" --steps "$N" --compile "$C" --read-back both
-  TAIL=2 run 150 $G bench train --preset "$BASE" --batch-size "$BIG" --steps "$N" --compile "$C" --read-back both
-  TAIL=6 run 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_loader_dali.py
+  TAIL=45 run 180 $PY benchmarks/profile_step.py --preset "$P" --batch-size "$BIG" --compile "$C" --steps "${PN:-5}" --out "$OUT"
+  TAIL=2 run 120 $G bench train --preset "$P" --batch-size "$BIG" --steps "$N" --compile "$C" --read-back both
+  TAIL=2 run 120 $G bench train --preset "$BASE" --batch-size "$BIG" --steps "$N" --compile "$C" --read-back both
+  TAIL=6 run 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_loader_dali.py
   LEFT=$(( ${SPEED_S:-340} - (SECONDS - T0) ))
   if (( LEFT >= 90 )); then  # a compile that runs past LEFT is killed: reported as rc=124, i.e. skipped
     TAIL=1 run "$LEFT" $G bench train --preset "$P" --batch-size "$BIG" --steps "$N" --compile model \
