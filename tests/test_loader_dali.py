@@ -90,14 +90,22 @@ def test_dali_skips_bad_samples_like_the_cpu_loader(tmp_path):
     assert all(levels(c["images"], d["images"]).max() <= MAX_LEVELS for c, d in zip(cpu, dali, strict=True))
 
 
+_STUCK: set = set()  # reader threads a test already failed on, with their stacks: not counted again
+
+
 def reader_threads():
-    return [t for t in threading.enumerate() if t.name == "grr-dali-reader"]
+    return [t for t in threading.enumerate() if t.name == "grr-dali-reader" and t not in _STUCK]
+
+
+def _reader_stacks() -> dict:
+    live = {t.ident for t in reader_threads()}
+    return {i: s for i, s in thread_stacks("grr-dali-reader").items() if i in live}
 
 
 def no_reader():
     """True when no reader thread is alive; else the test fails at once with each live reader's
     stack (where it is stuck: a read, the garbage collector running a finalizer on it, ...)."""
-    stacks = thread_stacks("grr-dali-reader")
+    stacks = _reader_stacks()
     if stacks:
         pytest.fail("grr-dali-reader still alive:\n" + "\n".join(f"thread {i}:\n{s}" for i, s in stacks.items()))
     return True
@@ -105,15 +113,16 @@ def no_reader():
 
 @pytest.fixture(autouse=True)
 def no_reader_left_behind():
-    """A reader left alive by a test fails that test (with its stack) and is stopped here, so that
-    it does not fail every later test that counts reader threads."""
+    """A reader left alive by a test fails that test (with its stack) and is stopped here; one that
+    will not stop is reported once and not counted again, so it cannot fail every later test."""
     yield
-    stacks = thread_stacks("grr-dali-reader")
+    stacks = _reader_stacks()
     if stacks:
         for r in [o for o in gc.get_objects() if isinstance(o, BatchReader)]:
             r.close()
         for t in reader_threads():  # readers already dropped were told to stop; let them end
             t.join(timeout=35)
+        _STUCK.update(reader_threads())
         pytest.fail("this test left grr-dali-reader threads alive:\n" + "\n".join(
             f"thread {i}:\n{s}" for i, s in stacks.items()))
 
