@@ -6,7 +6,11 @@ unwrapped model's weights), `state.pt` (optimizer, schedule, early stopper, load
 and RNG states per rank: tensors and plain containers only, read with `weights_only=True`),
 `meta.json` (step, epoch, the model and training configs and the tokenizer, so a checkpoint
 folder is enough to rebuild its model and turn its captions into text) and `SHA256SUMS` (the
-SHA-256 of the other three, in `sha256sum -c` format).
+SHA-256 of the other three, in `sha256sum -c` format). A sharded checkpoint (`parallelism=fsdp`,
+`grr_train/sharded_checkpoint.py`) holds `sharded/` (model and optimizer through
+torch.distributed.checkpoint, one file per saving process and `.metadata`) instead of the weights
+file, with the optimizer there rather than in `state.pt`; meta.json lists every file and
+SHA256SUMS covers them all. `load_weights` reads either kind into a plain model.
 
 Durability: every file is written into a temporary folder and fsync'ed, the folder renamed into
 place and the parent folder fsync'ed, so a crash or power loss leaves either the old or the new
@@ -42,13 +46,14 @@ from grr_train.model import ModelConfig, build_model
 
 FORMAT_VERSION = 1
 WEIGHTS, STATE, META, SUMS = "model.safetensors", "state.pt", "meta.json", "SHA256SUMS"
+SHARDED = "sharded"  # the torch.distributed.checkpoint folder of a sharded checkpoint
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (damaged, incomplete, unreadable); the message names the file."""
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -104,7 +109,7 @@ def _is_disk_full(err: BaseException) -> bool:
 
 
 @contextmanager
-def _explain_full_disk(what: str, path: Path):
+def explain_full_disk(what: str, path: Path):
     """Turn a full disk into one OSError that says so and names `path`."""
     try:
         yield
@@ -115,46 +120,80 @@ def _explain_full_disk(what: str, path: Path):
                                     "then continue with --resume (the checkpoints saved before are intact)") from err
 
 
-def _write_checkpoint_dir(tmp: Path, model: torch.nn.Module, state: dict, meta: dict) -> None:
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+def checkpoint_folder(run_dir: Path, step: int | None) -> Path:
+    """Where the checkpoint of `step` goes (None: the run's `best/`)."""
+    return Path(run_dir) / "best" if step is None else Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+
+
+def temporary_folder(final: Path, pid: int | None = None) -> Path:
+    """The folder a checkpoint is written into before it is renamed to `final` (the pid of the
+    process that publishes it: `remove_stale_temporaries` knows the pattern)."""
+    return final.parent / f".tmp-{final.name}-{os.getpid() if pid is None else pid}"
+
+
+def _folder_files(folder: Path) -> list[str]:
+    """Every file under `folder`, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def finish_checkpoint_dir(tmp: Path, state: dict, meta: dict, digests: dict[str, str] | None = None) -> None:
+    """Write `state.pt`, `meta.json` (listing every file in `tmp` with its size) and SHA256SUMS
+    (every file; `digests`: those already hashed, by name), and fsync them all. On failure `tmp`
+    is removed."""
     try:
-        save_safetensors_model(model, str(tmp / WEIGHTS))
         _torch_save(state, tmp / STATE)
-        files = {name: {"size": (tmp / name).stat().st_size} for name in (WEIGHTS, STATE)}
+        names = [name for name in _folder_files(tmp) if name not in (META, SUMS)]
+        files = {name: {"size": (tmp / name).stat().st_size} for name in names}
         record = {"format_version": FORMAT_VERSION, **meta, "files": files, "checksums": SUMS}
         (tmp / META).write_text(json.dumps(record, indent=2) + "\n")
         # Hashed from what was just written (the page cache): about 1.7 GB/s, so ~3 s at grr-coca size.
-        (tmp / SUMS).write_text("".join(f"{_sha256_file(tmp / name)}  {name}\n" for name in (WEIGHTS, STATE, META)))
-        for name in (WEIGHTS, STATE, META, SUMS):
-            fsync_path(tmp / name)  # the folder itself is fsync'ed by `publish`
+        digests = digests or {}
+        (tmp / SUMS).write_text("".join(f"{digests.get(name) or sha256_file(tmp / name)}  {name}\n"
+                                        for name in [*names, META]))
+        for name in [*names, META, SUMS]:
+            fsync_path(tmp / name)
+        for folder in {(tmp / name).parent for name in names} - {tmp}:
+            fsync_path(folder)  # the checkpoint folder itself is fsync'ed by `publish`
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def place_checkpoint(tmp: Path, final: Path, keep: int | None = None) -> Path:
+    """Rename the finished `tmp` to `final`; for a `step-*` folder also point `latest` at it and keep
+    the newest `keep`."""
+    with explain_full_disk("saving the checkpoint", final):
+        publish(tmp, final)
+        if final.name.startswith("step-"):
+            write_text_atomic(final.parent / "latest", final.name + "\n")
+    if keep is not None:
+        for old in sorted(p for p in final.parent.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def save_whole(final: Path, model: torch.nn.Module, state: dict, meta: dict, keep: int | None) -> Path:
+    tmp = temporary_folder(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    with explain_full_disk("saving the checkpoint", final):
+        try:
+            save_safetensors_model(model, str(tmp / WEIGHTS))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finish_checkpoint_dir(tmp, state, meta)
+    return place_checkpoint(tmp, final, keep)
+
+
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict, meta: dict, keep: int) -> Path:
     """Write `checkpoints/step-NNNNNNN` atomically, point `latest` at it, keep the newest `keep`."""
-    ckpt_root = Path(run_dir) / "checkpoints"
-    final = ckpt_root / f"step-{meta['step']:07d}"
-    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
-    with _explain_full_disk("saving the checkpoint", final):
-        _write_checkpoint_dir(tmp, model, state, meta)
-        publish(tmp, final)
-        write_text_atomic(ckpt_root / "latest", final.name + "\n")
-    for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
-    return final
+    return save_whole(checkpoint_folder(run_dir, meta["step"]), model, state, meta, keep)
 
 
 def save_best(run_dir: Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:
-    final = Path(run_dir) / "best"
-    tmp = Path(run_dir) / f".tmp-best-{os.getpid()}"
-    with _explain_full_disk("saving the checkpoint", final):
-        _write_checkpoint_dir(tmp, model, state, meta)
-        publish(tmp, final)
-    return final
+    return save_whole(checkpoint_folder(run_dir, None), model, state, meta, None)
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
@@ -191,7 +230,7 @@ def _read_sums(ckpt: Path) -> dict[str, str]:
     """SHA256SUMS as {file name: hex digest}; raises ValueError for a line that does not parse."""
     sums = {}
     for number, line in enumerate((ckpt / SUMS).read_text().splitlines(), 1):
-        match = re.fullmatch(r"([0-9a-f]{64})  ([\w.-]+)", line)
+        match = re.fullmatch(r"([0-9a-f]{64})  ([\w.-]+(?:/[\w.-]+)*)", line)
         if match is None:
             raise ValueError(f"{ckpt / SUMS}:{number} is not a 'SHA-256  name' line")
         sums[match.group(2)] = match.group(1)
@@ -202,8 +241,8 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     """Why the checkpoint folder `ckpt` cannot be used, naming the file, or None when it can.
 
     Checked: meta.json reads; every file it lists has the recorded size; the weights' safetensors
-    header parses; and every file's SHA-256 matches SHA256SUMS (hashing the whole checkpoint:
-    about 3 s at grr-coca's 4.7 GB). Checkpoints saved before SHA256SUMS was written have no
+    header parses (a sharded checkpoint has none); and every file's SHA-256 matches SHA256SUMS
+    (hashing the whole checkpoint: about 3 s at grr-coca's 4.7 GB). Checkpoints saved before SHA256SUMS was written have no
     checksums: for them only the sizes (when recorded) and the weights' header are checked, so a
     changed byte of the same size goes unnoticed.
     """
@@ -218,21 +257,22 @@ def checkpoint_problem(ckpt: Path) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != entry["size"]:
             return f"{path} has {path.stat().st_size} bytes, {META} says {entry['size']}"
-    try:
-        with safe_open(ckpt / WEIGHTS, framework="pt"):
-            pass
-    except (OSError, SafetensorError) as err:
-        return f"{ckpt / WEIGHTS} is not a readable safetensors file ({err})"
+    if not meta.get("sharded"):
+        try:
+            with safe_open(ckpt / WEIGHTS, framework="pt"):
+                pass
+        except (OSError, SafetensorError) as err:
+            return f"{ckpt / WEIGHTS} is not a readable safetensors file ({err})"
     if not (ckpt / SUMS).is_file():
         return f"{ckpt / SUMS} is missing" if "checksums" in meta else None
     try:
         sums = _read_sums(ckpt)
     except (OSError, ValueError) as err:
         return f"cannot read {ckpt / SUMS} ({err})"
-    for name in (WEIGHTS, STATE, META):
+    for name in [*meta.get("files", (WEIGHTS, STATE)), META]:
         if name not in sums:
             return f"{ckpt / SUMS} has no checksum for {name}"
-        if _sha256_file(ckpt / name) != sums[name]:
+        if sha256_file(ckpt / name) != sums[name]:
             return f"{ckpt / name} is damaged: its SHA-256 differs from the one recorded in {SUMS} when it was saved"
     return None
 
@@ -308,9 +348,30 @@ def load_state(ckpt: Path, device: str | torch.device = "cpu") -> dict:
         raise CheckpointError(f"{path}: cannot be loaded ({err})") from err
 
 
+def is_sharded_checkpoint(ckpt: Path) -> bool:
+    return (Path(ckpt) / SHARDED).is_dir()
+
+
+def weight_names(ckpt: Path) -> list[str]:
+    """The parameter names stored in a checkpoint (read from the weights' header or the sharded
+    checkpoint's metadata only)."""
+    if is_sharded_checkpoint(ckpt):
+        from grr_train.sharded_checkpoint import stored_weight_names
+
+        return stored_weight_names(ckpt)
+    with safe_open(str(Path(ckpt) / WEIGHTS), framework="pt") as f:
+        return list(f.keys())
+
+
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load `ckpt`'s weights into `model`, strictly. Names from before a change of the model's
-    parameter names are mapped by `grr_train.model.upgrade_state_dict` when the model has one."""
+    """Load `ckpt`'s weights into `model` (a plain one, on one process), strictly. Names from
+    before a change of the model's parameter names are mapped by
+    `grr_train.model.upgrade_state_dict` when the model has one. A sharded checkpoint is read
+    whole, whatever the number of processes that saved it."""
+    if is_sharded_checkpoint(ckpt):
+        from grr_train.sharded_checkpoint import load_whole_weights
+
+        return load_whole_weights(model, ckpt)
     path = Path(ckpt) / WEIGHTS
     try:
         state_dict = load_safetensors_file(path)

@@ -21,6 +21,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 LOADERS = ("auto", "dali", "cpu")
 # auto: per-block compile on CUDA (measured fastest, docs/LOG.md), eager elsewhere.
 COMPILE_MODES = ("auto", "off", "blocks", "model")
+# ddp: every process holds the whole model (the paper's 394M); fsdp: FSDP2 shards parameters,
+# gradients and optimizer state over the processes (grr_train/parallel.py), for 1-2B models.
+PARALLELISMS = ("ddp", "fsdp")
 
 # Settings a resumed run may change: they do not alter what the run computes.
 RESUMABLE_KEYS = frozenset(
@@ -92,6 +95,7 @@ class TrainConfig:
     # Recompute each transformer block in backward instead of keeping its activations: for a
     # micro-batch that does not fit otherwise (README: which cards need it). Same results.
     activation_checkpointing: bool = False
+    parallelism: str = "ddp"  # one of PARALLELISMS; fsdp checkpoints are sharded (torch.distributed.checkpoint)
     skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient is NaN/Inf
     # A run that skipped more than this fraction of its steps ends with an error (after saving).
     max_skipped_fraction: float = 0.05
@@ -128,6 +132,11 @@ class TrainConfig:
             raise ValueError(f"loader must be one of {LOADERS}, got {self.loader!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.parallelism not in PARALLELISMS:
+            raise ValueError(f"parallelism must be one of {PARALLELISMS}, got {self.parallelism!r}")
+        if self.parallelism == "fsdp" and self.compile == "model":
+            raise ValueError("compile=model does not combine with parallelism=fsdp (FSDP2 gathers weights per "
+                             "block, outside a whole-model graph); use compile=blocks or auto")
         if self.per_device_batch_size is not None and self.per_device_batch_size < 1:
             raise ValueError(f"per_device_batch_size must be at least 1, got {self.per_device_batch_size}")
         if self.num_workers is not None and self.num_workers < 0:
@@ -213,6 +222,7 @@ SETTING_HELP: dict[str, str] = {
     "precision": "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
     "compile": "torch.compile: auto (per block on CUDA), off, blocks or model",
     "activation_checkpointing": "recompute each transformer block in backward to save memory (same results)",
+    "parallelism": "ddp (whole model on every process) or fsdp (FSDP2: weights and optimizer sharded, for 1-2B models)",
     "skip_nonfinite": "skip (and count) a step whose loss or gradient is NaN/Inf instead of failing",
     "max_skipped_fraction": "a run that skipped more than this fraction of its steps ends with an error",
     "break_lock": "take over a run folder's lock left by a run on another host",

@@ -13,7 +13,8 @@ of processes. The step itself (losses, accumulation, clipping, AdamW, the one re
 - Resuming is exact: the checkpoint holds the loader's position and every rank's RNG states,
   and loader iterators are created inside `fork_rng`, so dropout draws the same numbers whether
   or not a run was interrupted. Processes and collectives live in
-  `grr_train/distributed.py`, what is done to the model (DDP, compile) in `grr_train/parallel.py`.
+  `grr_train/distributed.py`, what is done to the model (DDP or FSDP2, compile) in
+  `grr_train/parallel.py`, sharded (FSDP) checkpoints in `grr_train/sharded_checkpoint.py`.
 - Stopping: SIGTERM or SIGINT (Ctrl-C) only sets `_signal`. `_stop_signalled` is the one place
   that turns it into `stop_reason` (the one stop state), with every rank agreeing: after each
   step (its flag rides on the step's read-back), between validation batches and after a save.
@@ -60,6 +61,7 @@ from grr_train.precision import autocast_dtype
 from grr_train.run_checks import build_run_model, check_same_tokenizer, fit_batches_to_data, make_loader_for
 from grr_train.run_tokenizer import copy_tokenizer
 from grr_train.schedule import lr_at, set_lr
+from grr_train.sharded_checkpoint import load_sharded, save_sharded
 from grr_train.step import StepSettings, TrainStep
 from grr_train.validate import validate
 
@@ -117,8 +119,9 @@ class Trainer:
             self.cfg = cfg = dataclasses.replace(cfg, epochs=epochs)
 
         model = self._build_model(resume)
-        self.model = parallelize(model, info, compile=cfg.compile,
-                                 activation_checkpointing=cfg.activation_checkpointing)
+        self.sharded = cfg.parallelism == "fsdp"
+        self.model = parallelize(model, info, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
+                                 parallelism=cfg.parallelism, param_dtype=self.autocast_dtype)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2),
             weight_decay=cfg.weight_decay, fused=True,
@@ -262,13 +265,10 @@ class Trainer:
                       "best": self.stopper.best, "level": self.stopper.level,
                       "num_bad_epochs": self.stopper.num_bad_epochs, "time": time.time()})
         if action == IMPROVED:
-            if self.info.is_main:
-                ckpt.save_best(self.run_dir, unwrap(self.model), self._state([]), self._meta())
-            barrier()
+            self._write(ckpt.checkpoint_folder(self.run_dir, None), [], keep=None)
         elif action == RESET:
-            best = self.run_dir / "best"
-            ckpt.load_weights(unwrap(self.model), best)
-            self.optimizer.load_state_dict(ckpt.load_state(best, self.device)["optimizer"])
+            best = ckpt.checkpoint_folder(self.run_dir, None)
+            self._load(best, None if self.sharded else ckpt.load_state(best, self.device))
         elif action == STOP:
             self.stop_reason = "early_stop"
         if self.info.is_main and action != "wait":
@@ -337,13 +337,28 @@ class Trainer:
         ranks = all_gather_objects({"rng": ckpt.rng_state(self.device), "loader": self.train_loader.state_dict()})
         if self.info.is_main:
             self.log.sync()  # metrics up to a checkpoint are on disk when it is
-            ckpt.save_checkpoint(self.run_dir, unwrap(self.model), self._state(ranks), self._meta(),
-                                 keep=self.cfg.keep_checkpoints)
-        barrier()
+        self._write(ckpt.checkpoint_folder(self.run_dir, self.step), ranks, keep=self.cfg.keep_checkpoints)
         self.last_saved_step = self.step
 
+    def _write(self, final: Path, ranks: list[dict], keep: int | None) -> None:
+        """Save the checkpoint folder `final`: sharded by every process, or whole by the main one."""
+        if self.sharded:
+            save_sharded(final, self.model, self.optimizer, self._state(ranks), self._meta(), keep)
+        elif self.info.is_main:
+            state = {"optimizer": self.optimizer.state_dict(), **self._state(ranks)}
+            ckpt.save_whole(final, unwrap(self.model), state, self._meta(), keep)
+        barrier()
+
+    def _load(self, folder: Path, state: dict | None) -> None:
+        """Weights and optimizer from the checkpoint `folder` (`state`: its state.pt, when whole)."""
+        if self.sharded:
+            load_sharded(folder, self.model, self.optimizer)
+        else:
+            ckpt.load_weights(unwrap(self.model), folder)
+            self.optimizer.load_state_dict(state["optimizer"])
+
     def _state(self, ranks: list[dict]) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "early_stop": self.stopper.state_dict(),
+        return {"early_stop": self.stopper.state_dict(),
                 "schedule": {"steps_per_epoch": self.steps_per_epoch, "lr_scale": self.stopper.lr_scale},
                 "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "num_skipped": self.num_skipped, "ranks": ranks}
@@ -367,8 +382,7 @@ class Trainer:
         if state["schedule"]["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"{latest}: the data now gives {self.steps_per_epoch} steps per epoch, the run "
                              f"had {state['schedule']['steps_per_epoch']}; resume on the same data")
-        ckpt.load_weights(unwrap(self.model), latest)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load(latest, state)
         self.stopper.load_state_dict(state["early_stop"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.step_in_epoch, self.num_skipped = state["step_in_epoch"], state["num_skipped"]
