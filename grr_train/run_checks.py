@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from grr_data.dataset import DatasetInfo
 from grr_data.layout import CLS_INDEX, CONTEXT_LENGTH
@@ -101,12 +100,6 @@ def default_num_workers(world_size_on_node: int = 1) -> int:
     return max(0, min(8, cores // max(world_size_on_node, 1) - 1))
 
 
-def weight_names(ckpt) -> list[str]:
-    """The parameter names stored in a checkpoint's weights (read from the file's header only)."""
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
-        return list(f.keys())
-
-
 def make_loader_for(trainer, split: str, batch_size: int, shuffle: bool, prefetch: int | None = None,
                     batch_multiple: int = 1):
     """A loader over the trainer's data, on its device, with its seed and world size."""
@@ -130,7 +123,7 @@ def build_run_model(cfg: TrainConfig, run_dir: Path, data: DatasetInfo, resume: 
     if resume:
         model_config = ModelConfig.from_dict(json.loads((run_dir / "config.json").read_text())["model"])
         model = build_model(model_config)
-        if is_old_layout(weight_names(ckpt.latest_checkpoint(run_dir))):
+        if is_old_layout(ckpt.weight_names(ckpt.latest_checkpoint(run_dir))):
             raise ValueError(f"{run_dir} was saved before attention's q, k and v became one projection: "
                              "its weights load for grr eval, grr caption and finetune --from, but its optimizer "
                              "state cannot resume; fine-tune from it (--from) instead")

@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from grr_data.layout import SpecialIds
 from grr_train.distributed import all_reduce_sum
 from grr_train.losses import caption_loss, contrastive_loss, counted_targets
+from grr_train.parallel import clip_grad_norm, no_sync
 from grr_train.precision import autocast_context
 
 
@@ -106,11 +107,11 @@ class TrainStep:
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # DDP all-reduces gradients on the last micro-batch only.
-            sync = nullcontext() if last or not distributed else self.model.no_sync()
+            sync = nullcontext() if last or not distributed else no_sync(self.model)
             with sync:
                 sums += self._forward_backward(batch["images"], batch["ids"], caption_scale, len(micro_batches))
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip, foreach=True)
+        grad_norm = clip_grad_norm(self.model, s.grad_clip)
         # A fill, not torch.tensor([...], device=...): copying host data to the GPU waits for it.
         flag = torch.full((1,), float(stop_flag), dtype=torch.float64, device=self.device)
         reduced = all_reduce_sum(torch.cat([sums, flag]))

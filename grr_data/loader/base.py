@@ -141,14 +141,21 @@ class LoaderBase:
     def __iter__(self):
         self.shards.load_indexes()
         batches = self.plan.rank_batches(self.epoch)
-        for batch in self._iter_batches(batches, self.batches_done):
-            nums = batch.pop("nums")  # (B,) int64, CPU
-            own = nums == torch.from_numpy(batches[self.batches_done])
-            batch["real"] = own & (torch.arange(len(nums)) < self.plan.num_real(self.batches_done))
-            if self.with_keys:
-                batch["keys"] = [self.shards.key(int(g)) for g in nums]
-            self.batches_done += 1
-            yield batch
+        inner = self._iter_batches(batches, self.batches_done)
+        try:
+            for batch in inner:
+                nums = batch.pop("nums")  # (B,) int64, CPU
+                own = nums == torch.from_numpy(batches[self.batches_done])
+                batch["real"] = own & (torch.arange(len(nums)) < self.plan.num_real(self.batches_done))
+                if self.with_keys:
+                    batch["keys"] = [self.shards.key(int(g)) for g in nums]
+                self.batches_done += 1
+                yield batch
+        finally:
+            # An epoch closed part way (max_steps, an error in the step) closes the subclass's
+            # iteration here, at once, so its readers stop now: left to the garbage collector
+            # (CPython 3.12 on an H200 machine kept it alive past the close) they outlived the epoch.
+            inner.close()
         self.epoch, self.batches_done = self.epoch + 1, 0
 
     def _iter_batches(self, batches, start: int):
