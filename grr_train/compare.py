@@ -37,6 +37,7 @@ ROWS = [
     ("Text-to-image R@10 (%)", ("retrieval", "t2i_r10"), "{:.2f}"),
     ("BLEU-4", ("captioning", "bleu4"), "{:.4f}"),
     ("CIDEr-D", ("captioning", "cider"), "{:.4f}"),
+    ("Exact-match captions", ("captioning", "exact_match"), "{:.1%}"),
 ]
 RECALL_KEYS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
 
@@ -50,6 +51,9 @@ class Section:
     eval_b: dict
     run_a: str | None = None  # run folders whose metrics.jsonl is plotted
     run_b: str | None = None
+    # where eval_a/eval_b are means over seeds: the standard deviations, shaped like them
+    spread_a: dict | None = None
+    spread_b: dict | None = None
 
 
 def _get(result: dict, path: tuple[str, ...]):
@@ -73,12 +77,17 @@ def section_rows(section: Section) -> list[dict]:
         if label == "Contrastive Loss":
             size = section.eval_a.get("contrastive_batch_size")
             label = f"Contrastive Loss (batch {size})"
-        rows.append({"metric": label, "a": a, "b": b, "change_pct": percent_change(a, b), "format": fmt})
+        row = {"metric": label, "a": a, "b": b, "change_pct": percent_change(a, b), "format": fmt}
+        if section.spread_a or section.spread_b:
+            row["a_sd"], row["b_sd"] = _get(section.spread_a or {}, path), _get(section.spread_b or {}, path)
+        rows.append(row)
     return rows
 
 
-def _fmt(value, fmt: str) -> str:
-    return "n/a" if value is None else fmt.format(value)
+def _fmt(value, fmt: str, sd=None) -> str:
+    if value is None:
+        return "n/a"
+    return fmt.format(value) if sd is None else f"{fmt.format(value)} ± {fmt.format(sd)}"
 
 
 def render_markdown(sections: list[Section], names: tuple[str, str]) -> str:
@@ -88,7 +97,8 @@ def render_markdown(sections: list[Section], names: tuple[str, str]) -> str:
         lines.append(f"| **{s.title}** | | | |")
         for row in section_rows(s):
             change = "n/a" if row["change_pct"] is None else f"{row['change_pct']:+.2f}%"
-            lines.append(f"| {row['metric']} | {_fmt(row['a'], row['format'])} | {_fmt(row['b'], row['format'])} | {change} |")
+            a, b = _fmt(row["a"], row["format"], row.get("a_sd")), _fmt(row["b"], row["format"], row.get("b_sd"))
+            lines.append(f"| {row['metric']} | {a} | {b} | {change} |")
         for name, ev in zip(names, (s.eval_a, s.eval_b), strict=True):
             cap = ev.get("captioning") or {}
             notes.append(
@@ -99,11 +109,17 @@ def render_markdown(sections: list[Section], names: tuple[str, str]) -> str:
             )
     text = "\n".join(lines) + "\n\n"
     text += (
-        "Losses and perplexity: lower is better; recall, BLEU-4 and CIDEr-D: higher is better. "
+        "Losses and perplexity: lower is better; recall, BLEU-4, CIDEr-D and exact match: higher is better. "
         "% change is (B - A) / A. Recall is over unique images (an image's captions all count "
         "as correct); BLEU-4 and CIDEr-D compare greedy or beam captions with all reference "
         "captions of an image.\n\n"
     )
+    weights = {s.title: (s.eval_a.get("lambda_con"), s.eval_a.get("lambda_cap")) for s in sections}
+    if len(set(weights.values())) > 1:
+        text += ("The sections use different loss weights, so their CoCa losses cannot be compared with each "
+                 "other (only within a section): " + "; ".join(
+                     f"{title}: lambda_con {con:g}, lambda_cap {cap:g}" for title, (con, cap) in weights.items())
+                 + ".\n\n")
     return text + "\n".join(notes) + "\n"
 
 
@@ -151,12 +167,12 @@ def plot_curves(section: Section, names: tuple[str, str], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     panels = [
-        (axes[0, 0], "train", "loss", "training CoCa loss (smoothed)"),
-        (axes[0, 1], "val", "loss", "validation CoCa loss"),
-        (axes[1, 0], "val", "perplexity", "validation perplexity"),
-        (axes[1, 1], "val", "contrastive", "validation contrastive loss"),
+        (axes[0, 0], "train", "loss", "training CoCa loss (smoothed)", "CoCa loss"),
+        (axes[0, 1], "val", "loss", "validation CoCa loss", "CoCa loss"),
+        (axes[1, 0], "val", "perplexity", "validation perplexity", "perplexity (per caption token)"),
+        (axes[1, 1], "val", "contrastive", "validation contrastive loss", "contrastive loss"),
     ]
-    for ax, kind, key, title in panels:
+    for ax, kind, key, title, ylabel in panels:
         for name, records, color in zip(names, logs, ("tab:blue", "tab:orange"), strict=True):
             points = [(r["step"], r[key]) for r in records if r.get("kind") == kind and r.get(key) is not None]
             if not points:
@@ -167,15 +183,40 @@ def plot_curves(section: Section, names: tuple[str, str], path: Path) -> bool:
                 ax.plot(steps, _smooth(list(values), max(1, len(values) // 20)), color=color, label=name)
             else:
                 ax.plot(steps, values, marker="o" if len(points) <= 30 else None, color=color, label=name)
+        for records, color in zip(logs, ("tab:blue", "tab:orange"), strict=True):
+            _mark_events(ax, records, color)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    fig.suptitle(section.title)
+    if any(_events(records) for records in logs):
+        fig.suptitle(f"{section.title}\n(dashed: learning-rate drop, solid: early stop, dotted: best validation step)")
+    else:
+        fig.suptitle(section.title)
     fig.tight_layout()
     _save(fig, path)
     return True
+
+
+# early stopping's events in metrics.jsonl -> line style on the curves
+_EVENT_STYLES = {"early_stop_reset": "--", "early_stop_stop": "-"}
+
+
+def _events(records: list[dict]) -> list[tuple[int, str]]:
+    """(step, line style) of each learning-rate drop and early stop, and the best validation step."""
+    marks = [(r["step"], _EVENT_STYLES[r["what"]]) for r in records
+             if r.get("kind") == "event" and r.get("what") in _EVENT_STYLES]
+    improved = [r["step"] for r in records if r.get("kind") == "event" and r.get("what") == "early_stop_improved"]
+    if improved:
+        marks.append((improved[-1], ":"))
+    return marks
+
+
+def _mark_events(ax, records: list[dict], color: str) -> None:
+    for step, style in _events(records):
+        ax.axvline(step, color=color, linestyle=style, linewidth=1.0, alpha=0.7)
 
 
 def plot_recall(section: Section, names: tuple[str, str], path: Path) -> bool:
@@ -217,15 +258,17 @@ def slug(title: str) -> str:
 
 
 def write_report(
-    sections: list[Section], out_dir: str | os.PathLike, names: tuple[str, str] = ("Baseline CoCa", "GRR-CoCa")
+    sections: list[Section], out_dir: str | os.PathLike, names: tuple[str, str] = ("Baseline CoCa", "GRR-CoCa"),
+    preface: str = "",
 ) -> dict:
-    """Write `comparison.md`, `comparison.json` and the plots; returns {what: path}."""
+    """Write `comparison.md` (after `preface`, Markdown), `comparison.json` and the plots;
+    returns {what: path}."""
     if not sections:
         raise ValueError("a comparison needs at least one section")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "comparison.md", "json": out / "comparison.json"}
-    _write_text(paths["markdown"], render_markdown(sections, names))
+    _write_text(paths["markdown"], preface + render_markdown(sections, names))
     _write_text(paths["json"], json.dumps(report_json(sections, names), indent=2) + "\n")
     for s in sections:
         name = slug(s.title)

@@ -62,6 +62,9 @@ class TrainConfig:
     lr_max: float = 1e-4
     lr_min: float = 1e-6
     warmup_steps: int = 2000
+    # Cosine cycle length in optimizer steps; none = one epoch, the paper's SGDR. On a small set
+    # (epochs of tens of steps) per-epoch restarts keep the rate high: set it to max_steps.
+    lr_cycle_steps: int | None = None
     beta1: float = 0.9
     beta2: float = 0.999
     weight_decay: float = 0.001
@@ -139,6 +142,8 @@ class TrainConfig:
                              "block, outside a whole-model graph); use compile=blocks or auto")
         if self.per_device_batch_size is not None and self.per_device_batch_size < 1:
             raise ValueError(f"per_device_batch_size must be at least 1, got {self.per_device_batch_size}")
+        if self.lr_cycle_steps is not None and self.lr_cycle_steps < 1:
+            raise ValueError(f"lr_cycle_steps must be at least 1, got {self.lr_cycle_steps}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         for name in ("global_batch_size", "contrastive_batch_size", "epochs", "val_batch_size",
@@ -202,6 +207,7 @@ SETTING_HELP: dict[str, str] = {
     "lr_max": "peak learning rate (after warm-up, and at each cosine restart)",
     "lr_min": "lowest learning rate of each cosine cycle (one cycle per epoch)",
     "warmup_steps": "optimizer steps of linear warm-up to lr_max",
+    "lr_cycle_steps": "optimizer steps per cosine cycle (none: one epoch, as the paper; small sets: max_steps)",
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "weight_decay": "AdamW weight decay",

@@ -131,10 +131,11 @@ class RetrievalAndCaptions:
         captioning = caption_scores([self.generated[h] for h in order], [self.references[h] for h in order])
         captioning["decoding"] = self.options.describe()
         captioning["tokenization"] = "lower case, COCO punctuation removed, whitespace split"
-        captioning["examples"] = [
+        captioning["captions"] = [
             {"key": self.first_key[h], "generated": self.generated[h], "references": self.references[h]}
-            for h in order[:NUM_EXAMPLES]
+            for h in order
         ]
+        captioning["examples"] = captioning["captions"][:NUM_EXAMPLES]
         return retrieval, captioning
 
 
@@ -245,7 +246,8 @@ def format_eval(result: dict) -> str:
         ("text->image R@1/5/10", f"{ret['t2i_r1']:.2f} / {ret['t2i_r5']:.2f} / {ret['t2i_r10']:.2f} %"),
     ]
     if cap:
-        rows += [("BLEU-4", f"{cap['bleu4']:.4f}  ({cap['decoding']})"), ("CIDEr-D", f"{cap['cider']:.4f}")]
+        rows += [("BLEU-4", f"{cap['bleu4']:.4f}  ({cap['decoding']})"), ("CIDEr-D", f"{cap['cider']:.4f}"),
+                 ("exact-match captions", f"{cap['exact_match']:.1%}")]
     else:
         rows.append(("captions", "not scored (no tokenizer given)"))
     width = max(len(name) for name, _ in rows)

@@ -214,7 +214,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over this rank's micro-batches; returns the step's global metrics."""
         lr = lr_at(self.step, lr_max=self.cfg.lr_max, lr_min=self.cfg.lr_min, warmup_steps=self.cfg.warmup_steps,
-                   cycle_steps=self.steps_per_epoch, scale=self.stopper.lr_scale)
+                   cycle_steps=self.cfg.lr_cycle_steps or self.steps_per_epoch, scale=self.stopper.lr_scale)
         set_lr(self.optimizer, lr)
         m = self.train_step_fn(micro_batches, stop_flag=self._signal is not None)
         if not m["finite"]:

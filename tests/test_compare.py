@@ -28,7 +28,8 @@ def _eval(run, scale):
         "loss": 3.0 * scale, "perplexity": 12.0 * scale, "contrastive": 0.5 * scale, "caption": 2.0,
         "retrieval": {"num_images": 4, "num_texts": 16, "i2t_r1": 25.0 / scale, "i2t_r5": 100.0,
                       "i2t_r10": 100.0, "t2i_r1": 25.0, "t2i_r5": 100.0, "t2i_r10": 100.0},
-        "captioning": {"bleu4": 0.1 / scale, "cider": 0.2 / scale, "num_images": 4, "decoding": "greedy"},
+        "captioning": {"bleu4": 0.1 / scale, "cider": 0.2 / scale, "exact_match": 0.5, "num_images": 4,
+                       "decoding": "greedy"},
     }
 
 
@@ -51,7 +52,9 @@ def test_report_has_every_row_and_the_plots(tmp_path):
     assert len(rows) == len(ROWS)
     assert rows[1] == {"metric": "Perplexity", "a": 12.0, "b": pytest.approx(10.8),
                        "change_pct": pytest.approx(-10.0)}
-    assert rows[-1]["change_pct"] == pytest.approx(100 * (0.2 / 0.9 - 0.2) / 0.2)
+    cider = next(r for r in rows if r["metric"] == "CIDEr-D")
+    assert cider["change_pct"] == pytest.approx(100 * (0.2 / 0.9 - 0.2) / 0.2)
+    assert rows[-1] == {"metric": "Exact-match captions", "a": 0.5, "b": 0.5, "change_pct": 0.0}
     assert report["sections"][0]["eval_b"]["checkpoint_step"] == 30
 
     for key in ("curves-fine-tuning-sample-val", "recall-fine-tuning-sample-val"):

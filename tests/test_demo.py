@@ -34,7 +34,9 @@ def demo_dir(tmp_path_factory):
 def test_demo_quick_writes_the_whole_report(demo_dir):
     report = json.loads((demo_dir / "report" / "comparison.json").read_text())
     assert report["names"] == ["Baseline CoCa", "GRR-CoCa"]
-    assert [s["title"] for s in report["sections"]] == ["Pretraining: sample val", "Fine-Tuning: sample val"]
+    assert [s["title"] for s in report["sections"]] == [
+        "Pretraining: shapes val (seen colour-shape pairs)", "Fine-Tuning: shapes val (seen colour-shape pairs)",
+        "Fine-Tuning: shapes test (unseen colour-shape pairs)"]
     for section in report["sections"]:
         assert len(section["rows"]) == len(ROWS)
         for row in section["rows"]:
@@ -42,12 +44,39 @@ def test_demo_quick_writes_the_whole_report(demo_dir):
         assert section["eval_a"]["contrastive_batch_size"] == section["eval_b"]["contrastive_batch_size"]
         assert section["eval_a"]["captioning"]["examples"]
     md = (demo_dir / "report" / "comparison.md").read_text()
-    assert "| Perplexity |" in md and "| CIDEr-D |" in md
-    for name in ("curves-pretraining-sample-val", "recall-fine-tuning-sample-val"):
+    assert "| Perplexity |" in md and "| Exact-match captions |" in md
+    assert "What these numbers can show" in md and "What they cannot show" in md
+    assert "different loss weights" in md  # pretraining 2/1, fine-tuning 1/2
+    assert "![example captions](examples.png)" in md
+    for name in ("curves-pretraining-shapes-val-seen-colour-shape-pairs", "examples",
+                 "recall-fine-tuning-shapes-test-unseen-colour-shape-pairs"):
         assert (demo_dir / "report" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     # the fine-tuned runs start from the pretrained ones and use the fine-tuning lambdas
     fine = report["sections"][1]["eval_b"]
     assert (fine["lambda_con"], fine["lambda_cap"]) == (1.0, 2.0)
+
+
+# The quick demo (600 pairs, 300 + 30 steps of 16) on held-out images of seen pairs, fine-tuned.
+# Chance: R@1 is 1 / images (1.6% of 62); an exact caption (3-12 words out of 27) by chance, ~0.
+# Measured here (docs/LOG.md), Baseline / GRR: R@1 14.5 / 4.8 % both ways, BLEU-4 0.18 / 0.13,
+# exact 1 / 1 of 62. The floors leave room for another machine's rounding over 330 steps.
+R1_OVER_CHANCE = 2.0
+BLEU4_FLOOR = 0.05
+
+
+@pytest.mark.slow
+def test_demo_quick_learns_captions_and_retrieval(demo_dir):
+    report = json.loads((demo_dir / "report" / "comparison.json").read_text())
+    fine_val = report["sections"][1]
+    results = (fine_val["eval_a"], fine_val["eval_b"])
+    for result in results:
+        retrieval, captioning = result["retrieval"], result["captioning"]
+        chance_r1 = 100.0 / retrieval["num_images"]
+        mean_r1 = (retrieval["i2t_r1"] + retrieval["t2i_r1"]) / 2
+        assert mean_r1 > R1_OVER_CHANCE * chance_r1, retrieval
+        assert captioning["bleu4"] > BLEU4_FLOOR, captioning["examples"]
+    # word for word right at least once between the two models
+    assert sum(r["captioning"]["exact_match"] for r in results) > 0, [r["captioning"]["examples"] for r in results]
 
 
 @pytest.mark.slow
@@ -56,7 +85,7 @@ def test_eval_caption_and_compare_cli_on_demo_runs(demo_dir, tmp_path):
     result = json.loads(grr("eval", runs / "finetune-grr", "--data", shards, "--json", "--max-samples", "4",
                             "--contrastive-batch-size", "2", "--max-len", "6", "--device", "cpu"))
     assert result["num_samples"] == 4 and result["contrastive_batch_size"] == 2
-    assert result["checkpoint_step"] == 4
+    assert result["checkpoint_step"] <= 30
     assert result["retrieval"]["num_texts"] == 4
     assert 0.0 <= result["captioning"]["bleu4"] <= 1.0
 

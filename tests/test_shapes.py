@@ -154,6 +154,8 @@ def test_fetch_output_contract(fetched):
     splits = manifest["splits"]
     assert sum(s["num_samples"] for s in splits.values()) == 60 and set(splits) == {"train", "val", "test"}
     assert manifest["shapes"]["seed"] == 3 and manifest["shapes"]["num_pairs"] == 60
+    # its word-level tokenizer beside the pairs (tests/test_demo_parts.py checks what it does)
+    assert manifest["shapes"]["tokenizer"] == "tokenizer" and (out / "tokenizer" / "spiece.model").is_file()
     assert f"train: {splits['train']['num_samples']} done, 0 failed" in output
     for split in ("train", "val", "test"):
         samples = read_split(out / split)

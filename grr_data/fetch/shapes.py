@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from grr_data.fetch.common import WORK_DIR, FetchError, FetchOptions, FetchReport
 from grr_data.fetch.convert import PairWriter, SourceImage
+from grr_data.fetch.shapes_tokenizer import write_shapes_tokenizer
 from grr_data.files import write_json_atomic
 
 DEFAULT_NUM_PAIRS = 2000
@@ -312,6 +313,8 @@ def fetch(options: FetchOptions) -> dict:
         report.add_split(split, out / split)
     report.sources.append({"generator": "grr_data.fetch.shapes", **params})
     report.tool = {"name": "grr shapes generator (Pillow, numpy)", **params}
+    tokenizer = write_shapes_tokenizer(spec, out)
     report.extra["shapes"] = {**params, "held_out": [list(p) for p in spec.unseen],
-                              "combinations": {"train": "seen", "val": "seen", "test": "unseen"}}
+                              "combinations": {"train": "seen", "val": "seen", "test": "unseen"},
+                              "tokenizer": tokenizer.name}
     return report.finish()
