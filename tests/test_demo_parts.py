@@ -125,3 +125,23 @@ def test_lr_cycle_steps_runs_one_cosine_over_the_run(tmp_path):
     assert logged == pytest.approx(expected)
     assert logged[1] > logged[2] > logged[3] > logged[4] > logged[5] > logged[6]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr_cycle_steps"] == 6
+
+
+@pytest.mark.slow
+def test_demo_with_two_seeds_reports_means_and_spreads(tmp_path):
+    from grr_train.demo import DemoPlan, run_demo
+
+    plan = DemoPlan(num_pairs=80, pretrain_steps=3, finetune_steps=2, batch_size=4, seeds=(0, 1))
+    said = []
+    paths = run_demo(tmp_path / "demo", plan, say=said.append)
+    for seed in (0, 1):
+        for run in ("pretrain-baseline", "finetune-baseline", "pretrain-grr", "finetune-grr"):
+            assert (tmp_path / "demo" / "runs" / f"seed{seed}" / run / "checkpoints").is_dir()
+    assert sum("seed 1" in line for line in said) == 4  # two models, pretrain and fine-tune
+    md = (tmp_path / "demo" / "report" / "comparison.md").read_text()
+    assert "2 seeds (0, 1)" in md and "| CoCa Loss |" in md
+    loss_row = next(line for line in md.splitlines() if line.startswith("| CoCa Loss |"))
+    assert loss_row.count("±") == 2  # both models: mean ± standard deviation over the seeds
+    report = json.loads((tmp_path / "demo" / "report" / "comparison.json").read_text())
+    assert report["sections"][0]["rows"][0]["a_sd"] > 0
+    assert paths["examples"].endswith("examples.png")
