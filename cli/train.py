@@ -45,8 +45,20 @@ def _run(recipe: str, extra: list[str], out: Path, resume: bool, auto_resume: bo
         summary = run_training(cfg, out, resume=resume)
     except (ValueError, OSError, NonFiniteLoss, LockedError) as e:
         _fail(e)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        _fail_if_out_of_memory(e, cfg.preset, cfg.per_device_batch_size or cfg.contrastive_batch_size,
+                               "add --set activation_checkpointing=true (blocks recomputed in backward, the same "
+                               "results) or lower --set per_device_batch_size=N (it also sets the contrastive batch)")
+        raise
     if summary is not None and _is_main():
         typer.echo(json.dumps(summary))
+
+
+def _fail_if_out_of_memory(err: BaseException, preset: str, micro_batch: int, remedy: str) -> None:
+    from grr_train.device import is_out_of_memory, out_of_memory_advice
+
+    if is_out_of_memory(err):
+        _fail(RuntimeError(out_of_memory_advice(err, preset, micro_batch, remedy)))
 
 
 def _fail(err: Exception) -> None:
@@ -160,9 +172,13 @@ def bench_train(
     """The trainer's step on synthetic inputs: samples/s, MFU on a known GPU, peak memory."""
     from grr_train.bench import bench_train as run_bench
 
-    r = run_bench(preset, batch_size, steps, warmup=warmup, accumulation=accumulation, precision=precision,
-                  compile=compile, activation_checkpointing=activation_checkpointing, count_ops=count_ops,
-                  vocab_size=vocab_size, read_back=read_back, inductor_mode=inductor_mode)
+    try:
+        r = run_bench(preset, batch_size, steps, warmup=warmup, accumulation=accumulation, precision=precision,
+                      compile=compile, activation_checkpointing=activation_checkpointing, count_ops=count_ops,
+                      vocab_size=vocab_size, read_back=read_back, inductor_mode=inductor_mode)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        _fail_if_out_of_memory(e, preset, batch_size, "add --activation-checkpointing or lower --batch-size")
+        raise
     if json_out:
         typer.echo(json.dumps(r[0] if len(r) == 1 else r))
         return

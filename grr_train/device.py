@@ -31,3 +31,18 @@ def resolve_device(name: str) -> str:
     if device.index is not None and device.index >= count:
         raise ValueError(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     return name
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A GPU or CPU allocation that failed (torch raises these from deep inside a step)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in str(err) or "out of memory" in str(err))
+
+
+def out_of_memory_advice(err: BaseException, preset: str, micro_batch: int, remedy: str) -> str:
+    """One line for a step that did not fit: what ran out, and what to change (`remedy`, in the
+    words of the command that ran it)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"out of memory running {preset} at micro-batch {micro_batch} ({first[:160]}); {remedy}; "
+            f"`python benchmarks/step_memory.py {preset} --batch-sizes {micro_batch}` estimates a step's GPU memory")

@@ -174,3 +174,42 @@ def test_train_data_without_manifest_says_to_shard(run, tmp_path, monkeypatch):
     _, line = grr("train", "finetune", "roco", "--from", run, "--data", data, "--out", tmp_path / "run")
     assert line == expected
     assert not (tmp_path / "run").exists()
+
+
+# ---- a step that does not fit in memory: one line naming the preset, micro-batch and what to change
+
+def test_train_out_of_memory_is_one_line_with_what_to_change(tmp_path, monkeypatch):
+    import grr_train.trainer
+    from tiny_run import make_set
+
+    data, _ = make_set(tmp_path)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1 GiB free.")
+
+    monkeypatch.setattr(grr_train.trainer, "run_training", oom)
+    _, line = grr("train", "pretrain", "--preset", "grr-tiny", "--data", data, "--out", tmp_path / "run",
+                  "--set", "per_device_batch_size=4", "--set", "global_batch_size=4")
+    assert line.startswith("error: out of memory running grr-tiny at micro-batch 4 (CUDA out of memory. Tried")
+    assert "--set activation_checkpointing=true" in line and "--set per_device_batch_size=N" in line
+    assert "benchmarks/step_memory.py grr-tiny --batch-sizes 4" in line
+
+
+def test_bench_out_of_memory_is_one_line_and_other_errors_still_raise(monkeypatch):
+    import grr_train.bench
+
+    def cpu_oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(grr_train.bench, "bench_train", cpu_oom)
+    _, line = grr("bench", "train", "--preset", "grr-coca-1b", "--batch-size", "48")
+    assert line.startswith("error: out of memory running grr-coca-1b at micro-batch 48 ([enforce fail")
+    assert "add --activation-checkpointing or lower --batch-size" in line
+
+    def other(*args, **kwargs):
+        raise RuntimeError("a bug, not memory")
+
+    monkeypatch.setattr(grr_train.bench, "bench_train", other)
+    result = CliRunner().invoke(app, ["bench", "train", "--preset", "grr-tiny"])
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug, not memory"
