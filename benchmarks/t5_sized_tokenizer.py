@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
+
+from grr_data.tokenizer import train_t5_format_model
 
 VOCAB_SIZE = 32_100
 ONSETS = "b c d f g h j k l m n p r s t v w z bl br ch cl cr dr fl fr gl gr pl pr sc sh sk sl sm sn sp st str th tr".split()
@@ -35,18 +36,7 @@ def corpus(num_lines: int = 120_000, seed: int = 0) -> list[str]:
 
 
 def build(out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(tmp) / "corpus.txt"
-        text.write_text("\n".join(corpus()) + "\n")
-        spm.SentencePieceTrainer.train(
-            input=str(text), model_prefix=str(Path(tmp) / "spiece"), model_type="unigram",
-            vocab_size=VOCAB_SIZE, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-            pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0,
-            num_threads=2, minloglevel=2,
-        )
-        (out_dir / "spiece.model").write_bytes((Path(tmp) / "spiece.model").read_bytes())
-    return out_dir / "spiece.model"
+    return train_t5_format_model(corpus(), out_dir, VOCAB_SIZE, num_threads=2)
 
 
 if __name__ == "__main__":

@@ -191,3 +191,33 @@ def _download(repo_id: str) -> Path:
     if not any((Path(folder) / f).is_file() for f in MODEL_FILES):
         raise TokenizerError(f"hub repo {repo_id!r} has no spiece.model or tokenizer.json")
     return Path(folder)
+
+
+def train_t5_format_model(lines: Sequence[str], out_dir: str | os.PathLike, vocab_size: int, **options) -> Path:
+    """Train a SentencePiece unigram model in T5's format (pad 0, eos 1, unk 2, no bos; every
+    character of `lines` a piece) on `lines`, and write it to `out_dir/spiece.model`; `options` are
+    further SentencePiece trainer options (they override these). The trainer records its temporary
+    paths in the model; they are blanked, so the same lines and options give the same bytes."""
+    import tempfile
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    from grr_data.files import write_bytes_atomic
+
+    settings = dict(model_type="unigram", vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                    pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0,
+                    num_threads=1, minloglevel=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(lines) + "\n")
+        spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(Path(tmp) / "spiece"),
+                                       **{**settings, **options})
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString((Path(tmp) / "spiece.model").read_bytes())
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.model_prefix = "spiece"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out / "spiece.model", proto.SerializeToString())
+    return out / "spiece.model"

@@ -63,6 +63,16 @@ def _describe(record: dict) -> str:
     return f"vocabulary {record.get('vocab_size')}, {digest}"
 
 
+def fit_epochs_to_max_steps(cfg: TrainConfig, steps_per_epoch: int) -> tuple[TrainConfig, str | None]:
+    """`cfg` with enough epochs for its max_steps, and a note when they were raised (None if not)."""
+    if cfg.max_steps is None or cfg.max_steps <= cfg.epochs * steps_per_epoch:
+        return cfg, None
+    epochs = -(-cfg.max_steps // steps_per_epoch)
+    note = (f"note: max_steps {cfg.max_steps} needs {epochs} epochs of {steps_per_epoch} steps; epochs raised "
+            f"from {cfg.epochs} to {epochs}")
+    return dataclasses.replace(cfg, epochs=epochs), note
+
+
 def fit_batches_to_data(cfg: TrainConfig, data: DatasetInfo, world_size: int) -> tuple[TrainConfig, str | None]:
     """`cfg` with batches no larger than the splits hold, and a one-line warning saying what changed.
 

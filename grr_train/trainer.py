@@ -27,7 +27,6 @@ of processes. The step itself (losses, accumulation, clipping, AdamW, the one re
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -44,6 +43,7 @@ from tqdm import tqdm
 from grr_data.dataset import DatasetInfo
 from grr_data.lock import hold_lock
 from grr_train import checkpoint as ckpt
+from grr_train import run_checks as checks
 from grr_train.config import TrainConfig
 from grr_train.distributed import (
     DistInfo,
@@ -58,7 +58,6 @@ from grr_train.metrics_log import MetricsLog, truncate_metrics
 from grr_train.model.summary import flops_per_sample
 from grr_train.parallel import parallelize, peak_flops, unwrap
 from grr_train.precision import autocast_dtype
-from grr_train.run_checks import build_run_model, check_same_tokenizer, fit_batches_to_data, make_loader_for
 from grr_train.run_tokenizer import copy_tokenizer
 from grr_train.schedule import lr_at, set_lr
 from grr_train.sharded_checkpoint import load_sharded, save_sharded
@@ -97,7 +96,7 @@ class Trainer:
             raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume, or choose another --out")
         self.data = DatasetInfo.read(cfg.data)
         self.special = self.data.special
-        cfg, self._batch_note = fit_batches_to_data(cfg, self.data, info.world_size)
+        cfg, self._batch_note = checks.fit_batches_to_data(cfg, self.data, info.world_size)
         self.cfg = cfg
         self.device = info.device
         self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
@@ -107,16 +106,12 @@ class Trainer:
 
         # A step takes all its micro-batches before any GPU work (it needs their token count),
         # so the loader must work at least that far ahead or the GPU waits on decoding.
-        self.train_loader = make_loader_for(self, "train", self.micro_batch_size, shuffle=True,
-                                            prefetch=self.accumulation + 1, batch_multiple=self.accumulation)
+        self.train_loader = checks.make_loader_for(self, "train", self.micro_batch_size, shuffle=True,
+                                                   prefetch=self.accumulation + 1, batch_multiple=self.accumulation)
         self.val_loader = self._make_val_loader()
         self.steps_per_epoch = len(self.train_loader) // self.accumulation  # whole: the plan pads
-        self._epochs_note = None
-        if cfg.max_steps is not None and cfg.max_steps > cfg.epochs * self.steps_per_epoch:
-            epochs = -(-cfg.max_steps // self.steps_per_epoch)
-            self._epochs_note = (f"note: max_steps {cfg.max_steps} needs {epochs} epochs of {self.steps_per_epoch} "
-                                 f"steps; epochs raised from {cfg.epochs} to {epochs}")
-            self.cfg = cfg = dataclasses.replace(cfg, epochs=epochs)
+        cfg, self._epochs_note = checks.fit_epochs_to_max_steps(cfg, self.steps_per_epoch)
+        self.cfg = cfg
 
         model = self._build_model(resume)
         self.sharded = cfg.parallelism == "fsdp"
@@ -373,8 +368,8 @@ class Trainer:
 
     def _restore(self, latest: Path) -> None:
         meta = ckpt.read_meta(latest)
-        check_same_tokenizer(meta.get("tokenizer"), self.data, f"the run {self.run_dir}",
-                             self.cfg.allow_other_tokenizer)
+        checks.check_same_tokenizer(meta.get("tokenizer"), self.data, f"the run {self.run_dir}",
+                                    self.cfg.allow_other_tokenizer)
         if self.info.is_main:
             for path in ckpt.remove_stale_temporaries(self.run_dir):
                 tqdm.write(f"removed {path}, left unfinished by a process that died while saving")
@@ -460,7 +455,7 @@ class Trainer:
         num_val = self.data.split_sizes.get(cfg.val_split, 0)
         where = self.data.manifest_path
         if num_val > 0:  # fit_batches_to_data capped its contrastive chunk at num_val: no NaN
-            return make_loader_for(self, cfg.val_split, cfg.val_batch_size, shuffle=False)
+            return checks.make_loader_for(self, cfg.val_split, cfg.val_batch_size, shuffle=False)
         if cfg.early_stop:
             raise ValueError(f"{where}: no {cfg.val_split!r} split, which early stopping needs")
         return None
@@ -494,7 +489,7 @@ class Trainer:
                        "pass --max-steps M or --set max_steps=none to train further")
 
     def _build_model(self, resume: bool) -> torch.nn.Module:
-        model, self.model_config = build_run_model(self.cfg, self.run_dir, self.data, resume)
+        model, self.model_config = checks.build_run_model(self.cfg, self.run_dir, self.data, resume)
         return model
 
     @staticmethod

@@ -14,10 +14,9 @@ import itertools
 import random
 import string
 import sys
-import tempfile
 from pathlib import Path
 
-import sentencepiece as spm
+from grr_data.tokenizer import train_t5_format_model
 
 VOCAB_SIZE = 800
 OUT_DIR = Path(__file__).resolve().parents[1] / "grr_data" / "assets" / "sample-tokenizer"
@@ -73,22 +72,8 @@ def caption_sentences(count: int = 3000, seed: int = 0) -> list[str]:
 
 
 def build(out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "captions.txt"
-        corpus.write_text("\n".join(caption_sentences()) + "\n")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(Path(tmp) / "spiece"), model_type="unigram",
-            vocab_size=VOCAB_SIZE, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-            pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-            character_coverage=1.0, num_threads=1, shuffle_input_sentence=False,
-            hard_vocab_limit=False, minloglevel=2,
-        )
-        target = out_dir / "spiece.model"
-        tmp_target = target.with_name("spiece.model.tmp")
-        tmp_target.write_bytes((Path(tmp) / "spiece.model").read_bytes())
-        tmp_target.replace(target)
-    return target
+    return train_t5_format_model(caption_sentences(), out_dir, VOCAB_SIZE, shuffle_input_sentence=False,
+                                 hard_vocab_limit=False)
 
 
 if __name__ == "__main__":

@@ -179,8 +179,9 @@ def test_train_data_without_manifest_says_to_shard(run, tmp_path, monkeypatch):
 # ---- a step that does not fit in memory: one line naming the preset, micro-batch and what to change
 
 def test_train_out_of_memory_is_one_line_with_what_to_change(tmp_path, monkeypatch):
-    import grr_train.trainer
     from tiny_run import make_set
+
+    import grr_train.trainer
 
     data, _ = make_set(tmp_path)
 

@@ -14,7 +14,6 @@ checkpoints (torch.distributed.checkpoint).
   `grr eval` runs.
 """
 
-import inspect
 import json
 import os
 import shutil
@@ -39,20 +38,6 @@ from tiny_run import make_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
-
-
-def _step_wired_for_fsdp() -> bool:
-    from grr_train import run_checks, step
-
-    step_source, checks_source = inspect.getsource(step), inspect.getsource(run_checks)
-    return ("no_sync(self.model)" in step_source and "clip_grad_norm(self.model" in step_source
-            and "ckpt.weight_names(" in checks_source)
-
-
-needs_wiring = pytest.mark.skipif(
-    not _step_wired_for_fsdp(),
-    reason="FSDP training needs grr_train/step.py to call parallel.no_sync and parallel.clip_grad_norm "
-           "and grr_train/run_checks.py to call checkpoint.weight_names (changes requested from their owners)")
 
 
 # ---- one process, no process group ------------------------------------------------------------
@@ -145,7 +130,6 @@ def test_one_process_finetunes_from_a_sharded_run_with_soft_resets(tmp_path, sma
 
 
 @pytest.mark.slow
-@needs_wiring
 def test_one_process_sharded_resume_is_exact_with_dropout(tmp_path):
     # 12 samples, 2 per micro-batch, 2 micro-batches per step: 3 steps per epoch, 6 in all.
     data = make_data(tmp_path / "data", (6, 6), (4,))
@@ -195,7 +179,6 @@ def assert_same_steps(expected: list[dict], got: list[dict], rel: float | None) 
 
 
 @pytest.mark.slow
-@needs_wiring
 def test_fsdp_gives_the_losses_and_weights_of_ddp(fsdp_run, tmp_path):
     data, fsdp = fsdp_run
     train(data, tmp_path / "ddp", 2, "ddp", 3)
@@ -221,7 +204,6 @@ def interrupted_copy(run: Path, into: Path) -> Path:
 
 
 @pytest.mark.slow
-@needs_wiring
 def test_saved_on_two_resumed_on_two_is_exact(fsdp_run, tmp_path):
     data, fsdp = fsdp_run
     moved = interrupted_copy(fsdp, tmp_path / "moved")
@@ -231,7 +213,6 @@ def test_saved_on_two_resumed_on_two_is_exact(fsdp_run, tmp_path):
 
 
 @pytest.mark.slow
-@needs_wiring
 def test_saved_on_two_resumed_on_one(fsdp_run, tmp_path):
     data, fsdp = fsdp_run
     moved = interrupted_copy(fsdp, tmp_path / "moved")
@@ -257,7 +238,6 @@ def test_each_of_two_processes_holds_half_the_parameters():
 
 
 @pytest.mark.slow
-@needs_wiring
 def test_a_sharded_run_exports_and_evaluates_on_one_process(tmp_path):
     from cli.main import app
 

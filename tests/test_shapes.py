@@ -190,3 +190,11 @@ def test_bad_options_are_one_line_errors(fetched, tmp_path):
         fetch("cc12m", FetchOptions(out=tmp_path / "cc", num_pairs=10))
     again = fetch("shapes", FetchOptions(out=out, num_pairs=60, seed=3))
     assert any("already complete" in w for w in again["warnings"])
+    # a folder holding another dataset's finished fetch is not "already complete" for this one
+    with pytest.raises(FetchError, match=r"holds a finished shapes fetch, not sample; choose another --out"):
+        fetch("sample", FetchOptions(out=out))
+    sample = tmp_path / "sample"
+    fetch("sample", FetchOptions(out=sample))
+    with pytest.raises(FetchError, match=r"holds a finished sample fetch, not shapes"):
+        fetch("shapes", FetchOptions(out=sample))
+    assert not (sample / "_work" / "shapes.json").exists()  # refused before writing anything

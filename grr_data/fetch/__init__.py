@@ -41,12 +41,15 @@ def fetch(name: str, options: FetchOptions) -> dict:
 
         return retry_failed(name, options)
     module = importlib.import_module(f"grr_data.fetch.{name}")
+    done = options.out / FETCH_MANIFEST
+    # The manifest is written last, so its presence means a fetch finished: of this dataset?
+    data = json.loads(done.read_text()) if done.exists() else None
+    if data is not None and data.get("dataset", name) != name:
+        raise FetchError(f"{options.out} holds a finished {data['dataset']} fetch, not {name}; choose another --out "
+                         "or delete that folder")
     if hasattr(module, "check_options"):  # before "already complete": a folder made with other options
         module.check_options(options)
-    done = options.out / FETCH_MANIFEST
-    if done.exists():
-        # The manifest is written last, so its presence means the fetch finished.
-        data = json.loads(done.read_text())
+    if data is not None:
         data.setdefault("warnings", []).append(f"already complete ({done}); delete the folder to fetch again")
         return data
     options.out.mkdir(parents=True, exist_ok=True)

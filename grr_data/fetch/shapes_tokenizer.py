@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import random
 import string
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
 
 from grr_data.fetch.common import FetchError
-from grr_data.files import write_bytes_atomic
+from grr_data.tokenizer import train_t5_format_model
 
 TOKENIZER_DIR = "tokenizer"
 _SENTENCES = 3000
@@ -45,40 +44,16 @@ def _sentences(spec) -> list[str]:
 def write_shapes_tokenizer(spec, out: Path) -> Path:
     """Train the word-level model for `spec`'s words into `out/tokenizer/spiece.model`; returns the folder."""
     folder = Path(out) / TOKENIZER_DIR
-    lines = _sentences(spec)
     words = sorted(spec.words())
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "captions.txt"
-        corpus.write_text("\n".join(lines) + "\n")
-        # Each word as a user-defined piece with SentencePiece's word-start mark: one piece per word.
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(Path(tmp) / "spiece"), model_type="unigram",
-            vocab_size=len(words) + len(string.ascii_lowercase + string.digits) + 8,
-            user_defined_symbols=["\u2581" + w for w in words],
-            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-            character_coverage=1.0, num_threads=1, shuffle_input_sentence=False, hard_vocab_limit=False,
-            minloglevel=2,
-        )
-        model = _without_paths((Path(tmp) / "spiece.model").read_bytes())
-    folder.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(folder / "spiece.model", model)
-    check_one_piece_per_word(folder, words)
+    # Each word as a user-defined piece with SentencePiece's word-start mark: one piece per word.
+    train_t5_format_model(_sentences(spec), folder, len(words) + len(string.ascii_lowercase + string.digits) + 8,
+                          user_defined_symbols=["\u2581" + w for w in words], shuffle_input_sentence=False,
+                          hard_vocab_limit=False)
+    _check_one_piece_per_word(folder, words)
     return folder
 
 
-def _without_paths(model: bytes) -> bytes:
-    """The model with the trainer's temporary paths blanked (they are recorded in it), so the same
-    manifest gives the same bytes."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(model)
-    del proto.trainer_spec.input[:]
-    proto.trainer_spec.model_prefix = "spiece"
-    return proto.SerializeToString()
-
-
-def check_one_piece_per_word(folder: Path, words: list[str]) -> None:
+def _check_one_piece_per_word(folder: Path, words: list[str]) -> None:
     processor = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
     split = [w for w in words if len(processor.encode(w, out_type=str)) != 1]
     if split:
