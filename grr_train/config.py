@@ -25,11 +25,15 @@ COMPILE_MODES = ("auto", "off", "blocks", "model")
 # gradients and optimizer state over the processes (grr_train/parallel.py), for 1-2B models.
 PARALLELISMS = ("ddp", "fsdp")
 
+# trim_text_padding's refusal, where compile is set (here) or resolves on the device (run_checks).
+TRIM_NEEDS_EAGER = ("trim_text_padding=true runs the model eagerly (a host read and a new shape per caption "
+                    "length) but compile is {compile!r}: set compile=off, or trim_text_padding=false")
+
 # Settings a resumed run may change: they do not alter what the run computes.
 RESUMABLE_KEYS = frozenset(
     {"data", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "loader", "compile",
      "val_every", "tensorboard", "activation_checkpointing", "break_lock", "allow_other_tokenizer",
-     "max_skipped_fraction"}
+     "max_skipped_fraction", "trim_text_padding"}
 )
 
 
@@ -98,6 +102,10 @@ class TrainConfig:
     # Recompute each transformer block in backward instead of keeping its activations: for a
     # micro-batch that does not fit otherwise (README: which cards need it). Same results.
     activation_checkpointing: bool = False
+    # Run the text decoders only over the caption positions a micro-batch uses (CoCa.forward's
+    # trim_padding): same losses to float rounding, faster on short captions. It reads each
+    # micro-batch's longest caption on the host and gives a new shape per length, so eager only.
+    trim_text_padding: bool = False
     parallelism: str = "ddp"  # one of PARALLELISMS; fsdp checkpoints are sharded (torch.distributed.checkpoint)
     skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient is NaN/Inf
     # A run that skipped more than this fraction of its steps ends with an error (after saving).
@@ -140,6 +148,8 @@ class TrainConfig:
         if self.parallelism == "fsdp" and self.compile == "model":
             raise ValueError("compile=model does not combine with parallelism=fsdp (FSDP2 gathers weights per "
                              "block, outside a whole-model graph); use compile=blocks or auto")
+        if self.trim_text_padding and self.compile in ("blocks", "model"):
+            raise ValueError(TRIM_NEEDS_EAGER.format(compile=self.compile))
         if self.per_device_batch_size is not None and self.per_device_batch_size < 1:
             raise ValueError(f"per_device_batch_size must be at least 1, got {self.per_device_batch_size}")
         if self.lr_cycle_steps is not None and self.lr_cycle_steps < 1:
@@ -228,6 +238,7 @@ SETTING_HELP: dict[str, str] = {
     "precision": "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
     "compile": "torch.compile: auto (per block on CUDA), off, blocks or model",
     "activation_checkpointing": "recompute each transformer block in backward to save memory (same results)",
+    "trim_text_padding": "text decoders skip padding no caption of a batch uses (faster; eager only, not with compile)",
     "parallelism": "ddp (whole model on every process) or fsdp (FSDP2: weights and optimizer sharded, for 1-2B models)",
     "skip_nonfinite": "skip (and count) a step whose loss or gradient is NaN/Inf instead of failing",
     "max_skipped_fraction": "a run that skipped more than this fraction of its steps ends with an error",

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from grr_train.distributed import all_gather_with_grad, distributed_world
+from grr_train.model.coca import caption_targets
 
 
 def contrastive_loss(
@@ -116,13 +117,14 @@ def coca_loss(
 ) -> dict[str, torch.Tensor]:
     """Eq. 6 on one batch: lambda_con * contrastive + lambda_cap * caption (its per-token mean).
 
-    `out` has image_embed, text_embed, logits (B, 64, V); ids are the laid-out (B, 65) ids;
-    `special` gives `ignored_targets` (SpecialIds). caption_sum and num_tokens are detached, for
+    `out` has image_embed, text_embed, logits (B, T, V) and, from a forward that trimmed padding,
+    the `positions` they are for (CocaOutput; without: all positions); ids are the laid-out (B, 65)
+    ids; `special` gives `ignored_targets` (SpecialIds). caption_sum and num_tokens are detached, for
     accumulating perplexity over a set. This is the single-batch form (`grr bench train` uses
     it); the trainer normalises the caption term by the whole global batch's token count
     instead (see grr_train/trainer.py), which is the same on one process without accumulation.
     """
-    targets = ids[:, 1:]
+    targets = caption_targets(ids, getattr(out, "positions", None))
     ignored = special.ignored_targets
     contrastive = contrastive_loss(out.image_embed, out.text_embed, temperature, gather=gather)
     caption_sum = caption_loss(out.logits, targets, ignored, reduction="sum")

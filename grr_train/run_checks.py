@@ -20,9 +20,10 @@ from grr_data.dataset import DatasetInfo
 from grr_data.layout import CLS_INDEX, CONTEXT_LENGTH
 from grr_data.loader import make_loader
 from grr_train import checkpoint as ckpt
-from grr_train.config import TrainConfig
+from grr_train.config import TRIM_NEEDS_EAGER, TrainConfig
 from grr_train.model import ModelConfig, build_model, get_config
 from grr_train.model.compat import is_old_layout
+from grr_train.parallel import resolve_compile
 
 
 def check_model_fits_data(model_config: ModelConfig, data: DatasetInfo) -> None:
@@ -61,6 +62,15 @@ def _describe(record: dict) -> str:
     files = record.get("files_sha256") or {}
     digest = ", ".join(f"{name} {sha[:12]}" for name, sha in sorted(files.items())) or "no fingerprint"
     return f"vocabulary {record.get('vocab_size')}, {digest}"
+
+
+def compile_mode(cfg: TrainConfig, device: torch.device) -> str:
+    """The compile mode a run uses on `device` ('auto' resolved); refuses trim_text_padding with a
+    compiled model (compile=auto compiles on CUDA), which TrainConfig.validate cannot see."""
+    mode = resolve_compile(cfg.compile, device)
+    if cfg.trim_text_padding and mode != "off":
+        raise ValueError(TRIM_NEEDS_EAGER.format(compile=f"{cfg.compile} ({mode} on {device.type})"))
+    return mode
 
 
 def fit_epochs_to_max_steps(cfg: TrainConfig, steps_per_epoch: int) -> tuple[TrainConfig, str | None]:

@@ -18,7 +18,8 @@ whole step, optimizer included, and returns a `PendingStep` whose metrics (token
 gradient norm, the stop flag, whether the update was applied) come back in one copy started
 after clipping. `result()` waits for that copy only: a caller that launches step N+1 before
 reading step N's metrics keeps the GPU fed (`grr bench train --read-back deferred`). `step(...)` is launch
-then result (one wait per step). Nothing inside the micro-batch loop reads a value back. An
+then result (one wait per step). Nothing inside the micro-batch loop reads a value back (but
+`trim_text_padding`, which reads each micro-batch's longest caption: for eager CPU runs). An
 optimizer that is not fused AdamW on plain tensors (FSDP2's DTensors: their fused step has no
 `found_inf` path here) is gated on the host instead, which reads the metrics back at launch.
 """
@@ -47,6 +48,9 @@ class StepSettings:
     temperature: float
     world_size: int = 1
     autocast_dtype: torch.dtype | None = None
+    # Text decoders over the positions a micro-batch uses only (CoCa.forward's trim_padding): one
+    # host read per micro-batch, so for eager CPU runs (TrainConfig.trim_text_padding).
+    trim_text_padding: bool = False
 
 
 class PendingStep:
@@ -153,9 +157,9 @@ class TrainStep:
         images = images.to(self.device, non_blocking=True)
         ids = ids.to(self.device, non_blocking=True)
         with autocast_context(s.autocast_dtype, self.device):
-            out = self.model(images, ids)
+            out = self.model(images, ids, trim_padding=True) if s.trim_text_padding else self.model(images, ids)
         contrastive = contrastive_loss(out.image_embed, out.text_embed, s.temperature, gather=True)
-        caption_sum = caption_loss(out.logits, ids[:, 1:], self.ignored, reduction="sum")
+        caption_sum = caption_loss(out.logits, out.targets(ids), self.ignored, reduction="sum")
         # DDP averages gradients over ranks, hence x world_size (in caption_scale) on the
         # token-normalised caption sum.
         loss = s.lambda_con * contrastive / accumulation + s.lambda_cap * caption_sum * caption_scale

@@ -115,16 +115,16 @@ class Trainer:
 
         model = self._build_model(resume)
         self.sharded = cfg.parallelism == "fsdp"
-        self.model = parallelize(model, info, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
-                                 parallelism=cfg.parallelism, param_dtype=self.autocast_dtype)
+        self.model = parallelize(model, info, compile=checks.compile_mode(cfg, info.device), parallelism=cfg.parallelism,
+                                 activation_checkpointing=cfg.activation_checkpointing, param_dtype=self.autocast_dtype)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2),
             weight_decay=cfg.weight_decay, fused=True,
         )
         self.train_step_fn = TrainStep(self.model, self.optimizer, self.special, StepSettings(
             lambda_con=cfg.lambda_con, lambda_cap=cfg.lambda_cap, grad_clip=cfg.grad_clip,
-            temperature=self.model_config.temperature, world_size=info.world_size,
-            autocast_dtype=self.autocast_dtype), self.device)
+            temperature=self.model_config.temperature, world_size=info.world_size, autocast_dtype=self.autocast_dtype,
+            trim_text_padding=cfg.trim_text_padding), self.device)
         self.stopper = SoftResetEarlyStopper(cfg.patience_per_level, cfg.num_lr_levels, cfg.lr_reduction)
         self.step = self.epoch = self.step_in_epoch = self.num_skipped = 0
         self.last_saved_step = -1
@@ -280,7 +280,7 @@ class Trainer:
                 result = validate(unwrap(self.model), self.val_loader, self.special, self.cfg.lambda_con,
                                   self.cfg.lambda_cap, self.model_config.temperature,
                                   self.cfg.val_contrastive_batch_size, self.autocast_dtype, progress=bar,
-                                  should_stop=self._stop_signalled)
+                                  should_stop=self._stop_signalled, trim_padding=self.cfg.trim_text_padding)
         finally:
             bar.close()
         if result is None:

@@ -21,8 +21,21 @@ from grr_train.model.vit import VisionTransformer
 class CocaOutput:
     image_embed: torch.Tensor  # (B, D) L2-normalised
     text_embed: torch.Tensor  # (B, D) L2-normalised
-    logits: torch.Tensor  # (B, T, V) caption logits for targets ids[:, 1:]
+    logits: torch.Tensor  # (B, T, V) caption logits for `targets(ids)`
     image_tokens: torch.Tensor  # (B, Q, D) the generative pooler's tokens (what captions cross-attend to)
+    # (T,) the input positions the logits are for, increasing; None: all 64 (no trimming)
+    positions: torch.Tensor | None = None
+
+    def targets(self, ids: torch.Tensor) -> torch.Tensor:
+        """The targets (B, T) that `logits` predict, from the laid-out ids (B, 65)."""
+        return caption_targets(ids, self.positions)
+
+
+def caption_targets(ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The caption targets of logits at input `positions` (None: all 64), from laid-out ids (B, 65):
+    ids[:, 1:] at those positions. Every loss pairs logits with targets through this."""
+    targets = ids[:, 1:]
+    return targets if positions is None else targets[:, positions]
 
 
 @dataclass
@@ -99,8 +112,9 @@ class CoCa(nn.Module):
         contrastive, image_tokens = self.poolers(self.vit(images))
         return F.normalize(self.image_proj(self.image_norm(contrastive)), dim=-1), image_tokens
 
-    def _text_embed(self, hidden: torch.Tensor) -> torch.Tensor:
-        cls = self.text_norm(hidden[:, self.cfg.cls_index])  # (B, D)
+    def _text_embed(self, hidden: torch.Tensor, cls_at: int | None = None) -> torch.Tensor:
+        """The text embedding from the unimodal output, read at CLS (`cls_at`: its index in a trimmed hidden)."""
+        cls = self.text_norm(hidden[:, self.cfg.cls_index if cls_at is None else cls_at])  # (B, D)
         return F.normalize(self.text_proj(cls), dim=-1)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
@@ -109,16 +123,49 @@ class CoCa(nn.Module):
         hidden = self.unimodal(self.token_embed(inputs), self._key_valid(inputs)[0])
         return self._text_embed(hidden)
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor) -> CocaOutput:
-        """images (B, 3, S, S), ids (B, 65): embeddings for eq. 2 and logits (B, 64, V) for eq. 3."""
+    def _kept_positions(self, key_valid: torch.Tensor) -> list[int] | None:
+        """The positions a trimmed forward runs: [0, L) and CLS onwards, where L is one past the last
+        valid position before CLS in any row; None when that is every position.
+
+        Reading L is the one host sync trimming costs. Why the result is the untrimmed one at every
+        kept position: each dropped position (L .. cls_index - 1) is an invalid key in every row, so
+        no kept query attended to it (its attention weight was exactly 0), and it is never a kept
+        query whose output is read. The kept positions are increasing, so "key index <= query index"
+        over the compacted sequence is the causal mask over the true positions, and each query still
+        sees itself. RoPE is given the true positions (CLS keeps 63), so scores are unchanged too.
+        For a valid layout (grr_data.layout.check_layout) every dropped target is PAD or CLS, which
+        the caption loss ignores, so the losses and the token count are unchanged.
+        """
+        cls = self.cfg.cls_index
+        steps = torch.arange(1, cls + 1, device=key_valid.device)  # one past each position before CLS
+        length = int((key_valid[:, :cls] * steps).amax())
+        if length >= cls:
+            return None
+        return list(range(length)) + list(range(cls, key_valid.shape[1]))
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, trim_padding: bool = False) -> CocaOutput:
+        """images (B, 3, S, S), ids (B, 65): embeddings for eq. 2 and logits (B, 64, V) for eq. 3.
+
+        `trim_padding`: run the text decoders only over the positions some row of the batch uses
+        (`_kept_positions`); the logits are then (B, T, V) for `out.positions`, and `out.targets(ids)`
+        gives their targets. Same losses, embeddings and gradients as without, up to float rounding
+        (fewer, differently shaped sums) and dropout masks (drawn over fewer positions).
+        """
         inputs = self._check_ids(ids)
         image_embed, image_tokens = self.encode_image(images)
         key_valid, _ = self._key_valid(inputs)
-        hidden = self.unimodal(self.token_embed(inputs), key_valid)  # (B, 64, D)
-        text_embed = self._text_embed(hidden)
-        hidden = self.multimodal(hidden, key_valid, context=image_tokens)
+        kept = self._kept_positions(key_valid) if trim_padding else None
+        positions, cls_at = None, None
+        if kept is not None:
+            positions = torch.tensor(kept, device=inputs.device)
+            inputs, key_valid = inputs[:, positions], key_valid[:, positions]
+            cls_at, kept = kept.index(self.cfg.cls_index), tuple(kept)
+        hidden = self.unimodal(self.token_embed(inputs), key_valid, positions=kept)  # (B, T, D)
+        text_embed = self._text_embed(hidden, cls_at)
+        hidden = self.multimodal(hidden, key_valid, context=image_tokens, positions=kept)
         logits = self.lm_head(self.final_norm(hidden))
-        return CocaOutput(image_embed=image_embed, text_embed=text_embed, logits=logits, image_tokens=image_tokens)
+        return CocaOutput(image_embed=image_embed, text_embed=text_embed, logits=logits, image_tokens=image_tokens,
+                          positions=positions)
 
     @torch.no_grad()
     def decode(

@@ -9,6 +9,8 @@ Tables come expanded to the head size, (T, head_dim): `cos` repeats each pair's 
 the activations' own dtype, where rotating pairs in float32 cost ~23 per call (issue 9's profile).
 In float32 this is the same arithmetic as the textbook form, bit for bit. `rope_tables` caches
 them per shape, device and dtype, so a training step computes them once per decoder or ViT shape.
+`rope_tables_at` does the same for explicit 1D positions (a caption trimmed of its padding keeps
+0..L-1 and CLS at 63: `CoCa.forward(trim_padding=True)`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,22 @@ def rope_tables(kind: str, start: int, length: int, head_dim: int, theta: float,
     if torch.compiler.is_compiling():
         return _cached.__wrapped__(kind, start, length, head_dim, theta, device, dtype)
     return _cached(kind, start, length, head_dim, theta, torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_at(positions: tuple[int, ...], head_dim: int, theta: float, device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = rope_1d(torch.tensor(positions, device=device), head_dim, theta)
+    return cos.to(dtype), sin.to(dtype)
+
+
+def rope_tables_at(positions: tuple[int, ...], head_dim: int, theta: float, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """1D tables (T, head_dim) for explicit positions (T,), e.g. (0, 1, .., L-1, 63): the same values
+    `rope_tables("1d", ...)` gives at those positions. Cached per positions, device and dtype."""
+    if torch.compiler.is_compiling():
+        return _cached_at.__wrapped__(tuple(positions), head_dim, theta, device, dtype)
+    return _cached_at(tuple(positions), head_dim, theta, torch.device(device), dtype)
 
 
 def swap_pairs(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ cross-attends to the generative pooler's image tokens. Both use RMSNorm, RoPE an
 PAD keys are masked (DESIGN.md; the caller says which keys are valid, see `CoCa._key_valid`), so
 what stands at a PAD position never changes an output the losses read. Every query may always see its own position, so no attention row is empty (no NaN)
 even for a PAD query; outputs at PAD positions are never read. With a layer cache the decoder
-processes only the new tokens and RoPE positions continue from the cache length.
+processes only the new tokens and RoPE positions continue from the cache length. Without a cache
+the tokens may be a subset of the positions (`positions`: a caption trimmed of padding no row uses,
+see `CoCa._kept_positions`); RoPE then rotates each by its true position.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 from grr_train.model.attention import Attention, Rope, additive_mask, attention_dtype
 from grr_train.model.ffn import GEGLU
 from grr_train.model.norms import RMSNorm
-from grr_train.model.rope import rope_tables
+from grr_train.model.rope import rope_tables, rope_tables_at
 
 
 def decoder_mask(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
@@ -85,15 +87,24 @@ class TextDecoder(nn.Module):
         context: torch.Tensor | None = None,
         context_kv: list | None = None,
         caches: list[dict] | None = None,
+        positions: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). key_valid (B, S) covers cached and new positions (S = cache + T).
 
         The multimodal decoder takes `context` (B, M, D) or its precomputed `context_kv`.
+        `positions` (T increasing ints, no cache): the true positions of x's tokens, for RoPE; the
+        causal mask is over x's order, which is theirs. None: 0..T-1 after the cache.
         """
         num_new = x.shape[1]
         offset = key_valid.shape[1] - num_new
         dtype = attention_dtype(x)
-        rope = rope_tables("1d", offset, num_new, self.head_dim, self.rope_theta, x.device, dtype)
+        if positions is None:
+            rope = rope_tables("1d", offset, num_new, self.head_dim, self.rope_theta, x.device, dtype)
+        elif caches is not None or len(positions) != num_new:
+            raise ValueError(f"{len(positions)} positions for {num_new} tokens (cache: {caches is not None}); "
+                             "positions need one per token and no cache")
+        else:
+            rope = rope_tables_at(positions, self.head_dim, self.rope_theta, x.device, dtype)
         mask = additive_mask(decoder_mask(key_valid, num_new), dtype)
         if self.cross and context_kv is None:
             if context is None:
