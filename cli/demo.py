@@ -20,7 +20,8 @@ def demo(
     """Offline, on a CPU: shapes set -> shards -> pretrain and fine-tune both models -> eval -> Table 2."""
     from dataclasses import replace
 
-    from grr_train.demo import FULL, QUICK, DemoStopped, run_demo
+    from grr_train.demo import FULL, QUICK, run_demo
+    from grr_train.demo_jobs import DemoStopped
 
     started = time.time()
     plan = replace(QUICK if quick else FULL, seeds=tuple(range(seeds)))

@@ -28,6 +28,7 @@ It runs every stage of the pipeline, so this one module of `grr_train` also impo
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,11 +43,11 @@ from grr_train.captioning import decode_words_for
 from grr_train.checkpoint import load_model
 from grr_train.compare import Section, write_report
 from grr_train.config import resolve_config
+from grr_train.demo_jobs import Job, run_jobs
 from grr_train.demo_report import exact_by_kind, example_grid, mean_eval, preface
 from grr_train.device import resolve_device
 from grr_train.evaluate import evaluate_run
 from grr_train.generate import DecodeOptions
-from grr_train.trainer import run_training
 
 PRESETS = (("Baseline CoCa", "baseline", "baseline-tiny-p32"), ("GRR-CoCa", "grr", "grr-tiny-p32"))
 
@@ -62,25 +63,11 @@ class DemoPlan:
     beams: int = 3  # beam search: 15.5% exact against greedy's 13.0% on the same run (docs/LOG.md)
     seeds: tuple[int, ...] = (0,)
     data_seed: int = 0
+    parallel: bool | None = None  # the two models at once; None: on a CPU with two or more cores
 
 
 FULL = DemoPlan(num_pairs=2000, pretrain_steps=1000, finetune_steps=100)
 QUICK = DemoPlan(num_pairs=600, pretrain_steps=300, finetune_steps=30, batch_size=16)
-
-
-class DemoStopped(RuntimeError):
-    """A stop signal ended a training stage: its run saved a checkpoint; the demo goes no further."""
-
-    def __init__(self, signum: int, run: Path):
-        self.signum = signum
-        super().__init__(f"stopped by signal {signum} while training {run} (its checkpoint is saved there); "
-                         f"the demo went no further: delete {run.parent} and run it again to start over")
-
-
-def _train(cfg, run: Path) -> None:
-    summary = run_training(cfg, run)
-    if summary["stop_reason"] == "signal":
-        raise DemoStopped(summary["signal"] or 15, run)
 
 
 def _common(plan: DemoPlan, seed: int, steps: int, val_size: int) -> list[str]:
@@ -104,6 +91,13 @@ def _finetune_settings(plan: DemoPlan, seed: int, val_size: int) -> list[str]:
     return _common(plan, seed, plan.finetune_steps, val_size) + [
         f"lr_max={plan.lr / 10}", f"lr_min={plan.lr / 1000}", "dropout=0",
     ]
+
+
+def _parallel(plan: DemoPlan, device: str) -> bool:
+    """Train the two models at once: on a CPU with two or more cores, unless the plan says not to."""
+    if plan.parallel is not None:
+        return plan.parallel
+    return device == "cpu" and len(os.sched_getaffinity(0)) >= 2
 
 
 @contextlib.contextmanager
@@ -138,21 +132,19 @@ def run_demo(out: str | Path, plan: DemoPlan = FULL, say: Callable[[str], None] 
     splits = DatasetInfo.read(shards).split_sizes
     val_size = splits["val"]
 
-    trained = {}  # (short, seed) -> (pretrained run, fine-tuned run)
+    jobs = []
+    for seed in plan.seeds:
+        folder = runs if len(plan.seeds) == 1 else runs / f"seed{seed}"
+        for name, short, preset in PRESETS:
+            pre, fine = folder / f"pretrain-{short}", folder / f"finetune-{short}"
+            pretrain = resolve_config("pretrain", None, _pretrain_settings(plan, seed, val_size), preset=preset,
+                                      data=str(shards), max_steps=plan.pretrain_steps)
+            finetune = resolve_config("finetune", None, _finetune_settings(plan, seed, val_size), dataset="shapes",
+                                      init_from=str(pre), data=str(shards), max_steps=plan.finetune_steps)
+            jobs.append(Job(name, short, preset, seed, pretrain, finetune, pre, fine))
+    trained = {(job.short, job.seed): (job.pretrain_run, job.finetune_run) for job in jobs}  # (short, seed) -> runs
     with _threads(device):
-        for seed in plan.seeds:
-            folder = runs if len(plan.seeds) == 1 else runs / f"seed{seed}"
-            for name, short, preset in PRESETS:
-                pre, fine = folder / f"pretrain-{short}", folder / f"finetune-{short}"
-                say(f"3/5 pretrain {name} ({preset}, seed {seed}, {plan.pretrain_steps} steps) -> {pre}")
-                cfg = resolve_config("pretrain", None, _pretrain_settings(plan, seed, val_size), preset=preset,
-                                     data=str(shards), max_steps=plan.pretrain_steps)
-                _train(cfg, pre)
-                say(f"4/5 fine-tune {name} (seed {seed}, at most {plan.finetune_steps} steps) -> {fine}")
-                cfg = resolve_config("finetune", None, _finetune_settings(plan, seed, val_size), dataset="shapes",
-                                     init_from=str(pre), data=str(shards), max_steps=plan.finetune_steps)
-                _train(cfg, fine)
-                trained[short, seed] = (pre, fine)
+        run_jobs(jobs, parallel=_parallel(plan, device), say=say)
 
         say("5/5 evaluate the runs on val (seen pairs) and test (unseen pairs), and compare")
         decode_words = decode_words_for(trained["baseline", plan.seeds[0]][0])  # the tokenizer the runs recorded

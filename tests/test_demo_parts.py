@@ -137,7 +137,9 @@ def test_demo_with_two_seeds_reports_means_and_spreads(tmp_path):
     for seed in (0, 1):
         for run in ("pretrain-baseline", "finetune-baseline", "pretrain-grr", "finetune-grr"):
             assert (tmp_path / "demo" / "runs" / f"seed{seed}" / run / "checkpoints").is_dir()
-    assert sum("seed 1" in line for line in said) == 4  # two models, pretrain and fine-tune
+    # both models of seed 1 were trained, one after another or at once (on two or more cores)
+    assert any("GRR-CoCa" in line and "seed 1" in line for line in said)
+    assert any("Baseline CoCa" in line and "seed 1" in line for line in said)
     md = (tmp_path / "demo" / "report" / "comparison.md").read_text()
     assert "2 seeds (0, 1)" in md and "| CoCa Loss |" in md
     loss_row = next(line for line in md.splitlines() if line.startswith("| CoCa Loss |"))
@@ -145,3 +147,49 @@ def test_demo_with_two_seeds_reports_means_and_spreads(tmp_path):
     report = json.loads((tmp_path / "demo" / "report" / "comparison.json").read_text())
     assert report["sections"][0]["rows"][0]["a_sd"] > 0
     assert paths["examples"].endswith("examples.png")
+
+
+def _jobs(data, root, bad_short=None, steps=2):
+    from grr_train.demo_jobs import Job
+
+    jobs = []
+    for name, short in (("Baseline CoCa", "baseline"), ("GRR-CoCa", "grr")):
+        cfg = replace(tiny_config(data, steps=steps if short != bad_short else 2), epochs=100000,
+                      checkpoint_every=1000)
+        pre, fine = root / "runs" / f"pretrain-{short}", root / "runs" / f"finetune-{short}"
+        start = root / "runs" / "no-such-run" if short == bad_short else pre
+        finetune = replace(cfg, recipe="finetune", init_from=str(start), max_steps=1)
+        jobs.append(Job(name, short, "grr-tiny", 0, cfg, finetune, pre, fine))
+    return jobs
+
+
+@pytest.mark.slow
+def test_demo_jobs_train_both_models_at_once_each_logging_to_its_own_file(tmp_path):
+    from grr_train.demo_jobs import run_jobs
+
+    data, _ = make_set(tmp_path)
+    said = []
+    run_jobs(_jobs(data, tmp_path), parallel=True, say=said.append)
+    assert len(said) == 1 and "at once" in said[0]
+    for short in ("baseline", "grr"):
+        pre = read_metrics(tmp_path / "runs" / f"pretrain-{short}" / "metrics.jsonl", "train")
+        fine = read_metrics(tmp_path / "runs" / f"finetune-{short}" / "metrics.jsonl", "train")
+        assert [r["step"] for r in pre] == [1, 2] and [r["step"] for r in fine] == [1]
+        log = (tmp_path / "runs" / f"{short}.log").read_text()
+        assert "3/5 pretrain" in log and "4/5 fine-tune" in log  # each process's output went to its log
+
+
+@pytest.mark.slow
+def test_a_failing_demo_job_names_its_log_and_stops_the_other_one_with_a_checkpoint(tmp_path):
+    from grr_train.demo_jobs import run_jobs
+
+    data, _ = make_set(tmp_path)
+    # The baseline pretrains, then cannot find the run to fine-tune from; GRR would train for
+    # 100000 steps if nothing stopped it.
+    jobs = _jobs(data, tmp_path, bad_short="baseline", steps=100000)
+    with pytest.raises(RuntimeError, match=r"training Baseline CoCa failed: .*no-such-run.*baseline\.log"):
+        run_jobs(jobs, parallel=True, say=lambda _: None)
+    events = read_metrics(tmp_path / "runs" / "pretrain-grr" / "metrics.jsonl", "event")
+    assert any(e["what"] == "stop" and e["reason"] == "signal" for e in events)
+    assert (tmp_path / "runs" / "pretrain-grr" / "checkpoints" / "latest").exists()
+    assert "Traceback" in (tmp_path / "runs" / "baseline.log").read_text()  # the details stay in its log
