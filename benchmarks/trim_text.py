@@ -10,9 +10,9 @@ arms share one model and optimizer and run in alternation, A B A B .., `--steps`
 each after `--warmup` untimed ones, so a busy machine slows both alike. Prints, per model, the
 median ms per step of each arm, the per-round ratios and the ratio of the medians.
 
-Models: `grr-tiny-p32@16` is grr-tiny-p32 with 16-px patches (18 x 18 = 324 image tokens, where
-the demo's 32-px patches give 81), `grr-tiny` as it is (6 x 6); `--models grr-tiny-p32` adds the
-demo's own preset (9 x 9). The vocabulary defaults to 73 ids,
+Models: `grr-tiny-p16` is the demo's preset (16-px patches, 18 x 18 = 324 image tokens),
+`grr-tiny` as it is (48-px, 6 x 6); `--models grr-tiny-p32` adds 32-px patches (9 x 9), the
+demo's preset before it moved to 16 px. The vocabulary defaults to 73 ids,
 about the shapes tokenizer's (27 words, 36 letters and digits, a few specials, BOS and CLS);
 T5's 32,102 (--vocab-size 32102) makes the LM head, which trimming also shrinks, dominate.
 """
@@ -33,8 +33,8 @@ from grr_data.layout import SpecialIds, build_layout  # noqa: E402
 from grr_train.model import build_model, get_config  # noqa: E402
 from grr_train.step import StepSettings, TrainStep  # noqa: E402
 
-MODELS = {"grr-tiny-p32@16": ("grr-tiny-p32", {"patch_size": 16}), "grr-tiny": ("grr-tiny", {}),
-          "grr-tiny-p32": ("grr-tiny-p32", {})}
+MODELS = {"grr-tiny-p16": ("grr-tiny-p16", {}), "grr-tiny": ("grr-tiny", {}),
+          "grr-tiny-p32": ("grr-tiny-p16", {"patch_size": 32})}
 
 
 def make_batch(batch_size: int, special: SpecialIds, image_size: int, min_words: int, max_words: int):

@@ -9,17 +9,22 @@ calls the library function its real command calls (`grr data fetch`, `grr data s
 `grr train pretrain|finetune`, `grr eval`, `grr compare`).
 
 The paper's recipes are scaled to a CPU and a set of a few thousand pairs, not changed in kind:
-tiny presets with 32-px patches (`*-tiny-p32`: a small shape spans about two patches); batch
-32, which is also the contrastive batch (the paper: 768 and 192); pretraining with equal loss
-weights and no dropout (the paper: 2, 1 and 0.15; measured on this set, those reached 11% exact
-captions where these reached 16.5%, docs/LOG.md), fine-tuning with the paper's weights (1, 2) and
-no dropout either (with the paper's 0.1, 100 steps took exact captions from 13% to 10.5%);
-learning rates x20 for models this small, one cosine over the pretraining run where the paper
-restarts it every epoch (tens of steps here), warm-up a tenth of it; fine-tuning at a tenth of
-the pretraining rate with early stopping each epoch, as the paper. Captions are scored by beam
-search with 3 beams (15.5% exact where greedy decoding gave 13.0%, same run).
-On a CPU each model trains on one thread: a model this small gains nothing from more, and on a
-busy 2-core machine two threads cost ~10x the CPU time per step (docs/LOG.md).
+tiny presets with 16-px patches (`*-tiny-p16`: 18 x 18 tokens, a shape spans 3 to 7 patches a
+side; after 1,000 steps 16-px patches gave 20.5% exact captions, 24-px 9.5%, 32-px 2%, docs/LOG.md);
+batch 32, which is also the contrastive batch (the paper: 768 and 192); pretraining with equal
+loss weights and no dropout (the paper: 2, 1 and 0.15, which reached 11% exact captions where
+these reached 16.5% with 32-px patches), fine-tuning with the paper's weights (1, 2) and no
+dropout either (with the paper's 0.1, 100 steps took exact captions from 13% to 10.5%); a peak
+rate of 5e-4, x5 the paper's, for models this small (2e-3 left the image tower blind for the
+quick plan's 300 steps; at 1,000 steps 2e-3, 1e-3 and 5e-4 came out alike), one cosine over the
+pretraining run where the paper restarts it every epoch (tens of steps here), warm-up a tenth of
+it; fine-tuning at a tenth of the pretraining rate with early stopping each epoch, as the paper.
+The text decoders run only over the caption positions a batch uses (`trim_text_padding`: the same
+losses, ~0.8x the time per step). Captions are scored by beam search with 3 beams (15.5% exact
+where greedy decoding gave 13.0%, same run).
+On a CPU each model trains on one thread, the two models at once (grr_train/demo_jobs.py): a model
+this small gains nothing from more, and on a busy 2-core machine two threads cost ~10x the CPU
+time per step (docs/LOG.md).
 
 It runs every stage of the pipeline, so this one module of `grr_train` also imports
 `grr_data`'s fetch and shard steps (tests/test_boundaries.py names it).
@@ -49,7 +54,7 @@ from grr_train.device import resolve_device
 from grr_train.evaluate import evaluate_run
 from grr_train.generate import DecodeOptions
 
-PRESETS = (("Baseline CoCa", "baseline", "baseline-tiny-p32"), ("GRR-CoCa", "grr", "grr-tiny-p32"))
+PRESETS = (("Baseline CoCa", "baseline", "baseline-tiny-p16"), ("GRR-CoCa", "grr", "grr-tiny-p16"))
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class DemoPlan:
     pretrain_steps: int
     finetune_steps: int
     batch_size: int = 32
-    lr: float = 2e-3  # pretraining peak; fine-tuning peaks at a tenth (the paper: 1e-4, 1e-5)
+    lr: float = 5e-4  # pretraining peak; fine-tuning peaks at a tenth (the paper: 1e-4, 1e-5)
     caption_tokens: int = 16  # the longest shapes caption is 12 words, one token each
     beams: int = 3  # beam search: 15.5% exact against greedy's 13.0% on the same run (docs/LOG.md)
     seeds: tuple[int, ...] = (0,)
@@ -66,7 +71,7 @@ class DemoPlan:
     parallel: bool | None = None  # the two models at once; None: on a CPU with two or more cores
 
 
-FULL = DemoPlan(num_pairs=2000, pretrain_steps=1000, finetune_steps=100)
+FULL = DemoPlan(num_pairs=2000, pretrain_steps=800, finetune_steps=100)
 QUICK = DemoPlan(num_pairs=600, pretrain_steps=300, finetune_steps=30, batch_size=16)
 
 
@@ -75,6 +80,7 @@ def _common(plan: DemoPlan, seed: int, steps: int, val_size: int) -> list[str]:
         f"global_batch_size={plan.batch_size}", f"per_device_batch_size={plan.batch_size}",
         f"val_batch_size={val_size}", f"val_contrastive_batch_size={val_size}", f"seed={seed}",
         f"checkpoint_every={steps}", "keep_checkpoints=1", "num_workers=1", "tensorboard=false", "epochs=100000",
+        "trim_text_padding=true",
     ]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import statistics
 import tarfile
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from grr_data.files import publish  # noqa: E402
 from grr_train.caption_metrics import tokenize  # noqa: E402
 
 SCENE_KINDS = ("one object", "two objects", "a count")
+CAPTION_CHARS = 46  # what fits under one image of the example grid at its font size
 
 
 def scene_kind(caption: str) -> str:
@@ -120,7 +122,7 @@ def example_grid(shards: Path, panels: list[tuple[str, str, dict, dict]], names:
                  per_panel: int = 4) -> Path:
     """A PNG of `per_panel` images per (title, split, eval A, eval B) panel row, each with its true
     caption and both models' (green: exact, red: not)."""
-    fig, axes = plt.subplots(len(panels), per_panel, figsize=(3.6 * per_panel, 4.6 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), per_panel, figsize=(3.6 * per_panel, 5.2 * len(panels)), squeeze=False)
     for row, (title, split, eval_a, eval_b) in enumerate(panels):
         caps_a = {c["key"]: c for c in eval_a["captioning"]["captions"]}
         caps_b = {c["key"]: c["generated"] for c in eval_b["captioning"]["captions"]}
@@ -137,13 +139,15 @@ def example_grid(shards: Path, panels: list[tuple[str, str, dict, dict]], names:
             lines = [("truth: " + truth, "black")]
             for name, generated in ((names[0], caps_a[key]["generated"]), (names[1], caps_b[key])):
                 lines.append((f"{name}: {generated}", "green" if tokenize(generated) == tokenize(truth) else "red"))
-            for i, (text, color) in enumerate(lines):
-                ax.text(0.0, -0.06 - 0.09 * i, text, transform=ax.transAxes, fontsize=7.5, color=color,
-                        va="top", wrap=True)
+            y = -0.05
+            for text, color in lines:  # wrapped to the image's width, so no caption runs into the next
+                wrapped = textwrap.fill(text, CAPTION_CHARS)
+                ax.text(0.0, y, wrapped, transform=ax.transAxes, fontsize=7.5, color=color, va="top")
+                y -= 0.05 * (wrapped.count("\n") + 1) + 0.02
             if col == 0:
                 ax.set_title(title, loc="left", fontsize=10)
     # the captions hang below each image, outside its axes: leave them room
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.95, bottom=0.1, wspace=0.08, hspace=0.4)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.95, bottom=0.13, wspace=0.08, hspace=0.55)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
