@@ -3,23 +3,27 @@
 On a GPU, or on a CPU with one core, the jobs run one after another in this process. On a CPU
 with two or more cores the two models of a seed train at once, each in a process of its own on one
 thread: a model this small gains nothing from a second thread, so one model at a time leaves a
-core idle (two at once: ~2x the steps per minute, docs/LOG.md). A job's console output goes to
+core idle (two at once: 1.8 cores busy through a 9.5-minute demo, docs/LOG.md). A job's console output goes to
 `<runs>/<short>.log`; this process shows one progress bar per model, read from its runs'
 metrics.jsonl.
 
 A stop signal (SIGTERM, Ctrl-C) is passed on to every job: each saves its checkpoint (what
-`grr train` does on a signal) and the demo ends with `DemoStopped` naming a stopped run. The
-jobs run in process groups of their own, so a terminal's Ctrl-C reaches them once, through here.
+`grr train` does on a signal) and the demo ends with `DemoStopped` naming a stopped run. A job is
+`python -m grr_train.demo_jobs` in a session of its own (a terminal's Ctrl-C reaches it once,
+through here), given its Job pickled on stdin, answering one JSON line on stdout: a plain
+subprocess, not multiprocessing, so a script or notebook calling `run_demo` is never imported
+again in the child and no helper process (multiprocessing's resource tracker) outlives the demo.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import queue
+import pickle
 import signal
+import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +42,7 @@ class DemoStopped(RuntimeError):
     def __init__(self, signum: int, run: Path, started: bool = True):
         self.signum = signum
         self.run = run
+        self.started = started
         where = (f"while training {run} (its checkpoint is saved there)" if started
                  else f"before training {run} began")
         super().__init__(f"stopped by signal {signum} {where}; the demo went no further: delete {run.parent} "
@@ -87,26 +92,27 @@ def run_jobs(jobs: list[Job], parallel: bool, say: Callable[[str], None] = print
         _run_together(jobs[i:i + 2], say)
 
 
-def _child(job: Job, results) -> None:
-    """A job in a spawned process: its own process group, one thread, output to its log."""
-    os.setpgrp()
+def _job_main() -> int:
+    """`python -m grr_train.demo_jobs`: one job, pickled on stdin; its result, one JSON line, on
+    stdout; everything it prints goes to stderr (the parent makes that its log)."""
     for s in (signal.SIGTERM, signal.SIGINT):  # run_training has its own handlers while it trains
         signal.signal(s, lambda signum, _frame: _signalled.append(signum))
-    fd = os.open(job.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
+    result = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # print() and tqdm into the log as well
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
-    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    job = pickle.load(sys.stdin.buffer)
     torch.set_num_threads(1)
     try:
         run_job(job)
+        outcome = {"status": "done"}
     except DemoStopped as err:
-        results.put((job.short, "stopped", (err.signum, str(err.run), str(err))))
-    except BaseException as err:  # the parent reports it; the traceback stays in the log
+        outcome = {"status": "stopped", "signum": err.signum, "run": str(err.run), "started": err.started}
+    except Exception as err:  # the parent reports it; the traceback stays in the log
         traceback.print_exc()
-        results.put((job.short, "error", f"{type(err).__name__}: {err}"))
-    else:
-        results.put((job.short, "done", None))
+        outcome = {"status": "error", "message": f"{type(err).__name__}: {err}"}
+    result.write(json.dumps(outcome) + "\n")
+    result.close()
+    return 0
 
 
 def _last_step(run: Path) -> int:
@@ -127,63 +133,71 @@ def _last_step(run: Path) -> int:
     return 0
 
 
+def _start(job: Job) -> subprocess.Popen:
+    """The job in a new Python process of its own session (a terminal's Ctrl-C does not reach it)."""
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.log, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "grr_train.demo_jobs"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    proc.stdin.write(pickle.dumps(job))
+    proc.stdin.close()
+    return proc
+
+
+def _outcome(job: Job, proc: subprocess.Popen) -> dict:
+    line = proc.stdout.read().decode("utf-8", "replace").strip()
+    proc.stdout.close()
+    try:
+        return json.loads(line.splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"status": "error", "message": f"its process ended with exit code {proc.returncode}"}
+
+
 def _run_together(jobs: list[Job], say: Callable[[str], None]) -> None:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
     names = " and ".join(f"{j.name} (seed {j.seed})" for j in jobs)
     say(f"3-4/5 pretrain and fine-tune {names} at once, one process each; their output: "
         + ", ".join(str(j.log) for j in jobs))
-    for job in jobs:
-        job.pretrain_run.parent.mkdir(parents=True, exist_ok=True)
-    procs = {job.short: context.Process(target=_child, args=(job, results), name=f"grr-demo-{job.short}")
-             for job in jobs}
+    procs: dict[str, subprocess.Popen] = {}
     received: list[int] = []
 
     def forward(signum, _frame):
         received.append(signum)
         for proc in procs.values():
-            if proc.is_alive():
-                os.kill(proc.pid, signum)
+            if proc.poll() is None:
+                proc.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    outcome: dict[str, tuple[str, object]] = {}
+    outcome: dict[str, dict] = {}
     bars = {j.short: tqdm(total=j.pretrain.max_steps + j.finetune.max_steps, desc=j.name, unit="step",
                           position=k, leave=True) for k, j in enumerate(jobs)}
     try:
-        for proc in procs.values():
-            proc.start()
+        for job in jobs:
+            procs[job.short] = _start(job)
         while len(outcome) < len(jobs):
-            try:
-                short, status, detail = results.get(timeout=1.0)
-                outcome[short] = (status, detail)
-            except queue.Empty:
-                pass
+            time.sleep(1.0)
             for job in jobs:
                 bars[job.short].n = _last_step(job.pretrain_run) + _last_step(job.finetune_run)
                 bars[job.short].refresh()
                 proc = procs[job.short]
-                if job.short not in outcome and not proc.is_alive() and proc.exitcode is not None:
-                    try:  # it may have put its result just before exiting
-                        short, status, detail = results.get(timeout=1.0)
-                        outcome[short] = (status, detail)
-                    except queue.Empty:
-                        outcome[job.short] = ("error", f"its process ended with exit code {proc.exitcode}")
-            failed = [s for s, (status, _) in outcome.items() if status == "error"]
+                if job.short not in outcome and proc.poll() is not None:
+                    outcome[job.short] = _outcome(job, proc)
+            failed = any(o["status"] == "error" for o in outcome.values())
             if failed and not received:  # no point finishing the other model: stop it, keeping its checkpoint
                 forward(signal.SIGTERM, None)
-        for proc in procs.values():
-            proc.join()
     finally:
         for bar in bars.values():
             bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     by_short = {j.short: j for j in jobs}
-    for short, (status, detail) in outcome.items():
-        if status == "error":
-            raise RuntimeError(f"training {by_short[short].name} failed: {detail}; its output is in "
+    for short, result in outcome.items():
+        if result["status"] == "error":
+            raise RuntimeError(f"training {by_short[short].name} failed: {result['message']}; its output is in "
                                f"{by_short[short].log}")
-    for status, detail in outcome.values():
-        if status == "stopped":
-            signum, run, message = detail
-            raise DemoStopped(signum, Path(run), started="while training" in message)
+    for result in outcome.values():
+        if result["status"] == "stopped":
+            raise DemoStopped(result["signum"], Path(result["run"]), started=result["started"])
+
+
+if __name__ == "__main__":
+    sys.exit(_job_main())
