@@ -136,9 +136,12 @@ def _last_step(run: Path) -> int:
 def _start(job: Job) -> subprocess.Popen:
     """The job in a new Python process of its own session (a terminal's Ctrl-C does not reach it)."""
     job.log.parent.mkdir(parents=True, exist_ok=True)
+    # The child imports grr_train from where this process did, whatever its working directory.
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     with open(job.log, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "grr_train.demo_jobs"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=log, start_new_session=True, env=env)
     proc.stdin.write(pickle.dumps(job))
     proc.stdin.close()
     return proc
@@ -185,6 +188,10 @@ def _run_together(jobs: list[Job], say: Callable[[str], None]) -> None:
             if failed and not received:  # no point finishing the other model: stop it, keeping its checkpoint
                 forward(signal.SIGTERM, None)
     finally:
+        for proc in procs.values():  # only when this loop failed: no job trains on, unwatched
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
         for bar in bars.values():
             bar.close()
         for s, handler in previous.items():

@@ -193,3 +193,16 @@ def test_a_failing_demo_job_names_its_log_and_stops_the_other_one_with_a_checkpo
     assert any(e["what"] == "stop" and e["reason"] == "signal" for e in events)
     assert (tmp_path / "runs" / "pretrain-grr" / "checkpoints" / "latest").exists()
     assert "Traceback" in (tmp_path / "runs" / "baseline.log").read_text()  # the details stay in its log
+
+
+def test_the_demo_settings_run_eagerly_on_a_gpu_too():
+    # trim_text_padding is refused where compile=auto would compile (CUDA); the demo asks for eager.
+    import torch
+
+    from grr_train.demo import FULL, _finetune_settings, _pretrain_settings
+    from grr_train.run_checks import compile_mode
+
+    for settings in (_pretrain_settings(FULL, 0, 200), _finetune_settings(FULL, 0, 200)):
+        cfg = resolve_config("pretrain", None, settings)
+        assert cfg.trim_text_padding
+        assert compile_mode(cfg, torch.device("cuda")) == "off"
