@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from grr_data.layout import SpecialIds
-from grr_train.generate import DecodeOptions, generate
+from grr_data.format.layout import SpecialIds
+from grr_train.infer.generate import DecodeOptions, generate
 from grr_train.model import build_model, get_config
 
 VOCAB = 588

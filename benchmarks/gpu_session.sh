@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; R=$OUT/results.txt
 P=${P:-grr-coca}; BASE=${BASE:-baseline-coca}; B=${B:-48}; BIG=${BIG:-192}; N=${N:-10}
 KIT=${KIT:-.gpu-kit}; WHL=${WHL:-$KIT/whl}; PY=${PY:-python3}
-G="$PY -m cli.main"
+G="$PY -m grr_cli.main"
 [[ -f /tmp/dali.env ]] && . /tmp/dali.env
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$R"

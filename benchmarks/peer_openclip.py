@@ -6,10 +6,10 @@ Needs the optional `peer` dependencies (`pip install -e ".[peer]"`: open_clip_to
 torchvision build that matches the installed torch, 0.28.0 for torch 2.13, or pip replaces torch).
 Each model trains on synthetic inputs with bf16 autocast on a GPU (fp32 on a CPU unless
 --precision bf16), fused AdamW and clipping at 1: grr through its trainer's step
-(`grr_train.bench`), open_clip through its own `CoCaLoss`. FLOPs per sample of each come from
+(`grr_train.train.bench`), open_clip through its own `CoCaLoss`. FLOPs per sample of each come from
 `torch.utils.flop_counter` on one forward and backward, so MFU compares models of different
 shapes fairly (open_clip's CoCa as built here cross-attends to 256 image tokens, grr's to 64).
-`--count-ops` adds the operators one step dispatches (grr_train/dispatch_count.py), the CPU
+`--count-ops` adds the operators one step dispatches (grr_train/train/dispatch_count.py), the CPU
 proxy for kernel launches. `--compile` applies to both: grr's mode, and torch.compile of the
 whole open_clip model for any mode but off.
 """
@@ -23,10 +23,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from grr_train.bench import make_bench_step, synthetic_batch
-from grr_train.dispatch_count import count_dispatched
 from grr_train.model import build_model, get_config
-from grr_train.parallel import peak_flops
+from grr_train.runtime.parallel import peak_flops
+from grr_train.train.bench import make_bench_step, synthetic_batch
+from grr_train.train.dispatch_count import count_dispatched
 
 # open_clip's CoCa at grr-coca's sizes (the figures in ../shared/gpu/FIGURES.md used these).
 OPEN_CLIP_COCA = {
@@ -100,8 +100,8 @@ def flops_per_sample(forward_backward, batch: int) -> float:
 
 def grr_forward_backward(preset: str, batch: int, dev: torch.device, dtype):
     cfg = get_config(preset)
-    from grr_data.layout import SpecialIds
-    from grr_train.losses import coca_loss
+    from grr_data.format.layout import SpecialIds
+    from grr_train.train.losses import coca_loss
 
     special = SpecialIds.for_vocab(cfg.vocab_size)
     model = build_model(cfg).to(dev).train()

@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py --preset grr-coca --batch-size 192 --compile blocks --steps 5
 
-Builds the step with `grr_train/bench.py` (the trainer's TrainStep: same losses, clipping, fused
+Builds the step with `grr_train/train/bench.py` (the trainer's TrainStep: same losses, clipping, fused
 AdamW, precision and compile settings, synthetic inputs already on the device), runs the warm-up
 (compilation happens there), times `--steps` steps without the profiler, then profiles as many.
 Prints:
@@ -35,7 +35,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grr_train.bench import make_bench_step, run_steps  # noqa: E402
+from grr_train.train.bench import make_bench_step, run_steps  # noqa: E402
 
 # First match wins: the order matters (clipping's foreach norm is optimizer work, not a layer norm).
 CATEGORIES = [

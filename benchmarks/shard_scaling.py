@@ -32,7 +32,7 @@ WORDS = "red blue dog cat man woman tree car beach street sitting near a the on 
 
 CHILD = """
 import json, os, resource, sys, time
-from grr_data.shard import shard_dataset
+from grr_data.shard.run import shard_dataset
 from grr_data.tokenizer import load_tokenizer
 load_tokenizer(None)  # loaded (and cached) before the clock starts: a fixed cost, not a per-sample one
 inp, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])

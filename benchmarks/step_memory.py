@@ -8,7 +8,7 @@ Activations: the tensors autograd saves for backward, measured under bf16 autoca
 (`saved_tensors_hooks`, each storage counted once, parameters left out) on reduced-depth copies of
 the preset (1 or 2 ViT blocks, 1+1 or 2+2 text blocks) at 1 and 2 samples, which gives the bytes per
 sample of one ViT block, one unimodal+multimodal pair and the rest, then scaled to the preset's
-depths and the micro-batch. The trainer's own losses are used (`grr_train/step.py`).
+depths and the micro-batch. The trainer's own losses are used (`grr_train/train/step.py`).
 
 With --activation-checkpointing each block keeps only its input (residual-stream dtype as measured)
 and one block's activations live again during its recompute.
@@ -31,10 +31,10 @@ import dataclasses
 
 import torch
 
-from grr_data.layout import SpecialIds
-from grr_train.bench import synthetic_batch
-from grr_train.losses import caption_loss, contrastive_loss
+from grr_data.format.layout import SpecialIds
 from grr_train.model import build_model, get_config
+from grr_train.train.bench import synthetic_batch
+from grr_train.train.losses import caption_loss, contrastive_loss
 
 GB = 1e9
 

@@ -3,7 +3,7 @@ positions a batch uses only), on short captions like the shapes set's.
 
     .venv/bin/python benchmarks/trim_text.py --rounds 4 --steps 5
 
-Each model is the trainer's step (grr_train/step.py TrainStep: forward, backward, clipping, fused
+Each model is the trainer's step (grr_train/train/step.py TrainStep: forward, backward, clipping, fused
 AdamW) on one fixed batch of random images and captions of --min-words..--max-words random words,
 fp32, dropout 0 (the demo's), on --threads threads (default 1, as `grr demo` trains). The two
 arms share one model and optimizer and run in alternation, A B A B .., `--steps` timed steps
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grr_data.layout import SpecialIds, build_layout  # noqa: E402
+from grr_data.format.layout import SpecialIds, build_layout  # noqa: E402
 from grr_train.model import build_model, get_config  # noqa: E402
-from grr_train.step import StepSettings, TrainStep  # noqa: E402
+from grr_train.train.step import StepSettings, TrainStep  # noqa: E402
 
 MODELS = {"grr-tiny-p16": ("grr-tiny-p16", {}), "grr-tiny": ("grr-tiny", {}),
           "grr-tiny-p32": ("grr-tiny-p16", {"patch_size": 32})}

@@ -26,9 +26,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from grr_data.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds, check_layout
-from grr_data.procs import make_pool, usable_cores
-from grr_data.records import (
+from grr_data.format.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds, check_layout
+from grr_data.format.records import (
     EXTENSIONS,
     SAMPLE_CHECKSUMS,
     checksum_path,
@@ -36,9 +35,10 @@ from grr_data.records import (
     index_path,
     read_checksums,
     read_index,
-    sha256_file,
 )
-from grr_data.split import pair_name
+from grr_data.infra.files import sha256_file
+from grr_data.infra.procs import make_pool, usable_cores
+from grr_data.shard.split import pair_name
 
 MAX_PROBLEMS_PER_SHARD = 20
 

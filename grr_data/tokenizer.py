@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grr_data.layout import SEQ_LEN, SpecialIds, build_layout, caption_word_ids
+from grr_data.format.layout import SEQ_LEN, SpecialIds, build_layout, caption_word_ids
 
 SAMPLE_TOKENIZER_NAME = "grr-sample-tokenizer"
 SAMPLE_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "sample-tokenizer"
@@ -203,7 +203,7 @@ def train_t5_format_model(lines: Sequence[str], out_dir: str | os.PathLike, voca
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
 
-    from grr_data.files import write_bytes_atomic
+    from grr_data.infra.files import write_bytes_atomic
 
     settings = dict(model_type="unigram", vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                     pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0,

@@ -8,7 +8,7 @@
 turns an image file into exactly the tensor the loaders give (`grr_data.loader.preprocess_image`).
 Embeddings are L2-normalised, as the contrastive loss uses them; zero-shot scores are their
 cosine similarities divided by the model's temperature, softmaxed over the class names;
-captions come from `grr_train.generate` (greedy, beam search batched over images, sampling).
+captions come from `grr_train.infer.generate` (greedy, beam search batched over images, sampling).
 Images are paths, the files' bytes, or a folder (its image files, sorted by name).
 """
 
@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from grr_data.layout import SpecialIds
+from grr_data.format.layout import SpecialIds
 from grr_data.loader import preprocess_image
-from grr_train.captioning import caption_files, check_image_files, tokenizer_for
-from grr_train.checkpoint import load_model
-from grr_train.device import resolve_device
-from grr_train.export import download_export, is_export, load_export
-from grr_train.generate import DecodeOptions
-from grr_train.run_tokenizer import expected_hashes, load_tokenizer_checked
+from grr_train.infer.captioning import caption_files, check_image_files, tokenizer_for
+from grr_train.infer.export import download_export, is_export, load_export
+from grr_train.infer.generate import DecodeOptions
+from grr_train.runs.tokenizer import expected_hashes, load_tokenizer_checked
+from grr_train.runs.weights import load_model
+from grr_train.runtime.device import resolve_device
 
 __all__ = ["GrrModel", "Prediction", "image_files", "load"]
 

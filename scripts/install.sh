@@ -38,7 +38,7 @@ fi
 if [ "${GRR_SIMD:-0}" = 1 ]; then
     # Pillow and pillow-simd share the PIL folder and Pillow is a dependency of matplotlib and
     # scikit-image, so pip reinstalls it on every run: end by replacing it with pillow-simd again.
-    if [ "$(.venv/bin/python -c 'from grr_data.pil_info import pil_build; print(pil_build()["build"])')" != pillow-simd ]; then
+    if [ "$(.venv/bin/python -c 'from grr_data.infra.pil_info import pil_build; print(pil_build()["build"])')" != pillow-simd ]; then
         echo "replacing Pillow with pillow-simd (built from source once, then from pip's cache)"
         pip uninstall --quiet -y pillow pillow-simd
         case "$(uname -m)" in x86_64) export CC=${CC:-"cc -mavx2"} ;; esac
@@ -49,7 +49,7 @@ fi
 .venv/bin/python - <<'EOF'
 import importlib.util, shutil, sys, torch
 from importlib import metadata
-from grr_data.pil_info import describe_pil_build
+from grr_data.infra.pil_info import describe_pil_build
 sys.path.insert(0, "scripts")
 from choose_dali import list_gpus
 print("torch", torch.__version__, "| cuda", torch.version.cuda, "| GPU available:", torch.cuda.is_available())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from grr_data.records import iter_tar_samples
+from grr_data.format.records import iter_tar_samples
 
 
 def jpeg(size, colour=(200, 30, 30)) -> bytes:

@@ -7,9 +7,9 @@ import json
 import torch
 from torch.distributed.tensor import DTensor
 
-from grr_train.distributed import all_gather_objects, destroy_distributed, init_distributed
 from grr_train.model import build_model, get_config
-from grr_train.parallel import parallelize
+from grr_train.runtime.distributed import all_gather_objects, destroy_distributed, init_distributed
+from grr_train.runtime.parallel import parallelize
 
 
 def local_numel(tensor: torch.Tensor) -> int:

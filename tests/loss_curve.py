@@ -21,9 +21,9 @@ import numpy as np
 import PIL
 import torch
 
-from grr_train.config import TrainConfig
-from grr_train.metrics_log import read_metrics
-from grr_train.trainer import run_training
+from grr_train.runs.metrics import read_metrics
+from grr_train.train.config import TrainConfig
+from grr_train.train.trainer import run_training
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shardset import make_shardset  # noqa: E402

@@ -1,7 +1,7 @@
 """Makes small sharded sets in the CONTRACTS.md format for tests and benchmarks.
 
 `make_shardset(dir, ...)` writes `DIR/manifest.json` and `DIR/<split>/shard-NNNNNN.tar` (+ `.idx`)
-with `grr_data.records.ShardWriter`; images are crops of scikit-image's photographs (shorter side
+with `grr_data.format.records.ShardWriter`; images are crops of scikit-image's photographs (shorter side
 288, random aspect) or solid colours, captions are random word ids laid out by `build_layout`.
 """
 
@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from grr_data.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds, build_layout
-from grr_data.records import SAMPLE_CHECKSUMS, ShardWriter, checksum_path, sample_members, sha256_file
+from grr_data.format.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds, build_layout
+from grr_data.format.records import SAMPLE_CHECKSUMS, ShardWriter, checksum_path, sample_members
+from grr_data.infra.files import sha256_file
 
 VOCAB_SIZE = 1000
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "cat")

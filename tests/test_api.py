@@ -1,4 +1,4 @@
-"""The Python API (grr_train.api) and a run that travels with its tokenizer (grr_train.run_tokenizer).
+"""The Python API (grr_train.api) and a run that travels with its tokenizer (grr_train.runs.tokenizer).
 
 README's "Python API" examples are `README_EXAMPLES` below, run as they are in a folder holding
 `runs/finetune-grr` (a tiny trained run), `photos/` and `exports/`; once README carries the section,
@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_run import make_fetch_output, make_set, photos, tiny_config, train_tiny_run  # noqa: E402
 
 import grr_train.api as grr  # noqa: E402
-from cli.main import app  # noqa: E402
-from grr_data.dataset import DatasetInfo  # noqa: E402
+from grr_cli.main import app  # noqa: E402
+from grr_data.format.manifest import DatasetInfo  # noqa: E402
 from grr_data.tokenizer import SAMPLE_TOKENIZER_DIR, SAMPLE_TOKENIZER_NAME  # noqa: E402
-from grr_train.run_tokenizer import copy_tokenizer  # noqa: E402
+from grr_train.runs.tokenizer import copy_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ print(model.caption("photos/", top_p=0.9, temperature=0.8, seed=0))
 ''',
     "exported": '''\
 import grr_train.api as grr
-from grr_train.export import HubCoCa
+from grr_train.infer.export import HubCoCa
 
 model = grr.load("exports/finetune-grr")  # after `grr export runs/finetune-grr --out exports/finetune-grr`
 print(model.caption(["photos/cat.jpg"], beams=2))
@@ -150,8 +150,8 @@ def test_fine_tuning_elsewhere_needs_only_the_run_folder(made, tmp_path):
     """New data sharded with the run's copy (`--tokenizer RUN/tokenizer`) is the run's tokenizer."""
     from dataclasses import replace
 
-    from grr_data.shard import shard_dataset
-    from grr_train.trainer import run_training
+    from grr_data.shard.run import shard_dataset
+    from grr_train.train.trainer import run_training
 
     data, tokenizer, run = made
     moved_run = tmp_path / "run"
@@ -214,7 +214,7 @@ def test_copy_tokenizer_copies_the_sample_tokenizer_and_warns_for_one_it_cannot_
 
 
 def test_training_copies_the_tokenizer_into_the_run(made, tmp_path):
-    from grr_train.trainer import run_training
+    from grr_train.train.trainer import run_training
 
     run_training(tiny_config(made[0]), tmp_path / "run")
     assert (tmp_path / "run" / "tokenizer" / "spiece.model").is_file()
@@ -225,8 +225,8 @@ def test_training_copies_the_tokenizer_into_the_run(made, tmp_path):
 
 
 def test_preprocess_is_what_the_loader_gives(made, model):
+    from grr_data.format.records import iter_tar_samples
     from grr_data.loader import make_loader
-    from grr_data.records import iter_tar_samples
 
     data = made[0]
     batch = next(iter(make_loader(data, "train", batch_size=8, kind="cpu", shuffle=False, num_workers=0,
@@ -299,7 +299,7 @@ def test_load_names_what_it_cannot_load(tmp_path):
 
 @pytest.mark.slow
 def test_an_exported_folder_loads_like_its_run(made, model, images, tmp_path):
-    from grr_train.export import export_run
+    from grr_train.infer.export import export_run
 
     out = export_run(made[2], tmp_path / "exported")
     loaded = grr.load(out)

@@ -10,14 +10,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # What grr_train may use of grr_data: the token layout, the loader, the manifest's one reader,
 # and infrastructure kept once: atomic file writes, folder locks.
-DATA_CONTRACT = ("grr_data.layout", "grr_data.loader", "grr_data.dataset", "grr_data.files", "grr_data.lock")
+DATA_CONTRACT = ("grr_data.format.layout", "grr_data.loader", "grr_data.format.manifest", "grr_data.infra.files", "grr_data.infra.lock")
 # The grr_train modules that need more of grr_data, and what: turning caption ids into text
 # needs the tokenizer (and a run keeps its own copy of it); the demo runs every stage, fetch and
 # shard included.
 DATA_EXTRAS = {
-    "grr_train/captioning.py": ("grr_data.tokenizer",),
-    "grr_train/run_tokenizer.py": ("grr_data.tokenizer",),
-    "grr_train/demo.py": ("grr_data.fetch", "grr_data.shard"),
+    "grr_train/infer/captioning.py": ("grr_data.tokenizer",),
+    "grr_train/runs/tokenizer.py": ("grr_data.tokenizer",),
+    "grr_train/demo/run.py": ("grr_data.fetch", "grr_data.shard.run"),
 }
 
 
@@ -36,8 +36,8 @@ def imported_modules(package: str) -> dict[str, set[str]]:
                 names |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names.add(node.module)
-                # `from cli import evaluate` imports the module cli.evaluate
-                names |= {f"{node.module}.{alias.name}" for alias in node.names if node.module == "cli"}
+                # `from cli import evaluate` imports the module grr_cli.evaluate
+                names |= {f"{node.module}.{alias.name}" for alias in node.names if node.module == "grr_cli"}
         found[path] = names
     return found
 
@@ -84,8 +84,8 @@ def manifest_readers(*packages: str, root: Path = ROOT) -> list[str]:
 
 
 def test_only_grr_data_reads_the_manifest():
-    """grr_data.dataset.DatasetInfo is the one reader: the schema of manifest.json is grr_data's."""
-    assert manifest_readers("cli", "grr_train") == []
+    """grr_data.format.manifest.DatasetInfo is the one reader: the schema of manifest.json is grr_data's."""
+    assert manifest_readers("grr_cli", "grr_train") == []
 
 
 def test_the_check_sees_a_manifest_read(tmp_path):
@@ -100,14 +100,14 @@ def test_the_check_sees_a_manifest_read(tmp_path):
 
 
 def test_cli_modules_hang_off_the_groups():
-    """Commands register one way: each cli module adds its commands to an app of cli.groups with
-    its decorators; only cli.main imports the command modules, and only cli.groups makes apps."""
-    imports = imported_modules("cli")
+    """Commands register one way: each cli module adds its commands to an app of grr_cli.groups with
+    its decorators; only grr_cli.main imports the command modules, and only grr_cli.groups makes apps."""
+    imports = imported_modules("grr_cli")
     wrong = [f"{path}: {name}" for path, names in imports.items() for name in sorted(names)
-             if name.startswith("cli.") and name != "cli.groups" and path != "cli/main.py"]
+             if name.startswith("grr_cli.") and name != "grr_cli.groups" and path != "grr_cli/main.py"]
     assert wrong == []
-    commands = {f"cli.{Path(p).stem}" for p in imports if Path(p).stem not in ("__init__", "main", "groups")}
-    assert commands <= imports["cli/main.py"], "cli/main.py must import every command module"
-    makers = [path for path, tree in sources("cli") for node in ast.walk(tree)
-              if isinstance(node, ast.Attribute) and node.attr == "Typer" and path != "cli/groups.py"]
+    commands = {f"grr_cli.{Path(p).stem}" for p in imports if Path(p).stem not in ("__init__", "main", "groups")}
+    assert commands <= imports["grr_cli/main.py"], "grr_cli/main.py must import every command module"
+    makers = [path for path, tree in sources("grr_cli") for node in ast.walk(tree)
+              if isinstance(node, ast.Attribute) and node.attr == "Typer" and path != "grr_cli/groups.py"]
     assert makers == []

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from grr_train.caption_metrics import caption_scores, cider_d, corpus_bleu, tokenize
+from grr_train.eval.caption_metrics import caption_scores, cider_d, corpus_bleu, tokenize
 
 
 def test_tokenize_lowercases_and_drops_coco_punctuation():

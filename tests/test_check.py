@@ -11,9 +11,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from test_shard import make_fetch_output  # noqa: E402
 
-from cli.main import app  # noqa: E402
+from grr_cli.main import app  # noqa: E402
 from grr_data.check import check_dataset  # noqa: E402
-from grr_data.records import ShardWriter, decode_ids, encode_ids, iter_tar_samples, sha256_file  # noqa: E402
+from grr_data.format.records import ShardWriter, decode_ids, encode_ids, iter_tar_samples  # noqa: E402
+from grr_data.infra.files import sha256_file
 
 
 @pytest.fixture(scope="module")

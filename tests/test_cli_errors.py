@@ -4,11 +4,11 @@ before the arguments are checked."""
 
 import pytest
 import torch
+from ckpt_helpers import save_checkpoint
 from typer.testing import CliRunner
 
-from cli.main import app
-from grr_data.layout import SpecialIds
-from grr_train import checkpoint as ckpt
+from grr_cli.main import app
+from grr_data.format.layout import SpecialIds
 from grr_train.model import build_model, get_config
 
 
@@ -20,7 +20,7 @@ def run(tmp_path_factory):
     meta = {"step": 1, "epoch": 0, "world_size": 1, "model_config": cfg.to_dict(),
             "train_config": {"recipe": "pretrain", "data": str(run / "no-data")},
             "special": SpecialIds.for_vocab(100).to_dict()}
-    ckpt.save_checkpoint(run, build_model(cfg), {}, meta, keep=1)
+    save_checkpoint(run, build_model(cfg), {}, meta, keep=1)
     return run
 
 
@@ -43,12 +43,12 @@ def no_cuda(monkeypatch):
 @pytest.fixture
 def no_evaluation(monkeypatch):
     """Fails the test if a run is evaluated: the arguments must be refused first."""
-    import grr_train.evaluate
+    import grr_train.eval.evaluate
 
     def evaluate_run(*args, **kwargs):
         raise AssertionError("evaluate_run called before the arguments were checked")
 
-    monkeypatch.setattr(grr_train.evaluate, "evaluate_run", evaluate_run)
+    monkeypatch.setattr(grr_train.eval.evaluate, "evaluate_run", evaluate_run)
 
 
 def test_eval_on_cuda_without_a_gpu(run, tmp_path, no_cuda, no_evaluation):
@@ -70,9 +70,9 @@ def test_unknown_device_is_named(run, tmp_path, no_evaluation):
 
 
 def test_caption_names_a_missing_image_before_loading_the_model(run, tmp_path, monkeypatch):
-    import grr_train.captioning
+    import grr_train.infer.captioning
 
-    monkeypatch.setattr(grr_train.captioning, "load_model",
+    monkeypatch.setattr(grr_train.infer.captioning, "load_model",
                         lambda *a, **k: pytest.fail("model loaded before the images were checked"))
     _, line = grr("caption", tmp_path / "nope.jpg", tmp_path / "nope2.jpg", "--ckpt", run, "--device", "cpu")
     assert line == f"error: {tmp_path / 'nope.jpg'}: no such image file (and 1 more)"
@@ -102,16 +102,16 @@ def test_model_summary_unknown_preset_lists_the_presets():
 @pytest.fixture
 def no_training(monkeypatch):
     """Fails the test if the data is read, torchrun is started or training begins."""
-    import grr_data.dataset
-    import grr_train.distributed
-    import grr_train.trainer
+    import grr_data.format.manifest
+    import grr_train.runtime.distributed
+    import grr_train.train.trainer
 
     def fail(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(grr_data.dataset.DatasetInfo, "read", fail)
-    monkeypatch.setattr(grr_train.distributed, "relaunch_with_torchrun", fail)
-    monkeypatch.setattr(grr_train.trainer, "run_training", fail)
+    monkeypatch.setattr(grr_data.format.manifest.DatasetInfo, "read", fail)
+    monkeypatch.setattr(grr_train.runtime.distributed, "relaunch_with_torchrun", fail)
+    monkeypatch.setattr(grr_train.train.trainer, "run_training", fail)
 
 
 def test_train_unknown_preset_lists_the_presets(tmp_path, no_training):
@@ -161,11 +161,11 @@ def test_finetune_names_a_missing_from_before_the_data(tmp_path, no_training):
 
 
 def test_train_data_without_manifest_says_to_shard(run, tmp_path, monkeypatch):
-    import grr_train.distributed
-    import grr_train.trainer
+    import grr_train.runtime.distributed
+    import grr_train.train.trainer
 
-    monkeypatch.setattr(grr_train.trainer, "run_training", lambda *a, **k: pytest.fail("training started"))
-    monkeypatch.setattr(grr_train.distributed, "relaunch_with_torchrun", lambda *a: pytest.fail("torchrun started"))
+    monkeypatch.setattr(grr_train.train.trainer, "run_training", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(grr_train.runtime.distributed, "relaunch_with_torchrun", lambda *a: pytest.fail("torchrun started"))
     data = tmp_path / "shards"
     data.mkdir()
     expected = f"error: {data / 'manifest.json'} not found: is {data} a sharded set (grr data shard)?"
@@ -181,14 +181,14 @@ def test_train_data_without_manifest_says_to_shard(run, tmp_path, monkeypatch):
 def test_train_out_of_memory_is_one_line_with_what_to_change(tmp_path, monkeypatch):
     from tiny_run import make_set
 
-    import grr_train.trainer
+    import grr_train.train.trainer
 
     data, _ = make_set(tmp_path)
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1 GiB free.")
 
-    monkeypatch.setattr(grr_train.trainer, "run_training", oom)
+    monkeypatch.setattr(grr_train.train.trainer, "run_training", oom)
     _, line = grr("train", "pretrain", "--preset", "grr-tiny", "--data", data, "--out", tmp_path / "run",
                   "--set", "per_device_batch_size=4", "--set", "global_batch_size=4")
     assert line.startswith("error: out of memory running grr-tiny at micro-batch 4 (CUDA out of memory. Tried")
@@ -197,13 +197,13 @@ def test_train_out_of_memory_is_one_line_with_what_to_change(tmp_path, monkeypat
 
 
 def test_bench_out_of_memory_is_one_line_and_other_errors_still_raise(monkeypatch):
-    import grr_train.bench
+    import grr_train.train.bench
 
     def cpu_oom(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: you "
                            "tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
 
-    monkeypatch.setattr(grr_train.bench, "bench_train", cpu_oom)
+    monkeypatch.setattr(grr_train.train.bench, "bench_train", cpu_oom)
     _, line = grr("bench", "train", "--preset", "grr-coca-1b", "--batch-size", "48")
     assert line.startswith("error: out of memory running grr-coca-1b at micro-batch 48 ([enforce fail")
     assert "add --activation-checkpointing or lower --batch-size" in line
@@ -211,6 +211,6 @@ def test_bench_out_of_memory_is_one_line_and_other_errors_still_raise(monkeypatc
     def other(*args, **kwargs):
         raise RuntimeError("a bug, not memory")
 
-    monkeypatch.setattr(grr_train.bench, "bench_train", other)
+    monkeypatch.setattr(grr_train.train.bench, "bench_train", other)
     result = CliRunner().invoke(app, ["bench", "train", "--preset", "grr-tiny"])
     assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug, not memory"

@@ -4,7 +4,7 @@ the training commands' flags read as flags; `grr train settings` lists every set
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from grr_cli.main import app
 
 COMMANDS = [
     [], ["model"], ["model", "list"], ["model", "summary"], ["data"], ["data", "fetch"],
@@ -36,7 +36,7 @@ def test_training_flags_read_as_flags(command):
 def test_train_settings_lists_every_setting_with_defaults():
     from dataclasses import fields
 
-    from grr_train.config import SETTING_HELP, TrainConfig
+    from grr_train.train.config import SETTING_HELP, TrainConfig
 
     result = CliRunner().invoke(app, ["train", "settings"])
     assert result.exit_code == 0, result.output

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from grr_train.compare import ROWS, Section, percent_change, write_report
-from grr_train.metrics_log import read_metrics
+from grr_train.eval.compare import ROWS, Section, percent_change, write_report
+from grr_train.runs.metrics import read_metrics
 
 
 def _run(tmp_path, name, scale):

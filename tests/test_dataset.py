@@ -5,8 +5,8 @@ import json
 import pytest
 from shardset import VOCAB_SIZE, make_shardset
 
-from grr_data.dataset import DatasetInfo
-from grr_data.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds
+from grr_data.format.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds
+from grr_data.format.manifest import DatasetInfo
 
 
 def _manifest(**changes) -> dict:

@@ -10,13 +10,13 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from grr_train.compare import ROWS
+from grr_train.eval.compare import ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def grr(*args, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "grr_cli.main", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"grr {' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
@@ -113,7 +113,7 @@ def test_demo_under_sigterm_saves_and_stops_cleanly(tmp_path):
     import time
 
     out = tmp_path / "demo"
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "demo", "--quick", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "grr_cli.main", "demo", "--quick", "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = out / "runs" / "pretrain-baseline" / "metrics.jsonl"
     deadline = time.monotonic() + 240

@@ -9,17 +9,17 @@ import pytest
 import sentencepiece as spm
 from tiny_run import make_set, tiny_config
 
+from grr_data.fetch.catalog import load_manifest
 from grr_data.fetch.shapes import ShapesSpec
 from grr_data.fetch.shapes_tokenizer import write_shapes_tokenizer
-from grr_data.manifests import load_manifest
 from grr_data.tokenizer import load_tokenizer
-from grr_train.caption_metrics import caption_scores, exact_match
-from grr_train.compare import Section, _events, write_report
-from grr_train.config import TrainConfig, resolve_config
-from grr_train.demo_report import exact_by_kind, mean_eval, preface, scene_kind
-from grr_train.metrics_log import read_metrics
-from grr_train.schedule import lr_at
-from grr_train.trainer import run_training
+from grr_train.demo.report import exact_by_kind, mean_eval, preface, scene_kind
+from grr_train.eval.caption_metrics import caption_scores, exact_match
+from grr_train.eval.compare import Section, _events, write_report
+from grr_train.runs.metrics import read_metrics
+from grr_train.train.config import TrainConfig, resolve_config
+from grr_train.train.schedule import lr_at
+from grr_train.train.trainer import run_training
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_lr_cycle_steps_runs_one_cosine_over_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_demo_with_two_seeds_reports_means_and_spreads(tmp_path):
-    from grr_train.demo import DemoPlan, run_demo
+    from grr_train.demo.run import DemoPlan, run_demo
 
     plan = DemoPlan(num_pairs=80, pretrain_steps=3, finetune_steps=2, batch_size=4, seeds=(0, 1))
     said = []
@@ -150,7 +150,7 @@ def test_demo_with_two_seeds_reports_means_and_spreads(tmp_path):
 
 
 def _jobs(data, root, bad_short=None, steps=2):
-    from grr_train.demo_jobs import Job
+    from grr_train.demo.jobs import Job
 
     jobs = []
     for name, short in (("Baseline CoCa", "baseline"), ("GRR-CoCa", "grr")):
@@ -165,7 +165,7 @@ def _jobs(data, root, bad_short=None, steps=2):
 
 @pytest.mark.slow
 def test_demo_jobs_train_both_models_at_once_each_logging_to_its_own_file(tmp_path):
-    from grr_train.demo_jobs import run_jobs
+    from grr_train.demo.jobs import run_jobs
 
     data, _ = make_set(tmp_path)
     said = []
@@ -181,7 +181,7 @@ def test_demo_jobs_train_both_models_at_once_each_logging_to_its_own_file(tmp_pa
 
 @pytest.mark.slow
 def test_a_failing_demo_job_names_its_log_and_stops_the_other_one_with_a_checkpoint(tmp_path):
-    from grr_train.demo_jobs import run_jobs
+    from grr_train.demo.jobs import run_jobs
 
     data, _ = make_set(tmp_path)
     # The baseline pretrains, then cannot find the run to fine-tune from; GRR would train for
@@ -199,8 +199,8 @@ def test_the_demo_settings_run_eagerly_on_a_gpu_too():
     # trim_text_padding is refused where compile=auto would compile (CUDA); the demo asks for eager.
     import torch
 
-    from grr_train.demo import FULL, _finetune_settings, _pretrain_settings
-    from grr_train.run_checks import compile_mode
+    from grr_train.demo.run import FULL, _finetune_settings, _pretrain_settings
+    from grr_train.train.setup import compile_mode
 
     for settings in (_pretrain_settings(FULL, 0, 200), _finetune_settings(FULL, 0, 200)):
         cfg = resolve_config("pretrain", None, settings)

@@ -1,6 +1,6 @@
 """The soft-reset early stopper on scripted validation curves."""
 
-from grr_train.early_stop import IMPROVED, RESET, STOP, WAIT, SoftResetEarlyStopper
+from grr_train.train.early_stop import IMPROVED, RESET, STOP, WAIT, SoftResetEarlyStopper
 
 
 def run(curve, **kw):

@@ -4,17 +4,18 @@ number the same as when losses, retrieval and captions are computed from separat
 import numpy as np
 import pytest
 import torch
+from ckpt_helpers import save_checkpoint
 from PIL import Image
 from shardset import VOCAB_SIZE, jpeg_bytes, make_shardset
 
-import grr_train.evaluate as evaluate
-from grr_data.layout import SpecialIds
+import grr_train.eval.evaluate as evaluate
+from grr_data.format.layout import SpecialIds
 from grr_data.loader import make_loader
-from grr_train import checkpoint as ckpt
-from grr_train.generate import DecodeOptions, generate_from_tokens
-from grr_train.losses import caption_loss
+from grr_train.eval.retrieval import group_by_image, recall_at_k
+from grr_train.infer.generate import DecodeOptions, generate_from_tokens
 from grr_train.model import build_model, get_config
-from grr_train.retrieval import group_by_image, recall_at_k
+from grr_train.runs import weights
+from grr_train.train.losses import caption_loss
 
 SPECIAL = SpecialIds.for_vocab(VOCAB_SIZE)
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
@@ -33,7 +34,7 @@ def data_and_run(tmp_path_factory):
             "train_config": {"recipe": "pretrain", "lambda_con": 1.0, "lambda_cap": 2.0, "precision": "fp32",
                              "val_contrastive_batch_size": 2},
             "special": SPECIAL.to_dict()}
-    ckpt.save_checkpoint(root / "run", model, {}, meta, keep=1)
+    save_checkpoint(root / "run", model, {}, meta, keep=1)
     return data, root / "run"
 
 
@@ -72,7 +73,7 @@ def test_one_pass_equals_separate_passes(data_and_run):
     result = evaluate.evaluate_run(run, data, "val", batch_size=3, contrastive_batch_size=7, decode_words=words,
                                    decode_options=options, num_workers=0)
 
-    model, _ = ckpt.load_model(run)
+    model, _ = weights.load_model(run)
     batches = list(make_loader(data, split="val", batch_size=7, shuffle=False, num_workers=0, with_keys=True))
     assert len(batches) == 1 and bool(batches[0]["real"].all())
     images, ids = batches[0]["images"], batches[0]["ids"]

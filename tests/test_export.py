@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_run import make_set, photos, train_tiny_run  # noqa: E402
 
-from cli.main import app  # noqa: E402
-from grr_train.checkpoint import load_model  # noqa: E402
-from grr_train.export import HubCoCa, export_run  # noqa: E402
+from grr_cli.main import app  # noqa: E402
+from grr_train.infer.export import HubCoCa, export_run  # noqa: E402
+from grr_train.runs.weights import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from ckpt_helpers import save_best, save_checkpoint
 from typer.testing import CliRunner
 
-from grr_data.layout import SpecialIds
-from grr_train import checkpoint as ckpt
-from grr_train.metrics_log import MetricsLog, read_metrics, truncate_metrics
+from grr_data.format.layout import SpecialIds
 from grr_train.model import build_model, get_config
+from grr_train.runs import checkpoint as ckpt
+from grr_train.runs import weights
+from grr_train.runs.metrics import MetricsLog, read_metrics, truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +40,7 @@ def two_checkpoints(run: Path):
     models = []
     for step in (1, 2):
         cfg, model = tiny_model(seed=step)
-        ckpt.save_checkpoint(run, model, {"step": step, "x": torch.arange(1000.0)}, meta(cfg, step), keep=3)
+        save_checkpoint(run, model, {"step": step, "x": torch.arange(1000.0)}, meta(cfg, step), keep=3)
         models.append(model)
     return models
 
@@ -82,27 +84,27 @@ def test_a_flipped_byte_is_caught_and_the_run_falls_back(tmp_path, capsys, name)
     assert ckpt.latest_checkpoint(tmp_path).name == "step-0000001"
     err = capsys.readouterr().err
     assert str(path) in err and "using step-0000001" in err
-    model, info = ckpt.load_model(tmp_path)  # `grr eval RUN`, `grr caption --ckpt RUN`, `finetune --from RUN`
+    model, info = weights.load_model(tmp_path)  # `grr eval RUN`, `grr caption --ckpt RUN`, `finetune --from RUN`
     assert info["step"] == 1 and same_weights(model, first)
     with pytest.raises(ckpt.CheckpointError, match=f"{path}.*damaged"):  # named directly: no fallback
-        ckpt.load_model(newest)
+        weights.load_model(newest)
 
 
 def test_no_intact_checkpoint_left_fails_naming_the_file(tmp_path):
     two_checkpoints(tmp_path)
     for step in (1, 2):
-        weights = tmp_path / "checkpoints" / f"step-{step:07d}" / "model.safetensors"
-        flip_byte(weights, weights_data_offset(weights))
+        weights_file = tmp_path / "checkpoints" / f"step-{step:07d}" / "model.safetensors"
+        flip_byte(weights_file, weights_data_offset(weights_file))
     with pytest.raises(FileNotFoundError, match="step-0000002/model.safetensors is damaged.*no other checkpoint"):
-        ckpt.load_model(tmp_path)
+        weights.load_model(tmp_path)
 
 
 def test_a_damaged_best_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
     _, second = two_checkpoints(tmp_path)
     cfg, model = tiny_model(seed=3)
-    ckpt.save_best(tmp_path, model, {}, meta(cfg, 1))
+    save_best(tmp_path, model, {}, meta(cfg, 1))
     flip_byte(tmp_path / "best" / "state.pt", 100)
-    loaded, info = ckpt.load_model(tmp_path)
+    loaded, info = weights.load_model(tmp_path)
     assert info["checkpoint"].name == "step-0000002" and same_weights(loaded, second)
     assert f"{tmp_path / 'best' / 'state.pt'} is damaged" in capsys.readouterr().err
 
@@ -110,17 +112,17 @@ def test_a_damaged_best_falls_back_to_the_newest_intact_checkpoint(tmp_path, cap
 def test_cli_caption_and_eval_name_the_damaged_file(tmp_path):
     from PIL import Image
 
-    from cli.main import app
+    from grr_cli.main import app
 
     Image.new("RGB", (32, 32)).save(tmp_path / "image.jpg")
     two_checkpoints(tmp_path)
-    weights = tmp_path / "checkpoints" / "step-0000002" / "model.safetensors"
-    flip_byte(weights, weights_data_offset(weights))
-    for args in (["caption", "--ckpt", str(weights.parent), "--device", "cpu", str(tmp_path / "image.jpg")],
-                 ["eval", str(weights.parent), "--data", str(tmp_path / "no-data"), "--device", "cpu"]):
+    weights_file = tmp_path / "checkpoints" / "step-0000002" / "model.safetensors"
+    flip_byte(weights_file, weights_data_offset(weights_file))
+    for args in (["caption", "--ckpt", str(weights_file.parent), "--device", "cpu", str(tmp_path / "image.jpg")],
+                 ["eval", str(weights_file.parent), "--data", str(tmp_path / "no-data"), "--device", "cpu"]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 1, result.output
-        assert f"{weights} is damaged" in result.output
+        assert f"{weights_file} is damaged" in result.output
         assert "Traceback" not in result.output
 
 
@@ -129,15 +131,15 @@ def test_cli_caption_and_eval_name_the_damaged_file(tmp_path):
 def test_a_damaged_safetensors_header_is_named_not_a_bare_safetensor_error(tmp_path):
     two_checkpoints(tmp_path)
     newest = tmp_path / "checkpoints" / "step-0000002"
-    weights = newest / "model.safetensors"
-    flip_byte(weights, 0)  # the header's length
+    weights_file = newest / "model.safetensors"
+    flip_byte(weights_file, 0)  # the header's length
     assert ckpt.latest_checkpoint(tmp_path).name == "step-0000001"
-    with pytest.raises(ckpt.CheckpointError, match=str(weights)):
-        ckpt.load_model(newest)
+    with pytest.raises(ckpt.CheckpointError, match=str(weights_file)):
+        weights.load_model(newest)
     # the loader itself, called without the check (as a resume does after it): a clear error too
     _, model = tiny_model(seed=0)
-    with pytest.raises(ckpt.CheckpointError, match=f"{weights}: cannot read the weights"):
-        ckpt.load_weights(model, newest)
+    with pytest.raises(ckpt.CheckpointError, match=f"{weights_file}: cannot read the weights"):
+        weights.load_weights(model, newest)
 
 
 def as_saved_before_checksums(folder: Path) -> None:
@@ -152,13 +154,13 @@ def test_checkpoints_without_checksums_load_and_their_header_is_still_checked(tm
     first, second = two_checkpoints(tmp_path)
     for step in (1, 2):
         as_saved_before_checksums(tmp_path / "checkpoints" / f"step-{step:07d}")
-    model, info = ckpt.load_model(tmp_path)
+    model, info = weights.load_model(tmp_path)
     assert info["step"] == 2 and same_weights(model, second)
     header = tmp_path / "checkpoints" / "step-0000002" / "model.safetensors"
     data = bytearray(header.read_bytes())
     data[8] = ord("[")  # the JSON header's opening brace: the size is unchanged
     header.write_bytes(bytes(data))
-    model, info = ckpt.load_model(tmp_path)
+    model, info = weights.load_model(tmp_path)
     assert info["step"] == 1 and same_weights(model, first)
     assert f"{header} is not a readable safetensors file" in capsys.readouterr().err
 
@@ -240,7 +242,7 @@ def test_a_full_disk_while_logging_names_the_file(tmp_path, monkeypatch):
     import errno
     import io
 
-    from grr_train import metrics_log
+    from grr_train.runs import metrics as metrics_log
 
     class FullDisk(io.StringIO):  # simulated: the real one is test_a_full_disk_while_logging_on_a_tmpfs
         def flush(self):
@@ -275,11 +277,11 @@ SAVE_ON_A_FULL_DISK = """
     import os, sys, torch
     sys.path.insert(0, "tests")
     from test_faults_checkpoint import meta, tiny_model
-    from grr_train import checkpoint as ckpt
+    from ckpt_helpers import save_checkpoint
     cfg, model = tiny_model(seed=0)
     state = {"optimizer": [torch.ones(2_000_000)]}  # 8 MB: never fits
     try:
-        ckpt.save_checkpoint(DISK + "/run", model, state, meta(cfg, 1), keep=1)
+        save_checkpoint(DISK + "/run", model, state, meta(cfg, 1), keep=1)
     except BaseException as err:
         print(type(err).__name__, err)
     print(sorted(os.listdir(DISK + "/run/checkpoints")))
@@ -300,7 +302,7 @@ def test_a_full_disk_while_saving_says_so_and_names_the_checkpoint(tmp_path, siz
 
 LOG_ON_A_FULL_DISK = """
     import sys
-    from grr_train.metrics_log import MetricsLog
+    from grr_train.runs.metrics import MetricsLog
     log = MetricsLog(DISK, tensorboard=False)
     try:
         for step in range(100_000):  # about 4 MB

@@ -26,14 +26,21 @@ from shardset import VOCAB_SIZE, make_shardset  # noqa: E402
 from test_shard import jpeg, make_fetch_output, write_tar  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from cli.main import app  # noqa: E402
+from grr_cli.main import app  # noqa: E402
 from grr_data.check import check_dataset  # noqa: E402
-from grr_data.layout import check_layout  # noqa: E402
+from grr_data.format.layout import check_layout  # noqa: E402
+from grr_data.format.records import (  # noqa: E402
+    ShardWriter,
+    decode_ids,
+    encode_ids,
+    index_path,
+    iter_tar_samples,
+    read_index,
+)
+from grr_data.infra.lock import LOCK_NAME, LockedError, hold_lock  # noqa: E402
 from grr_data.loader import make_loader  # noqa: E402
 from grr_data.loader.dali import dali_available  # noqa: E402
-from grr_data.lock import LOCK_NAME, LockedError, hold_lock  # noqa: E402
-from grr_data.records import ShardWriter, decode_ids, encode_ids, index_path, iter_tar_samples, read_index  # noqa: E402
-from grr_data.shard import shard_dataset  # noqa: E402
+from grr_data.shard.run import shard_dataset  # noqa: E402
 from grr_data.tokenizer import SAMPLE_TOKENIZER_DIR, load_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +204,7 @@ def test_a_tokenizer_with_other_pieces_and_the_same_size_is_told_apart(tmp_path)
 
 HOLD_AFTER_FIRST_SHARD = """
 import sys, time
-from grr_data.shard import shard_dataset
+from grr_data.shard.run import shard_dataset
 def hold(path):
     print("holding", flush=True)
     time.sleep(600)
@@ -232,7 +239,7 @@ def test_a_second_shard_run_into_the_same_folder_fails_at_once_naming_the_first(
         first.kill()  # kill -9: no cleanup runs, the lock file stays behind
         first.wait()
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == first.pid
-    with caplog.at_level(logging.WARNING, logger="grr_data.lock"):
+    with caplog.at_level(logging.WARNING, logger="grr_data.infra.lock"):
         manifest, stats = shard_dataset(tmp_path / "in", out, split="100/0", shard_size=3, workers=1, progress=False)
     assert f"taking over the lock left by grr data shard (PID {first.pid}" in caplog.text
     assert stats["kept_shards"] == 1 and manifest["splits"]["train"]["num_samples"] == 12
@@ -247,7 +254,7 @@ def test_a_lock_from_another_host_is_reported_and_broken_only_when_asked(tmp_pat
     (out / LOCK_NAME).write_text(json.dumps(stale))
     with pytest.raises(LockedError, match=r"PID 4242 on host gpu-node-17.*3 h 10 min ago.*--break-lock"):
         shard_dataset(tmp_path / "in", out, progress=False, workers=1)
-    with caplog.at_level(logging.WARNING, logger="grr_data.lock"):
+    with caplog.at_level(logging.WARNING, logger="grr_data.infra.lock"):
         shard_dataset(tmp_path / "in", out, progress=False, workers=1, break_lock=True)
     assert "breaking the lock of grr data shard (PID 4242 on host gpu-node-17" in caplog.text
     assert (out / "manifest.json").is_file() and not (out / LOCK_NAME).exists()
@@ -372,15 +379,15 @@ def test_kill_9_of_the_shard_main_process_leaves_no_worker_alive(tmp_path):
 
 CLI_HOLDING_AFTER_FIRST_SHARD = """
 import sys, time
-import grr_data.shard
-from cli.main import app
-finish = grr_data.shard._SplitSink.finish_shard
+import grr_data.shard.run
+from grr_cli.main import app
+finish = grr_data.shard.run._SplitSink.finish_shard
 def finish_then_hold(self):
     finish(self)
     if self.shards:
         print("holding", flush=True)
         time.sleep(600)
-grr_data.shard._SplitSink.finish_shard = finish_then_hold
+grr_data.shard.run._SplitSink.finish_shard = finish_then_hold
 app(["data", "shard", "--input", sys.argv[1], "--out", sys.argv[2], "--split", "100/0", "--shard-size", "3",
      "--workers", "2"])
 """
@@ -434,7 +441,7 @@ def test_extreme_aspect_images_are_one_bad_sample_each(tmp_path):
 
 MEASURE_PREPARE = """
 import resource, sys
-from grr_data.shard_input import prepare_image
+from grr_data.shard.samples import prepare_image
 data = open(sys.argv[1], "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
@@ -459,7 +466,7 @@ def test_an_extreme_aspect_image_is_refused_before_it_takes_memory(tmp_path):
 
 
 def test_a_decompression_bomb_is_refused_from_its_header():
-    from grr_data.shard_input import prepare_image
+    from grr_data.shard.samples import prepare_image
 
     bomb = io.BytesIO()
     Image.new("1", (10_000, 10_000)).save(bomb, format="PNG")  # 100 Mpixel, a few kB of PNG
@@ -488,7 +495,7 @@ def _square_or_fail(x: int) -> int:
 
 
 def test_the_shard_pool_keeps_order_and_reports_errors_and_dead_workers():
-    from grr_data.procs import WorkerPool
+    from grr_data.infra.procs import WorkerPool
 
     with WorkerPool(_square_or_fail, 3) as pool:
         assert list(pool.imap([1, 2, 3, 4, 6, 8, 9])) == [1, 4, 9, 16, 36, 64, 81]

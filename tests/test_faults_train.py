@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from grr_train.config import resume_config
-from grr_train.trainer import run_training
+from grr_train.train.config import resume_config
+from grr_train.train.trainer import run_training
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_faults_checkpoint import flip_byte, run_on_small_tmpfs, weights_data_offset  # noqa: E402
@@ -68,7 +68,7 @@ def test_a_bad_line_inside_metrics_stops_resume_naming_it(tmp_path, data):
 TRAIN_ON_A_FULL_DISK = """
     import os, sys
     os.environ["_TYPER_STANDARD_TRACEBACK"] = "1"  # a plain last line, should the error be a traceback
-    from cli.main import app
+    from grr_cli.main import app
     sys.argv = ["grr", "train", "pretrain", "--preset", "grr-tiny", "--data", DATA, "--out", DISK + "/run",
                 "--set", "per_device_batch_size=4", "--set", "global_batch_size=4", "--set", "num_workers=0",
                 "--set", "loader=cpu", "--set", "max_steps=1", "--set", "checkpoint_every=1",

@@ -20,8 +20,8 @@ from fetch_helpers import no_worker_pool, read_split  # noqa: F401  (no_worker_p
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.fetch import fetch_command  # noqa: F401  (registers `fetch` into data_app)
-from cli.groups import data_app
+from grr_cli.fetch import fetch_command  # noqa: F401  (registers `fetch` into data_app)
+from grr_cli.groups import data_app
 from grr_data.fetch import FetchOptions, fetch
 from grr_data.fetch.loopback import serve_directory
 
@@ -162,7 +162,7 @@ def test_ctrl_c_exits_130_and_a_rerun_continues(tmp_path):
     tsv = tmp_path / "cc12m.tsv"
     tsv.write_text("".join(f"{base}/img{i}.jpg\tpicture {i}\n" for i in range(4)))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "cli.main", "data", "fetch", "cc12m", "--from", str(tsv), "--out", str(out),
+    command = [sys.executable, "-m", "grr_cli.main", "data", "fetch", "cc12m", "--from", str(tsv), "--out", str(out),
                "--workers", "1", "--threads", "2", "--retries", "0", "--timeout", "30", "--shard-size", "2"]
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}

@@ -9,9 +9,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import grr_data.files
-from cli.fetch import fetch_command  # noqa: F401  (registers `fetch` into data_app)
-from cli.groups import data_app
+import grr_data.infra.files
+from grr_cli.fetch import fetch_command  # noqa: F401  (registers `fetch` into data_app)
+from grr_cli.groups import data_app
 from grr_data.fetch import FetchError, FetchOptions, img2ds
 
 
@@ -90,15 +90,15 @@ def test_workers_and_threads_default_from_the_usable_cores(monkeypatch, cpus, wo
 
 
 def test_fetch_files_are_published_through_grr_data_files(tmp_path, monkeypatch):
-    """Shards, URL lists and downloads go through grr_data.files (fsync, rename, fsync the folder)."""
+    """Shards, URL lists and downloads go through grr_data.infra.files (fsync, rename, fsync the folder)."""
     from fetch_helpers import jpeg
 
     from grr_data.fetch.common import download_file
     from grr_data.fetch.convert import PairWriter, SourceImage
 
     synced = []
-    real = grr_data.files.fsync_path
-    monkeypatch.setattr(grr_data.files, "fsync_path", lambda p: (synced.append(os.fspath(p)), real(p)))
+    real = grr_data.infra.files.fsync_path
+    monkeypatch.setattr(grr_data.infra.files, "fsync_path", lambda p: (synced.append(os.fspath(p)), real(p)))
     def published(path):  # publish() fsyncs the finished temporary beside `path`, then the folder
         return str(path.parent) in synced and any(os.path.dirname(p) == str(path.parent) and
                                                   os.path.basename(p).startswith(f".{path.name}.tmp-") for p in synced)

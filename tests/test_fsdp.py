@@ -25,12 +25,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from grr_train import checkpoint as ckpt
-from grr_train.config import TrainConfig, resume_config
-from grr_train.metrics_log import read_metrics
 from grr_train.model import build_model, get_config
-from grr_train.sharded_checkpoint import load_sharded, load_whole_weights, save_sharded
-from grr_train.trainer import run_training
+from grr_train.runs import checkpoint as ckpt
+from grr_train.runs import weights
+from grr_train.runs.metrics import read_metrics
+from grr_train.runs.sharded import load_sharded, load_whole_weights, save_sharded
+from grr_train.train.config import TrainConfig, resume_config
+from grr_train.train.trainer import run_training
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import make_data, tiny, train_losses  # noqa: E402
@@ -70,7 +71,7 @@ def test_sharded_checkpoint_round_trip_and_integrity(tmp_path):
     assert {"sharded/.metadata", "sharded/__0_0.distcp", "state.pt", "meta.json"} <= set(sums)
     assert ckpt.checkpoint_problem(final) is None
     assert ckpt.read_meta(final)["sharded"] is True
-    assert sorted(ckpt.weight_names(final)) == sorted(model.state_dict())
+    assert sorted(weights.weight_names(final)) == sorted(model.state_dict())
 
     other, other_optimizer = _stepped(1)  # other weights and optimizer moments
     load_whole_weights(other, final)
@@ -123,8 +124,8 @@ def test_one_process_finetunes_from_a_sharded_run_with_soft_resets(tmp_path, sma
     assert summary["stop_reason"] == "early_stop" and summary["epoch"] == 3
     best = tmp_path / "fine" / "best"
     assert ckpt.checkpoint_problem(best) is None and (best / "sharded").is_dir()
-    fine, _ = ckpt.load_model(best)
-    start, _ = ckpt.load_model(pre)
+    fine, _ = weights.load_model(best)
+    start, _ = weights.load_model(pre)
     for name, tensor in start.state_dict().items():  # lr 0 all along: the weights it started from
         assert torch.equal(fine.state_dict()[name], tensor), name
 
@@ -145,7 +146,7 @@ def test_one_process_sharded_resume_is_exact_with_dropout(tmp_path):
 
 def train(data: Path, out: Path, nproc: int, parallelism: str, steps: int, resume: bool = False,
           extra: tuple = ()) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "cli.main", "train", "pretrain", "--preset", "grr-tiny", "--data", str(data),
+    cmd = [sys.executable, "-m", "grr_cli.main", "train", "pretrain", "--preset", "grr-tiny", "--data", str(data),
            "--out", str(out), "--max-steps", str(steps), "--nproc-per-node", str(nproc)]
     # contrastive batch 2 out of a global 4: on 2 processes 1 sample a micro-batch, 2 micro-batches a
     # step; on 1 process 2 and 2, from the same samples
@@ -187,8 +188,8 @@ def test_fsdp_gives_the_losses_and_weights_of_ddp(fsdp_run, tmp_path):
     assert val_fsdp[0]["num_samples"] == 4
     assert val_fsdp[0]["loss"] == pytest.approx(val_ddp[0]["loss"], rel=TOL)
     # the sharded checkpoint read whole into a plain model holds DDP's weights
-    sharded, _ = ckpt.load_model(fsdp / "checkpoints" / "step-0000003")
-    whole, _ = ckpt.load_model(tmp_path / "ddp" / "checkpoints" / "step-0000003")
+    sharded, _ = weights.load_model(fsdp / "checkpoints" / "step-0000003")
+    whole, _ = weights.load_model(tmp_path / "ddp" / "checkpoints" / "step-0000003")
     assert not (fsdp / "checkpoints" / "step-0000003" / ckpt.WEIGHTS).exists()
     for name, tensor in whole.state_dict().items():
         torch.testing.assert_close(sharded.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
@@ -239,7 +240,7 @@ def test_each_of_two_processes_holds_half_the_parameters():
 
 @pytest.mark.slow
 def test_a_sharded_run_exports_and_evaluates_on_one_process(tmp_path):
-    from cli.main import app
+    from grr_cli.main import app
 
     data, _ = make_set(tmp_path)  # 8 train samples, a real tokenizer
     run = tmp_path / "run"
@@ -249,7 +250,7 @@ def test_a_sharded_run_exports_and_evaluates_on_one_process(tmp_path):
     from safetensors.torch import load_file
 
     exported = load_file(tmp_path / "exported" / ckpt.WEIGHTS)
-    model, _ = ckpt.load_model(run)
+    model, _ = weights.load_model(run)
     assert exported.keys() == model.state_dict().keys()
     for name, tensor in model.state_dict().items():
         assert torch.equal(exported[name], tensor), name

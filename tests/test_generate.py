@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from grr_data.layout import SpecialIds
-from grr_train.generate import DecodeOptions, _filter_top_k_top_p, generate
+from grr_data.format.layout import SpecialIds
+from grr_train.infer.generate import DecodeOptions, _filter_top_k_top_p, generate
 from grr_train.model import build_model, get_config
 
 VOCAB = 300

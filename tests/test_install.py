@@ -143,7 +143,7 @@ def test_install_sh_installs_dali_only_with_a_gpu(tmp_path, gpu, cuda, dali):
 
 def test_pyproject_extras_and_pins():
     project = pyproject()["project"]
-    assert project["name"] == "grr-coca" and project["scripts"] == {"grr": "cli.main:app"}
+    assert project["name"] == "grr-coca" and project["scripts"] == {"grr": "grr_cli.main:app"}
     extras = project["optional-dependencies"]
     assert set(choose_dali.EXTRAS.values()) <= set(extras)
     assert "simd" not in extras and "gpu" not in extras
@@ -168,7 +168,7 @@ def test_transformers_pin_is_the_installed_major():
 def test_pil_build_names_the_build_in_use():
     import PIL
 
-    from grr_data.pil_info import describe_pil_build, pil_build
+    from grr_data.infra.pil_info import describe_pil_build, pil_build
 
     info = pil_build()
     assert info["version"] == PIL.__version__
@@ -180,7 +180,7 @@ def test_pil_build_names_the_build_in_use():
 def test_pil_build_when_both_are_installed(monkeypatch):
     import PIL
 
-    from grr_data import pil_info
+    from grr_data.infra import pil_info
 
     versions = {"Pillow": PIL.__version__, "pillow-simd": "9.5.0.post2"}
     monkeypatch.setattr(pil_info, "_installed", versions.get)

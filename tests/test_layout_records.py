@@ -1,4 +1,4 @@
-"""Token layout and shard record contracts (grr_data/layout.py, grr_data/records.py)."""
+"""Token layout and shard record contracts (grr_data/format/layout.py, grr_data/format/records.py)."""
 
 import json
 import os
@@ -11,8 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from grr_data.layout import CLS_INDEX, SEQ_LEN, SpecialIds, build_layout, caption_word_ids, check_layout
-from grr_data.records import (
+from grr_data.format.layout import (
+    CLS_INDEX,
+    SEQ_LEN,
+    SpecialIds,
+    build_layout,
+    caption_word_ids,
+    check_layout,
+)
+from grr_data.format.records import (
     ShardWriter,
     decode_ids,
     index_path,
@@ -136,7 +143,7 @@ def test_index_parser_reads_uneven_samples_like_even_ones(tmp_path):
 
 
 def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path, monkeypatch):
-    from grr_data import files
+    from grr_data.infra import files
 
     target = tmp_path / "state.json"
     files.write_json_atomic(target, {"v": 1})

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from shardset import jpeg_bytes, make_shardset, sample_number
 
-from grr_data.layout import SEQ_LEN, SpecialIds
+from grr_data.format.layout import SEQ_LEN, SpecialIds
 from grr_data.loader import Plan, make_loader
 from grr_data.loader.base import MEAN, STD
 
@@ -198,8 +198,8 @@ def test_bench_loader_cli(photos):
     import typer
     from typer.testing import CliRunner
 
-    import cli.loader  # noqa: F401  (registers `loader` into bench_app)
-    from cli.groups import bench_app
+    import grr_cli.loader  # noqa: F401  (registers `loader` into bench_app)
+    from grr_cli.groups import bench_app
 
     app = typer.Typer()
     app.add_typer(bench_app, name="bench")
@@ -211,7 +211,7 @@ def test_bench_loader_cli(photos):
 
 
 def test_sample_missing_a_member_is_skipped(tmp_path):
-    from grr_data.records import ShardWriter, iter_tar_samples
+    from grr_data.format.records import ShardWriter, iter_tar_samples
 
     images = [jpeg_bytes(Image.new("RGB", (300, 288), (0, 0, 20 * i))) for i in range(4)]
     root = make_shardset(tmp_path, (4,), images=images)

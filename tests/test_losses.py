@@ -10,10 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from grr_train.losses import caption_loss, coca_loss, contrastive_loss, perplexity
+from grr_train.train.losses import caption_loss, coca_loss, contrastive_loss, perplexity
 
 
-class Special:  # the part of grr_data.layout.SpecialIds the losses use
+class Special:  # the part of grr_data.format.layout.SpecialIds the losses use
     ignored_targets = (8, 0, 9)  # BOS, PAD, CLS for a vocabulary of 10
 
 

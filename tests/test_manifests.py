@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from grr_data.fetch.catalog import REQUIRED_KEYS, list_manifests, load_manifest, manifests_dir
 from grr_data.fetch.sample import skimage_data_dir
-from grr_data.manifests import REQUIRED_KEYS, list_manifests, load_manifest, manifests_dir
 
 DATASETS = ["cc12m", "flickr30k", "mscoco", "roco", "sample", "shapes"]
 

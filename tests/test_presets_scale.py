@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from cli.main import app
+from grr_cli.main import app
 from grr_train.model import PRESETS, ModelConfig, build_model, get_config
 from grr_train.model.summary import counted_training_flops, flops_per_sample, forward_macs, parameter_table
 

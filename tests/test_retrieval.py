@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from grr_train.retrieval import group_by_image, recall_at_k
+from grr_train.eval.retrieval import group_by_image, recall_at_k
 
 # Rows: 5 captions; columns: similarity to 3 images. Captions 0, 1 show image 0, caption 2
 # image 1, captions 3, 4 image 2. With identity image embeddings these rows are the
@@ -64,7 +64,7 @@ def test_bad_input_is_refused_with_a_reason():
 
 
 def test_eval_counts_each_sample_once_and_groups_by_image_pixels():
-    from grr_train.evaluate import RealSamples, image_hash
+    from grr_train.eval.evaluate import RealSamples, image_hash
 
     images = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 2, 2)
     batches = [

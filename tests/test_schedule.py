@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from grr_train.schedule import lr_at
+from grr_train.train.schedule import lr_at
 
 HI, LO = 1e-4, 1e-6
 

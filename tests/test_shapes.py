@@ -16,13 +16,13 @@ from typer.testing import CliRunner
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from cli.fetch import fetch_command  # noqa: E402, F401  (registers `fetch` into data_app)
-from cli.groups import data_app  # noqa: E402
+from grr_cli.fetch import fetch_command  # noqa: E402, F401  (registers `fetch` into data_app)
+from grr_cli.groups import data_app  # noqa: E402
 from grr_data.fetch import FetchError, FetchOptions, fetch  # noqa: E402
+from grr_data.fetch.catalog import load_manifest  # noqa: E402
 from grr_data.fetch.shapes import ShapesSpec, make_scene, render  # noqa: E402
-from grr_data.manifests import load_manifest  # noqa: E402
-from grr_data.records import iter_tar_samples  # noqa: E402
-from grr_data.shard import shard_dataset  # noqa: E402
+from grr_data.format.records import iter_tar_samples  # noqa: E402
+from grr_data.shard.run import shard_dataset  # noqa: E402
 from grr_data.tokenizer import load_tokenizer  # noqa: E402
 
 NUM_SCENES = 3000  # scenes without pixels: ~0.1 ms each

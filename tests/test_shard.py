@@ -18,10 +18,10 @@ from PIL import Image
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from grr_data.check import check_dataset  # noqa: E402
-from grr_data.layout import check_layout  # noqa: E402
-from grr_data.records import decode_ids, iter_tar_samples, read_checksums, read_index  # noqa: E402
-from grr_data.shard import shard_dataset  # noqa: E402
-from grr_data.shard_input import InputError  # noqa: E402
+from grr_data.format.layout import check_layout  # noqa: E402
+from grr_data.format.records import decode_ids, iter_tar_samples, read_checksums, read_index  # noqa: E402
+from grr_data.shard.run import shard_dataset  # noqa: E402
+from grr_data.shard.samples import InputError  # noqa: E402
 from grr_data.tokenizer import SAMPLE_TOKENIZER_DIR, load_tokenizer  # noqa: E402
 
 WORDS = "red blue dog cat man woman tree car beach street sitting near a the on old small".split()
@@ -282,7 +282,7 @@ def test_cut_and_short_tars_are_counted_and_unfinished_fetches_refused(tmp_path)
 
 def test_a_rotated_phone_jpeg_is_stored_upright():
     from grr_data.fetch.convert import resize_to_jpeg
-    from grr_data.shard_input import prepare_image
+    from grr_data.shard.samples import prepare_image
 
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90° clockwise to view": the pixels are stored sideways

@@ -1,4 +1,4 @@
-"""`grr data shard` on a user's own images (grr_data.plain_input): a folder with captions beside
+"""`grr data shard` on a user's own images (grr_data.shard.plain): a folder with captions beside
 the images, or a CSV/JSONL list; the same pipeline, counts, determinism and resume as tar input."""
 
 import io
@@ -17,13 +17,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from test_shard import caption, jpeg, read_set, shard_hashes  # noqa: E402
 
-import grr_data.plain_input  # noqa: E402
-from cli.main import app  # noqa: E402
+import grr_data.shard.plain  # noqa: E402
+from grr_cli.main import app  # noqa: E402
 from grr_data.check import check_dataset  # noqa: E402
+from grr_data.format.records import decode_ids  # noqa: E402
 from grr_data.loader import make_loader  # noqa: E402
-from grr_data.records import decode_ids  # noqa: E402
-from grr_data.shard import shard_dataset  # noqa: E402
-from grr_data.shard_input import InputError  # noqa: E402
+from grr_data.shard.run import shard_dataset  # noqa: E402
+from grr_data.shard.samples import InputError  # noqa: E402
 from grr_data.tokenizer import load_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_the_sharded_folder_loads(sharded_folder):
 
 def test_workers_and_chunks_do_not_change_the_bytes(folder, sharded_folder, tmp_path, monkeypatch):
     # chunks of 3 listed samples: five chunks over two workers
-    monkeypatch.setattr(grr_data.plain_input, "CHUNK_SIZE", 3)
+    monkeypatch.setattr(grr_data.shard.plain, "CHUNK_SIZE", 3)
     manifest, _ = shard_dataset(folder[0], tmp_path / "w2", workers=2, **ARGS)
     shard_dataset(folder[0], tmp_path / "w1", workers=1, **ARGS)
     assert shard_hashes(tmp_path / "w2") == shard_hashes(tmp_path / "w1") == shard_hashes(sharded_folder[0])
@@ -134,9 +134,9 @@ def test_workers_and_chunks_do_not_change_the_bytes(folder, sharded_folder, tmp_
 
 KILL_AFTER_FIRST_SHARD = """
 import os, signal, sys
-import grr_data.plain_input
-from grr_data.shard import shard_dataset
-grr_data.plain_input.CHUNK_SIZE = 3
+import grr_data.shard.plain
+from grr_data.shard.run import shard_dataset
+grr_data.shard.plain.CHUNK_SIZE = 3
 def die(path):
     os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup runs
 shard_dataset(sys.argv[1], sys.argv[2], split="70/30", shard_size=3, workers=1, progress=False, on_shard=die)
@@ -153,7 +153,7 @@ def test_a_killed_run_resumes_to_identical_shards(folder, sharded_folder, tmp_pa
     # the chunking is part of the run's arguments: another chunk size is another run
     with pytest.raises(FileExistsError, match="other arguments or input"):
         shard_dataset(folder[0], out, workers=1, **ARGS)
-    monkeypatch.setattr(grr_data.plain_input, "CHUNK_SIZE", 3)
+    monkeypatch.setattr(grr_data.shard.plain, "CHUNK_SIZE", 3)
     manifest, stats = shard_dataset(folder[0], out, workers=2, **ARGS)
     assert stats["kept_shards"] == 1 and stats["reused_tars"] == len(records)
     assert shard_hashes(out) == shard_hashes(sharded_folder[0])
@@ -170,7 +170,7 @@ def test_a_changed_image_is_not_resumed(tmp_path, monkeypatch):
                           cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     put(root / "3.png", jpeg(99, fmt="PNG"))
-    monkeypatch.setattr(grr_data.plain_input, "CHUNK_SIZE", 3)
+    monkeypatch.setattr(grr_data.shard.plain, "CHUNK_SIZE", 3)
     with pytest.raises(FileExistsError, match="other arguments or input"):
         shard_dataset(root, out, workers=1, **ARGS)
 

@@ -16,19 +16,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from test_shard import jpeg, make_fetch_output, shard_hashes, write_tar  # noqa: E402
 
-import grr_data.shard_input  # noqa: E402
+import grr_data.shard.tars  # noqa: E402
 from grr_data.check import check_dataset  # noqa: E402
-from grr_data.shard import shard_dataset  # noqa: E402
-from grr_data.shard_input import TarJob, process_tar  # noqa: E402
-from grr_data.shard_resume import InputImages, images_path, run_job  # noqa: E402
+from grr_data.shard.run import shard_dataset  # noqa: E402
+from grr_data.shard.samples import TarJob  # noqa: E402
+from grr_data.shard.tars import TarInput, process_tar  # noqa: E402
+from grr_data.shard.workfiles import InputImages, images_path, run_job  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = {"split": "70/30", "shard_size": 3, "progress": False}
 PER_TAR = 12  # make_fetch_output's default: 3 tars of 12 samples
 KILL_IN_SECOND_SHARD = """
 import os, signal, sys
-from grr_data.records import ShardWriter
-from grr_data.shard import shard_dataset
+from grr_data.format.records import ShardWriter
+from grr_data.shard.run import shard_dataset
 done, write = [], ShardWriter.write
 def write_then_die(self, key, members):
     write(self, key, members)
@@ -39,7 +40,7 @@ shard_dataset(sys.argv[1], sys.argv[2], split="70/30", shard_size=3, workers=1, 
 """
 KILL_AFTER_SHARDS = """
 import os, signal, sys
-from grr_data.shard import shard_dataset
+from grr_data.shard.run import shard_dataset
 done = []
 def die(path):  # the main process killed while its two workers write and decode
     done.append(path)
@@ -120,8 +121,8 @@ def test_failed_run_resumes_and_other_arguments_are_refused(reference, tmp_path,
     records = list((out / ".work" / "tars").glob("*.json.gz"))
     assert len(records) == 1  # the first tar alone fills three shards (4 train, 8 val): the failure is in it
     decoded = []
-    real_prepare = grr_data.shard_input.prepare_image
-    monkeypatch.setattr(grr_data.shard_input, "prepare_image", lambda data: decoded.append(1) or real_prepare(data))
+    real_prepare = grr_data.shard.tars.prepare_image
+    monkeypatch.setattr(grr_data.shard.tars, "prepare_image", lambda data: decoded.append(1) or real_prepare(data))
     _, stats = shard_dataset(reference / "in", out, workers=1, **ARGS)
     assert stats["kept_shards"] == 2 and stats["reused_tars"] == 1
     assert len(decoded) == stats["decoded_images"] == 2 * PER_TAR  # the first tar's images are not decoded
@@ -136,16 +137,16 @@ def test_a_record_restores_samples_and_their_images(tmp_path):
     job = TarJob(str(tmp_path / "00000.tar"), None, None, "made-up", False, str(tmp_path / "rec.json.gz"))
     stored = [s.jpg for s in process_tar(job).samples]  # what a run without work files would store
     assert len(stored) == 2
-    first = run_job(job)
+    first = run_job(job, TarInput())
     assert not first.from_record and first.num_decoded == 3 and Path(job.record).is_file()
     # the worker keeps no image: the stored JPEGs are in the tar's `.jpgs`, where the samples say
     work_images = images_path(job.record).read_bytes()
     assert [s.jpg for s in first.samples] == [None, None]
     assert [work_images[s.stored[0]: s.stored[0] + s.stored[1]] for s in first.samples] == stored
-    again = run_job(job)
+    again = run_job(job, TarInput())
     assert again.from_record and again.num_decoded == 0
     assert again.skipped == first.skipped and again.problems == first.problems
-    images = InputImages()
+    images = InputImages(TarInput())
     for old, new, jpg in zip(first.samples, again.samples, stored, strict=True):
         assert new.jpg is None and (new.key, new.caption, new.meta, new.identity, new.stored) == \
             (old.key, old.caption, old.meta, old.identity, old.stored)
@@ -155,7 +156,7 @@ def test_a_record_restores_samples_and_their_images(tmp_path):
     # an input changed since the record was written is refused, naming the tar and member
     write_tar(tmp_path / "00000.tar", [{"key": "a", "jpg": jpeg(3), "txt": "a red dog"}])
     with pytest.raises(RuntimeError, match="00000.tar: a.jpg is missing or changed"):
-        InputImages().jpg(job.path, again.samples[0])
+        InputImages(TarInput()).jpg(job.path, again.samples[0])
 
 
 def _fail_at_second_shard(reference, out):
@@ -173,7 +174,7 @@ def _fail_at_second_shard(reference, out):
 def test_cli_reports_run_and_output_errors_without_a_traceback(reference, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from grr_cli.main import app
 
     def run(out):
         return CliRunner().invoke(app, ["data", "shard", "--input", str(reference / "in"), "--out", str(out),
@@ -225,7 +226,7 @@ def test_resume_rewrites_a_cut_shard_and_refuses_a_refetched_input(reference, tm
 
 
 def test_shard_writer_fsyncs_before_publishing(tmp_path, monkeypatch):
-    from grr_data.records import ShardWriter, sample_members
+    from grr_data.format.records import ShardWriter, sample_members
 
     synced = []
     real_fsync = os.fsync

@@ -12,11 +12,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from test_shard import caption, jpeg, make_fetch_output, write_tar  # noqa: E402
 
-import grr_data.procs  # noqa: E402
+import grr_data.infra.procs  # noqa: E402
 from grr_data.check import check_dataset  # noqa: E402
-from grr_data.shard import shard_dataset  # noqa: E402
-from grr_data.shard_resume import TarSummary  # noqa: E402
-from grr_data.shard_write import ShardDone, ShardJob  # noqa: E402
+from grr_data.shard.run import shard_dataset  # noqa: E402
+from grr_data.shard.workfiles import TarSummary  # noqa: E402
+from grr_data.shard.write import ShardDone, ShardJob  # noqa: E402
 
 ARGS = {"split": "60/40", "shard_size": 4, "progress": False}
 
@@ -62,14 +62,14 @@ def test_the_main_process_never_receives_image_bytes(varied_input, tmp_path, mon
     """Everything the pool hands back to the main process, as it crossed the pipe: tar summaries
     and finished-shard notes, no JPEG (a JPEG starts with FF D8 FF; PNG input is checked too)."""
     received = []
-    next_done = grr_data.procs.WorkerPool.next_done
+    next_done = grr_data.infra.procs.WorkerPool.next_done
 
     def recording(self):
         tag, value = next_done(self)
         received.append((tag, pickle.dumps(value)))
         return tag, value
 
-    monkeypatch.setattr(grr_data.procs.WorkerPool, "next_done", recording)
+    monkeypatch.setattr(grr_data.infra.procs.WorkerPool, "next_done", recording)
     manifest, _ = shard_dataset(varied_input, tmp_path / "out", workers=2, **ARGS)
     kinds = {type(pickle.loads(raw)) for _, raw in received}
     assert kinds == {TarSummary, ShardDone}
@@ -105,7 +105,7 @@ def test_the_pool_gives_results_as_they_finish_and_reports_a_worker_that_died_id
     import signal
     import time
 
-    from grr_data.procs import WorkerPool
+    from grr_data.infra.procs import WorkerPool
 
     with WorkerPool(_square, 2) as pool:
         pool.submit(3, "a")

@@ -14,11 +14,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from test_check import rewrite_shard  # noqa: E402
 from test_shard import caption, jpeg, read_set, write_tar  # noqa: E402
 
-from cli.main import app  # noqa: E402
+from grr_cli.main import app  # noqa: E402
 from grr_data.check import check_dataset  # noqa: E402
 from grr_data.fetch import FetchOptions, fetch  # noqa: E402
-from grr_data.records import iter_tar_samples  # noqa: E402
-from grr_data.shard import shard_dataset  # noqa: E402
+from grr_data.format.records import iter_tar_samples  # noqa: E402
+from grr_data.shard.run import shard_dataset  # noqa: E402
 
 
 def make_roco(folder):
@@ -97,7 +97,7 @@ def test_source_split_of_a_flat_input_comes_from_the_json(tmp_path):
 def test_a_known_image_id_decides_before_the_content_hash():
     import hashlib
 
-    from grr_data.split import SampleIdentity, SplitAssigner, SplitRule
+    from grr_data.shard.split import SampleIdentity, SplitAssigner, SplitRule
 
     rule = SplitRule.parse("50/50")
     split_of = {i: rule.split_of_hash(hashlib.sha256(f"image_id:id{i}".encode()).digest()) for i in range(20)}

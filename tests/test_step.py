@@ -1,4 +1,4 @@
-"""The training step (grr_train/step.py) and the speed wiring around it (parallel.py, losses.py):
+"""The training step (grr_train/train/step.py) and the speed wiring around it (parallel.py, losses.py):
 accumulation is the maths of one larger batch, non-finite steps are skipped or refused, compiled
 and activation-checkpointed models compute what the eager one does, the chunked caption loss is
 cross-entropy, and the operator counter counts what a GPU launches."""
@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import grr_train.losses as losses
-from grr_data.layout import SpecialIds
-from grr_train.bench import synthetic_batch
-from grr_train.dispatch_count import count_dispatched
+import grr_train.train.losses as losses
+from grr_data.format.layout import SpecialIds
 from grr_train.model import build_model, get_config
-from grr_train.parallel import checkpoint_blocks, compile_blocks
-from grr_train.step import StepSettings, TrainStep
+from grr_train.runtime.parallel import checkpoint_blocks, compile_blocks
+from grr_train.train.bench import synthetic_batch
+from grr_train.train.dispatch_count import count_dispatched
+from grr_train.train.step import StepSettings, TrainStep
 
 V = 64
 

@@ -8,7 +8,7 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from grr_data.layout import CLS_INDEX, SEQ_LEN, SpecialIds, caption_word_ids, check_layout  # noqa: E402
+from grr_data.format.layout import CLS_INDEX, SEQ_LEN, SpecialIds, caption_word_ids, check_layout  # noqa: E402
 from grr_data.tokenizer import (  # noqa: E402
     SAMPLE_TOKENIZER_DIR,
     SAMPLE_TOKENIZER_NAME,

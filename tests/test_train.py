@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from grr_train.config import TrainConfig, resume_config
-from grr_train.metrics_log import read_metrics
-from grr_train.trainer import run_training
+from grr_train.runs.metrics import read_metrics
+from grr_train.train.config import TrainConfig, resume_config
+from grr_train.train.trainer import run_training
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shardset import make_shardset  # noqa: E402
@@ -103,7 +103,7 @@ def test_fresh_run_refuses_a_used_folder(tmp_path, data):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cli.main", "train", "pretrain", "--preset", "grr-tiny", "--data", str(data),
+    cmd = [sys.executable, "-m", "grr_cli.main", "train", "pretrain", "--preset", "grr-tiny", "--data", str(data),
            "--out", str(run), "--set", "per_device_batch_size=2", "--set", "global_batch_size=2",
            "--set", "num_workers=0", "--set", "loader=cpu", "--set", "epochs=50", "--set", "checkpoint_every=1000",
            "--set", "tensorboard=false", "--set", "val_contrastive_batch_size=2"]
@@ -143,7 +143,7 @@ def test_finetune_soft_reset_then_stop(tmp_path, small_data):
 
 
 def test_paper_split_warns_and_run_records_the_tokenizer(tmp_path, capsys):
-    from grr_train.checkpoint import load_model
+    from grr_train.runs.weights import load_model
 
     data = make_data(tmp_path / "data", (4,), (4,))
     manifest = json.loads((data / "manifest.json").read_text())
@@ -185,7 +185,7 @@ def test_max_steps_beyond_the_epochs_raises_the_epochs_and_says_so(tmp_path, sma
 
 
 def test_early_stop_refuses_a_nan_validation_loss(tmp_path, small_data, monkeypatch):
-    import grr_train.trainer as trainer
+    import grr_train.train.trainer as trainer
 
     def nan_validate(*args, **kwargs):
         return {"loss": float("nan"), "contrastive": float("nan"), "caption": 1.0, "perplexity": 2.7,
@@ -199,7 +199,7 @@ def test_early_stop_refuses_a_nan_validation_loss(tmp_path, small_data, monkeypa
 def test_a_signal_stops_validation_between_batches(tmp_path, small_data, monkeypatch):
     # Validation in 2 batches of 2; SIGTERM arrives while the first is validated: the run must
     # save and stop before the second, not finish validating and train another step.
-    import grr_train.trainer as trainer
+    import grr_train.train.trainer as trainer
 
     real_validate, seen, handler_after = trainer.validate, [], []
     before = signal.getsignal(signal.SIGTERM)
@@ -240,7 +240,7 @@ def test_step_time_excludes_validation_and_saves(tmp_path, data, monkeypatch):
     # check does not depend on how busy the machine is.
     import types
 
-    import grr_train.trainer as trainer
+    import grr_train.train.trainer as trainer
 
     hour, offset = 3600.0, [0.0]
     monkeypatch.setattr(trainer, "time", types.SimpleNamespace(
@@ -305,7 +305,7 @@ def test_the_epoch_tail_is_padded_to_a_whole_step(tmp_path, data):
 def test_samples_the_loader_skips_reach_the_metrics(tmp_path, data):
     import shutil
 
-    from grr_data.records import read_index
+    from grr_data.format.records import read_index
 
     bad = tmp_path / "data"
     shutil.copytree(data, bad)
@@ -334,7 +334,7 @@ def test_a_fresh_start_in_a_folder_without_checkpoints_drops_the_dead_runs_metri
 def test_a_second_trainer_on_the_same_run_folder_fails_at_once_naming_the_first(tmp_path, small_data):
     import socket
 
-    from grr_data.lock import LockedError, hold_lock
+    from grr_data.infra.lock import LockedError, hold_lock
 
     run = tmp_path / "run"
     with hold_lock(run, what="the first trainer"):  # this process plays the first trainer
@@ -353,11 +353,11 @@ def test_val_every_without_a_val_split_trains_without_validation(tmp_path, small
 def test_too_many_skipped_steps_end_the_run_with_an_error_after_saving(tmp_path, small_data, monkeypatch):
     import torch
 
-    import grr_train.step as step
+    import grr_train.train.step as step
 
     real = step.contrastive_loss
     monkeypatch.setattr(step, "contrastive_loss", lambda *a, **k: real(*a, **k) * torch.tensor(float("nan")))
-    from grr_train.trainer import NonFiniteLoss
+    from grr_train.train.trainer import NonFiniteLoss
 
     cfg = tiny(small_data, per_device_batch_size=4, max_steps=3, val_split="none", skip_nonfinite=True)
     with pytest.raises(NonFiniteLoss, match="3 of 3 steps"):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from grr_train.metrics_log import read_metrics
+from grr_cli.main import app
+from grr_train.runs.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shardset import make_shardset  # noqa: E402

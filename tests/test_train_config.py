@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from grr_train.config import (
+from grr_train.train.config import (
     SETTING_HELP,
     TrainConfig,
     parse_set,
@@ -70,8 +70,8 @@ def finetune_cli_config(monkeypatch, tmp_path, *args) -> TrainConfig:
     in tmp_path, where every --from and data folder the tests name exists (they are checked first)."""
     from typer.testing import CliRunner
 
-    import grr_train.trainer
-    from cli.main import app
+    import grr_train.train.trainer
+    from grr_cli.main import app
 
     monkeypatch.chdir(tmp_path)
     for run in ("runs/pre", "runs/a", "runs/b", "c"):
@@ -80,7 +80,7 @@ def finetune_cli_config(monkeypatch, tmp_path, *args) -> TrainConfig:
         if not (tmp_path / data / "manifest.json").exists():
             make_shardset(tmp_path / data, shard_sizes=(2,))
     seen = []
-    monkeypatch.setattr(grr_train.trainer, "run_training", lambda cfg, out, resume=False: seen.append(cfg))
+    monkeypatch.setattr(grr_train.train.trainer, "run_training", lambda cfg, out, resume=False: seen.append(cfg))
     result = CliRunner().invoke(app, ["train", "finetune", *args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     return seen[0]

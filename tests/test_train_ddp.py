@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from grr_train.metrics_log import read_metrics
+from grr_train.runs.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import make_data  # noqa: E402
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow  # subprocesses under torchrun: tens of seconds ea
 
 
 def run_cli(data: Path, out: Path, nproc: int, per_device: int) -> None:
-    cmd = [sys.executable, "-m", "cli.main", "train", "pretrain", "--preset", "grr-tiny", "--data", str(data),
+    cmd = [sys.executable, "-m", "grr_cli.main", "train", "pretrain", "--preset", "grr-tiny", "--data", str(data),
            "--out", str(out), "--max-steps", "3", "--nproc-per-node", str(nproc)]
     for s in (f"per_device_batch_size={per_device}", "global_batch_size=4", "dropout=0", "num_workers=0",
               "loader=cpu", "warmup_steps=0", "lr_max=1e-3", "lr_min=1e-3", "tensorboard=false",
@@ -73,7 +73,7 @@ def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path, nproc, num_wor
 
     data = make_data(tmp_path / "data", (12,), (4,))
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cli.main", "train", "pretrain", "--preset", "grr-tiny", "--data", str(data),
+    cmd = [sys.executable, "-m", "grr_cli.main", "train", "pretrain", "--preset", "grr-tiny", "--data", str(data),
            "--out", str(run), "--nproc-per-node", str(nproc)]
     for s in (f"per_device_batch_size={2 // nproc}", "global_batch_size=2", f"num_workers={num_workers}", "loader=cpu",
               "tensorboard=false", "epochs=1000", "val_split=none", "checkpoint_every=100000"):
@@ -106,7 +106,7 @@ def test_a_run_saved_by_two_processes_resumes_on_one(tmp_path):
         common += ["--set", s]
 
     def train(out, nproc, steps, resume=False):
-        cmd = [sys.executable, "-m", "cli.main", "train", "pretrain", *common, "--out", str(out),
+        cmd = [sys.executable, "-m", "grr_cli.main", "train", "pretrain", *common, "--out", str(out),
                "--max-steps", str(steps), "--nproc-per-node", str(nproc)] + (["--resume"] if resume else [])
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Validation counts every usable sample of a split exactly once, whatever the batch size and the
 number of ranks: the loader's padding repeats (the last global step) and its substitutes for
 unusable samples are left out of every sum, and the contrastive chunks are cut from the real
-samples in plan order (grr_train.validate)."""
+samples in plan order (grr_train.train.validate)."""
 
 import json
 import sys
@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from grr_data.loader import make_loader
-from grr_train.evaluate import RealSamples
-from grr_train.losses import caption_loss, contrastive_loss
+from grr_train.eval.evaluate import RealSamples
 from grr_train.model import build_model, get_config
-from grr_train.validate import validate
+from grr_train.train.losses import caption_loss, contrastive_loss
+from grr_train.train.validate import validate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shardset import _photos, make_shardset, photo_jpeg  # noqa: E402
@@ -150,7 +150,7 @@ def test_eval_keeps_real_samples_only_and_stops_at_max_samples():
 
 
 def test_eval_precision_follows_the_run_unless_told():
-    from grr_train.evaluate import resolve_precision
+    from grr_train.eval.evaluate import resolve_precision
 
     assert resolve_precision("auto", {"precision": "auto"}, "cpu") == "fp32"
     assert resolve_precision("auto", {"precision": "auto"}, "cuda:0") == "bf16"

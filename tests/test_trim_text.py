@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from grr_data.layout import CLS_INDEX, SpecialIds, build_layout
-from grr_train import run_checks
-from grr_train.config import TrainConfig, parse_set, resolve_config
-from grr_train.losses import coca_loss
-from grr_train.metrics_log import read_metrics
+from grr_data.format.layout import CLS_INDEX, SpecialIds, build_layout
 from grr_train.model import build_model, get_config
 from grr_train.model.coca import CoCa
 from grr_train.model.rope import rope_tables, rope_tables_at
-from grr_train.trainer import run_training
+from grr_train.runs.metrics import read_metrics
+from grr_train.train import setup as run_checks
+from grr_train.train.config import TrainConfig, parse_set, resolve_config
+from grr_train.train.losses import coca_loss
+from grr_train.train.trainer import run_training
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shardset import make_shardset  # noqa: E402

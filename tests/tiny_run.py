@@ -1,7 +1,7 @@
 """A tiny trained run whose set was sharded with a real tokenizer in a folder of its own, for the
 tests of a run's tokenizer copy, `grr export` and the Python API (test_api.py, test_export.py).
 
-The trainer copies the tokenizer into the run once grr_train/trainer.py calls `copy_tokenizer`;
+The trainer copies the tokenizer into the run once grr_train/train/trainer.py calls `copy_tokenizer`;
 `train_tiny_run` makes the copy itself as the trainer's first step would, so these tests do not
 depend on that wiring (test_api.py has a test of the wiring itself).
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from test_shard import jpeg, make_fetch_output  # noqa: E402  (sets HF_HUB_OFFLINE=1)
 
-from grr_data.shard import shard_dataset  # noqa: E402
+from grr_data.shard.run import shard_dataset  # noqa: E402
 from grr_data.tokenizer import SAMPLE_TOKENIZER_DIR  # noqa: E402
-from grr_train.config import TrainConfig  # noqa: E402
-from grr_train.trainer import run_training  # noqa: E402
+from grr_train.train.config import TrainConfig  # noqa: E402
+from grr_train.train.trainer import run_training  # noqa: E402
 
 
 def make_set(root: Path) -> tuple[Path, Path]:
@@ -47,8 +47,8 @@ def train_tiny_run(data: Path, run: Path, steps: int = 1) -> Path:
 
 def copy_into_run(run: Path, data: Path) -> None:
     """What the trainer does at a run's start: copy the set's tokenizer into the run."""
-    from grr_data.dataset import DatasetInfo
-    from grr_train.run_tokenizer import copy_tokenizer
+    from grr_data.format.manifest import DatasetInfo
+    from grr_train.runs.tokenizer import copy_tokenizer
 
     if not (run / "tokenizer").is_dir():
         copy_tokenizer(run, DatasetInfo.read(data).tokenizer.to_dict())

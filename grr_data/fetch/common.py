@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from grr_data.files import publish, write_json_atomic
-from grr_data.image import IMAGE_SIZE, JPEG_QUALITY
-from grr_data.manifests import load_manifest
-from grr_data.records import sha256_file
+from grr_data.fetch.catalog import load_manifest
+from grr_data.format.image import IMAGE_SIZE, JPEG_QUALITY
+from grr_data.infra.files import publish, sha256_file, write_json_atomic
 
 FETCH_MANIFEST = "fetch_manifest.json"
 WORK_DIR = "_work"  # URL lists and logs; holds no tars, so readers of OUT/*.tar never see it

@@ -33,7 +33,7 @@ from grr_data.fetch.common import (
     FetchOptions,
     complete_shards,
 )
-from grr_data.files import publish, tmp_path_for, write_text_atomic
+from grr_data.infra.files import publish, tmp_path_for, write_text_atomic
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 # What each distributor needs installed, and how (img2dataset imports these only when asked, and with

@@ -38,7 +38,7 @@ from grr_data.fetch.common import (
 from grr_data.fetch.convert import SHARD_DIGITS, PairWriter, SourceImage
 from grr_data.fetch.img2ds import run_img2dataset, write_url_list
 from grr_data.fetch.staged import final_info, iter_downloaded
-from grr_data.files import write_json_atomic
+from grr_data.infra.files import write_json_atomic
 
 RETRYABLE = ("cc12m",)
 _COLUMNS = ("key", "url", "caption", "status", "error_message", "retry_of")

@@ -15,9 +15,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from grr_data.fetch.archives import iter_archive
+from grr_data.fetch.catalog import load_manifest
 from grr_data.fetch.common import FetchError, FetchOptions, FetchReport, SplitCounts, describe_source
 from grr_data.fetch.convert import PairWriter, SourceImage
-from grr_data.manifests import load_manifest
 
 PAPER_SPLIT_WARNING = ("--paper-split: the paper's split puts ROCO's validation pairs inside its training "
                        "pairs (train = train + valid, val = valid); validation figures on it measure "

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from grr_data.fetch.common import WORK_DIR, FetchError, FetchOptions, FetchReport
 from grr_data.fetch.convert import PairWriter, SourceImage
 from grr_data.fetch.shapes_tokenizer import write_shapes_tokenizer
-from grr_data.files import write_json_atomic
+from grr_data.infra.files import write_json_atomic
 
 DEFAULT_NUM_PAIRS = 2000
 SUPERSAMPLE = 2  # drawn at twice the size and reduced: smooth edges without a blur

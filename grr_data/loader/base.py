@@ -42,8 +42,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from grr_data.infra.skips import SkipLog
 from grr_data.loader.plan import Plan
-from grr_data.skips import SkipLog
 
 IMAGE_SIZE = 288
 MEAN = (0.485, 0.456, 0.406)

@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from grr_data.infra.procs import loader_worker_init
 from grr_data.loader.base import IMAGE_SIZE, LoaderBase, fill_batch, normalize, plan_after
 from grr_data.loader.plan import worker_batches
 from grr_data.loader.source import SampleError
-from grr_data.procs import loader_worker_init
 
 DEFAULT_PREFETCH_PER_WORKER = 4
 

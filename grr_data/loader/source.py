@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from grr_data.layout import CLS_INDEX, LAYOUT_VERSION, SEQ_LEN, SpecialIds
-from grr_data.records import (
+from grr_data.format.layout import CLS_INDEX, LAYOUT_VERSION, SEQ_LEN, SpecialIds
+from grr_data.format.records import (
     EXTENSIONS,
     INDEX_VERSION,
     SAMPLE_CHECKSUMS,

@@ -133,7 +133,7 @@ class CoCa(nn.Module):
         query whose output is read. The kept positions are increasing, so "key index <= query index"
         over the compacted sequence is the causal mask over the true positions, and each query still
         sees itself. RoPE is given the true positions (CLS keeps 63), so scores are unchanged too.
-        For a valid layout (grr_data.layout.check_layout) every dropped target is PAD or CLS, which
+        For a valid layout (grr_data.format.layout.check_layout) every dropped target is PAD or CLS, which
         the caption loss ignores, so the losses and the token count are unchanged.
         """
         cls = self.cfg.cls_index

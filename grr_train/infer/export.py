@@ -1,0 +1,200 @@
+"""`grr export`: a run as a folder in the Hugging Face layout, the class that loads it back, and the push.
+
+    DIR/config.json        HubCoCa's arguments: the model config, special ids, the tokenizer's
+                           record (with its files' SHA-256) and where the weights came from
+    DIR/model.safetensors  the checkpoint's weights, under the same names
+    DIR/spiece.model ...   the tokenizer's files (the run's copy)
+    DIR/README.md          the model card: preset, parameters, data, recipe, the run's last metrics
+
+`HubCoCa.from_pretrained(DIR or a hub repo id)` rebuilds the model (huggingface_hub's
+`PyTorchModelHubMixin`); `grr_train.api.load(DIR)` gives it with its tokenizer and preprocessing.
+The hub code stays here: `grr_train.model` imports without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+
+from grr_data.infra.files import fsync_path, publish
+from grr_train.infer.captioning import choose_tokenizer, load_choice
+from grr_train.model import CoCa, ModelConfig
+from grr_train.runs.checkpoint import WEIGHTS, read_meta, resolve_checkpoint
+from grr_train.runs.metrics import read_metrics
+from grr_train.runs.tokenizer import MODEL_FILES, read_tokenizer_files, run_folder_of, write_tokenizer_files
+from grr_train.runs.weights import load_weights
+
+EXPORT_FORMAT = 1
+TAGS = ["coca", "grr-coca", "image-captioning", "image-text-retrieval", "zero-shot-image-classification"]
+
+
+class HubCoCa(CoCa, PyTorchModelHubMixin, library_name="grr-coca", tags=[*TAGS], pipeline_tag="image-to-text"):
+    """CoCa with `save_pretrained` / `from_pretrained` / `push_to_hub`; config.json holds these arguments.
+
+    `special`: the token layout's ids; `tokenizer`: the run's tokenizer record, its files' SHA-256
+    in `run_copy`; `source`: the run, checkpoint, step, preset and recipe the weights came from."""
+
+    def __init__(self, model_config: dict, special: dict | None = None, tokenizer: dict | None = None,
+                 source: dict | None = None) -> None:
+        super().__init__(ModelConfig.from_dict(model_config))
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
+                         map_location: str = "cpu", strict: bool = True, **model_kwargs):
+        # The mixin loads non-strictly by default (a missing weight would stay random) and prints a line.
+        if os.path.isdir(model_id):
+            return cls._load_as_safetensor(cls(**model_kwargs), os.path.join(model_id, WEIGHTS), map_location, strict)
+        return super()._from_pretrained(model_id=model_id, revision=revision, cache_dir=cache_dir,
+                                         force_download=force_download, local_files_only=local_files_only,
+                                         token=token, map_location=map_location, strict=strict, **model_kwargs)
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether `path` is a `grr export` folder (weights and config.json, no checkpoint meta.json)."""
+    path = Path(path)
+    if not ((path / WEIGHTS).is_file() and (path / "config.json").is_file()) or (path / "meta.json").exists():
+        return False
+    try:
+        return "model_config" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def read_export_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        ModelConfig.from_dict(config["model_config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a grr export's config ({err}); export the run again with `grr export`") from err
+    return config
+
+
+def export_run(run_or_ckpt: str | os.PathLike, out: str | os.PathLike,
+               tokenizer: str | os.PathLike | None = None) -> Path:
+    """Write the run's best (else newest intact) checkpoint, or the checkpoint named, into the new
+    folder `out` in the Hugging Face layout; returns `out`. The folder appears whole or not at all."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or remove it")
+    ckpt = resolve_checkpoint(run_or_ckpt)
+    meta = read_meta(ckpt)
+    choice = choose_tokenizer(run_or_ckpt, tokenizer, meta["train_config"].get("data"))
+    tok = load_choice(choice)
+    files = read_tokenizer_files(choice.folder)
+    hashes = {f: hashlib.sha256(data).hexdigest() for f, data in files.items() if f in MODEL_FILES}
+    record = dict(meta.get("tokenizer") or tok.record(),
+                  run_copy={"folder": ".", "files_sha256": hashes})
+    run_dir = run_folder_of(run_or_ckpt, ckpt)
+    train = meta["train_config"]
+    source = {"format": EXPORT_FORMAT, "run": run_dir.resolve().name if run_dir else None,
+              "checkpoint": ckpt.name, "step": meta["step"], "epoch": meta.get("epoch"),
+              "preset": train.get("preset"), "recipe": train.get("recipe")}
+    model = HubCoCa(model_config=meta["model_config"], special=meta["special"], tokenizer=record, source=source)
+    load_weights(model, ckpt)
+    model.eval()
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    write_tokenizer_files(files, tmp)
+    (tmp / "README.md").write_text(model_card(model, meta, record, source, run_dir))
+    model.save_pretrained(tmp)  # config.json and model.safetensors; keeps our README.md
+    for path in tmp.iterdir():
+        fsync_path(path)
+    publish(tmp, out)
+    return out
+
+
+def load_export(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[HubCoCa, dict]:
+    """(the model of an export folder, in eval mode on `device`; its config.json)."""
+    config = read_export_config(folder)
+    model = HubCoCa.from_pretrained(str(folder), map_location=str(device))
+    return model.to(device).eval(), config
+
+
+def download_export(repo_id: str) -> Path:
+    """A local folder holding the hub repo `repo_id` (an export pushed with `grr export --push`)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as err:  # offline, unknown repo, no rights: the same advice for all
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{repo_id}: not a local folder, and it cannot be fetched from the hub ({type(err).__name__}: "
+                         f"{reason}); give the path of a run, a checkpoint or a `grr export` folder") from None
+
+
+def push_export(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """Upload an export folder to the hub repo `repo_id` (created if needed); returns the commit's URL.
+    Without network or a token: one ValueError saying so (the folder stays complete, to push later)."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="grr export")
+    except Exception as err:  # offline, refused, no token, no rights: the same advice for all
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"could not push {folder} to the hub repo {repo_id!r} ({type(err).__name__}: {reason}); "
+                         "pushing needs network access and a token (`hf auth login` or HF_TOKEN); the export in "
+                         f"{folder} is complete: push it later with `hf upload {repo_id} {folder}`") from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+def model_card(model: HubCoCa, meta: dict, tokenizer: dict, source: dict, run_dir: Path | None) -> str:
+    """README.md of an export: what the model is, how it was trained, its last metrics, how to use it."""
+    train = meta["train_config"]
+    num_params = sum(p.numel() for p in model.parameters())
+    data = train.get("dataset") or train.get("data")
+    recipe = train.get("recipe", "?")
+    if train.get("init_from"):
+        recipe += f" from {train['init_from']}"
+    lines = [
+        "---", "library_name: grr-coca", "pipeline_tag: image-to-text", "tags:", *[f"- {t}" for t in TAGS], "---", "",
+        f"# {source['run'] or 'grr run'} ({train.get('preset')})", "",
+        "A CoCa (Contrastive Captioner) image-text model trained with grr: image and text embeddings for "
+        "retrieval and zero-shot classification, and captions.", "",
+        "| | |", "|---|---|",
+        f"| preset | `{train.get('preset')}` |",
+        f"| parameters | {num_params:,} |",
+        f"| data | `{data}` (tokenizer `{tokenizer.get('name')}`, vocabulary "
+        f"{tokenizer.get('vocab_size')}) |",
+        f"| recipe | {recipe}: {train.get('epochs')} epochs, global batch {train.get('global_batch_size')}, "
+        f"lr {train.get('lr_max')} -> {train.get('lr_min')}, warmup {train.get('warmup_steps')} steps, "
+        f"dropout {train.get('dropout')}, precision {train.get('precision')} |",
+        f"| weights | `{source['checkpoint']}`, step {source['step']}, epoch {source['epoch']} |", "",
+        "## Last metrics", "",
+        *_metrics_lines(run_dir), "",
+        "## Use", "",
+        "```python",
+        "import grr_train.api as grr",
+        'model = grr.load("path/to/this/folder")  # or a hub repo id',
+        'print(model.caption(["photo.jpg"]))',
+        "```", "",
+        "`grr_train.infer.export.HubCoCa.from_pretrained(folder)` gives the bare model.", "",
+        "## Training config", "",
+        "```json", json.dumps(train, indent=2, sort_keys=True), "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _metrics_lines(run_dir: Path | None) -> list[str]:
+    """The last record of each kind in the run's metrics.jsonl, its numbers only."""
+    if run_dir is None or not (run_dir / "metrics.jsonl").is_file():
+        return ["(not known: the checkpoint was exported without its run folder)"]
+    last = {}
+    for record in read_metrics(run_dir):
+        if record.get("kind") in ("train", "val"):
+            last[record["kind"]] = record
+    if not last:
+        return ["(the run logged none)"]
+    lines = ["| kind | step | metrics |", "|---|---|---|"]
+    for kind, record in last.items():
+        numbers = ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                            if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("step", "time"))
+        lines.append(f"| {kind} | {record.get('step')} | {numbers} |")
+    return lines
