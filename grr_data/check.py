@@ -15,7 +15,6 @@ when exactly the declared number of images is shared, and as a problem otherwise
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tarfile
 import zlib
@@ -27,9 +26,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from grr_data.format.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds, check_layout
+from grr_data.format.manifest import MANIFEST, Manifest, ShardEntry
 from grr_data.format.records import (
     EXTENSIONS,
-    SAMPLE_CHECKSUMS,
     checksum_path,
     decode_ids,
     index_path,
@@ -98,10 +97,10 @@ def _check_crcs(path: Path, samples: list, crcs: list[dict[str, int]], problem) 
 
 
 def _check_shard(root: Path, special: SpecialIds, checksums: bool,
-                 entry: dict) -> tuple[list[str], list[str], list[str]]:
+                 entry: ShardEntry) -> tuple[list[str], list[str], list[str]]:
     """Check one listed shard (in a worker); returns its problems, and its keys and image hashes
     for the checks across shards."""
-    path = root / entry["path"]
+    path = root / entry.path
     problems: list[str] = []
 
     def problem(text: str) -> None:
@@ -111,15 +110,15 @@ def _check_shard(root: Path, special: SpecialIds, checksums: bool,
     if not path.is_file():
         problem("missing (listed in manifest.json)")
         return problems, [], []
-    if sha256_file(path) != entry.get("sha256"):
+    if sha256_file(path) != entry.sha256:
         problem("sha256 differs from manifest.json (the file changed or is damaged)")
     try:
         samples, ids, jpg_hashes, crcs = _tar_samples(path)
     except (tarfile.TarError, OSError, EOFError) as err:
         problem(f"unreadable tar ({err})")
         return problems, [], []
-    if len(samples) != entry.get("num_samples"):
-        problem(f"holds {len(samples)} samples, manifest.json says {entry.get('num_samples')}")
+    if len(samples) != entry.num_samples:
+        problem(f"holds {len(samples)} samples, manifest.json says {entry.num_samples}")
     idx = index_path(path)
     try:
         if [dict(members) for _, members in samples] != read_index(idx, keep_keys=False).entries():
@@ -142,67 +141,45 @@ def _check_shard(root: Path, special: SpecialIds, checksums: bool,
     return problems, [key for key, _ in samples], hashes
 
 
-def _read_manifest(path: Path) -> tuple[dict, SpecialIds]:
-    manifest = json.loads(path.read_text())
-    tok = manifest["tokenizer"]
-    special = SpecialIds(pad=tok["pad"], eos=tok["eos"], bos=tok["bos"], cls=tok["cls"], vocab_size=tok["vocab_size"])
-    if not isinstance(manifest["splits"], dict):
-        raise TypeError("splits is not a mapping")
-    for name, split in manifest["splits"].items():
-        shards = split.get("shards") if isinstance(split, dict) else None
-        if not isinstance(shards, list):
-            raise TypeError(f"split {name!r} has no list of shards")
-        for i, entry in enumerate(shards):
-            if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
-                    and isinstance(entry.get("num_samples"), int)):
-                raise TypeError(f"split {name!r} shard #{i} has no path or num_samples: {entry!r}")
-    return manifest, special
-
-
 def check_dataset(data_dir: str | os.PathLike, progress: bool = True, workers: int | None = None) -> CheckReport:
     """Check a sharded set; `workers` processes read and hash the shards (default: the usable cores),
     the report is the same for any number."""
     root = Path(data_dir)
     report = CheckReport()
-    manifest_path = root / "manifest.json"
     try:
-        manifest, special = _read_manifest(manifest_path)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        report.problems.append(f"{manifest_path}: missing or not a grr manifest ({err}); did the shard run finish?")
+        manifest = Manifest.read(root, current_layout=False)
+    except ValueError as err:
+        report.problems.append(f"{err}; did the shard run finish?")
         return report
-    splits = manifest["splits"]
+    manifest_path, special = manifest.path, manifest.special
     if special != SpecialIds.for_vocab(special.vocab_size):
         report.problems.append(f"{manifest_path}: special ids {special} do not follow the layout rule")
-    if manifest.get("layout_version") != LAYOUT_VERSION or manifest.get("seq_len") != SEQ_LEN:
-        report.problems.append(f"{manifest_path}: layout version/seq_len {manifest.get('layout_version')}/"
-                               f"{manifest.get('seq_len')}, this code reads {LAYOUT_VERSION}/{SEQ_LEN}")
-    for name, split in splits.items():
-        listed = sum(e.get("num_samples", 0) for e in split["shards"])
-        if listed != split.get("num_samples"):
-            report.problems.append(f"{manifest_path}: split {name} says {split.get('num_samples')} samples, "
+    if not manifest.is_current_layout:
+        report.problems.append(f"{manifest_path}: layout version/seq_len {manifest.layout_version}/"
+                               f"{manifest.seq_len}, this code reads {LAYOUT_VERSION}/{SEQ_LEN}")
+    for name, split in manifest.splits.items():
+        listed = sum(e.num_samples for e in split.shards)
+        if listed != split.num_samples:
+            report.problems.append(f"{manifest_path}: split {name} says {split.num_samples} samples, "
                                    f"its shards list {listed}")
-    _find_unlisted(root, splits, report)
-    checksums = manifest.get("sample_checksums") == SAMPLE_CHECKSUMS
-    if manifest.get("sample_checksums") not in (None, SAMPLE_CHECKSUMS):
-        report.problems.append(f"{manifest_path}: sample_checksums {manifest['sample_checksums']!r}, this code "
-                               f"reads {SAMPLE_CHECKSUMS!r}")
-    elif not checksums:
+    _find_unlisted(root, manifest, report)
+    if not manifest.sample_checksums:
         report.warnings.append(f"{manifest_path}: sharded before per-sample checksums: the shards' sha256 are "
                                "checked here, but the loaders check only token ids per sample; re-shard to have "
                                "every sample verified when it is read")
 
-    across = _AcrossShards(root, manifest.get("overlapping_splits") or {})
-    entries = [(name, entry) for name, split in splits.items() for entry in split["shards"]]
+    across = _AcrossShards(root, dict(manifest.overlapping_splits))
+    entries = [(name, entry) for name, split in manifest.splits.items() for entry in split.shards]
     workers = max(1, min(workers if workers is not None else usable_cores(), len(entries)))
     # workers read and hash the shards; the checks across shards run here, in manifest order, so
     # the report is the same for any worker count
-    with make_pool(partial(_check_shard, root, special, checksums), workers) as pool:
+    with make_pool(partial(_check_shard, root, special, manifest.sample_checksums), workers) as pool:
         results = pool.imap([entry for _, entry in entries])
         for (name, entry), (problems, keys, hashes) in tqdm(zip(entries, results, strict=True), total=len(entries),
                                                             desc="check", unit="shard", disable=not progress):
             report.problems += problems
             across.add(name, entry, keys, hashes, report)
-    _compare_overlaps(manifest_path, manifest, across.declared, across.shared, report)
+    _compare_overlaps(manifest, across.declared, across.shared, report)
     return report
 
 
@@ -217,44 +194,44 @@ class _AcrossShards:
         self.reported_images: set[str] = set()
         self.shared: dict[str, set[str]] = {pair: set() for pair in declared}  # declared pair -> image sha256s in both
 
-    def add(self, name: str, entry: dict, keys: list[str], hashes: list[str], report: CheckReport) -> None:
+    def add(self, name: str, entry: ShardEntry, keys: list[str], hashes: list[str], report: CheckReport) -> None:
         report.num_samples[name] = report.num_samples.get(name, 0) + len(keys)
         report.num_shards += 1
         for key in keys:
             if key in self.owner_of_key:
-                report.problems.append(f"{self.root / entry['path']}: key {key} is stored twice "
+                report.problems.append(f"{self.root / entry.path}: key {key} is stored twice "
                                        f"({self.owner_of_key[key]} and {name})")
             self.owner_of_key[key] = name
         for digest in hashes:
-            other_split, other_path = self.owner_of_image.setdefault(digest, (name, entry["path"]))
+            other_split, other_path = self.owner_of_image.setdefault(digest, (name, entry.path))
             if other_split != name and pair_name(other_split, name) in self.declared:
                 self.shared[pair_name(other_split, name)].add(digest)
             elif other_split != name and digest not in self.reported_images:
                 self.reported_images.add(digest)
-                report.problems.append(f"{self.root / entry['path']}: image {digest[:16]} is in splits "
+                report.problems.append(f"{self.root / entry.path}: image {digest[:16]} is in splits "
                                        f"{other_split} ({other_path}) and {name}")
 
 
-def _find_unlisted(root: Path, splits: dict, report: CheckReport) -> None:
+def _find_unlisted(root: Path, manifest: Manifest, report: CheckReport) -> None:
     """Shard-like files anywhere under the set that the manifest does not list: a stray split
     folder, a half-written `*.tmp` of a killed run, an index without its tar."""
-    listed = {root / e["path"] for split in splits.values() for e in split["shards"]}
+    listed = {root / e.path for split in manifest.splits.values() for e in split.shards}
     listed |= {index_path(p) for p in listed} | {checksum_path(p) for p in listed}
     for path in sorted(root.rglob("*")):
-        if path.is_file() and path not in listed and path.name != "manifest.json" \
+        if path.is_file() and path not in listed and path.name != MANIFEST \
                 and (path.suffix in (".tar", ".idx", ".crc") or ".tmp" in path.name or path.parent != root):
             report.problems.append(f"{path}: on disk but not listed in manifest.json (left over from another "
                                    "or an interrupted run?); delete it or re-shard")
 
 
-def _compare_overlaps(manifest_path: Path, manifest: dict, declared: dict, shared: dict[str, set[str]],
+def _compare_overlaps(manifest: Manifest, declared: dict, shared: dict[str, set[str]],
                       report: CheckReport) -> None:
     found = Counter({pair: len(digests) for pair, digests in shared.items()})
     for pair, count in declared.items():
         if found[pair] != count:
-            report.problems.append(f"{manifest_path}: declares {count} images shared by {pair}, the shards share "
+            report.problems.append(f"{manifest.path}: declares {count} images shared by {pair}, the shards share "
                                    f"{found[pair]}; the overlap is not the one the shard run recorded")
         else:
             report.warnings.append(f"{pair}: {count} images are in both splits, as declared (split_mode "
-                                   f"{manifest.get('split_mode')!r}): validation on this set measures fitting, "
+                                   f"{manifest.split_mode!r}): validation on this set measures fitting, "
                                    "not generalisation")

@@ -20,7 +20,7 @@ from tiny_run import make_fetch_output, make_set, photos, tiny_config, train_tin
 
 import grr_train.api as grr  # noqa: E402
 from grr_cli.main import app  # noqa: E402
-from grr_data.format.manifest import DatasetInfo  # noqa: E402
+from grr_data.format.manifest import Manifest  # noqa: E402
 from grr_data.tokenizer import SAMPLE_TOKENIZER_DIR, SAMPLE_TOKENIZER_NAME  # noqa: E402
 from grr_train.runs.tokenizer import copy_tokenizer  # noqa: E402
 
@@ -185,7 +185,7 @@ def test_a_damaged_copy_is_refused(made, images, tmp_path):
 
 def test_copy_tokenizer_records_and_checks_the_copy(made, tmp_path):
     data, tokenizer, _ = made
-    record = DatasetInfo.read(data).tokenizer.to_dict()
+    record = Manifest.read(data).tokenizer.to_dict()
     stored = copy_tokenizer(tmp_path / "run", record)
     hashes = record["files_sha256"]
     assert stored == {**record, "run_copy": {"folder": "tokenizer", "files_sha256": hashes}}
@@ -195,7 +195,7 @@ def test_copy_tokenizer_records_and_checks_the_copy(made, tmp_path):
 
 
 def test_copy_tokenizer_refuses_files_that_differ_from_the_sets_fingerprint(made, tmp_path):
-    record = DatasetInfo.read(made[0]).tokenizer.to_dict()
+    record = Manifest.read(made[0]).tokenizer.to_dict()
     record["files_sha256"] = {"spiece.model": "0" * 64}
     with pytest.raises(ValueError, match=r"my-tokenizer'? \(.*\) is not the one the training set was sharded with: "
                                          r"spiece.model has SHA-256 .* expected 000000000000\.\.\.; restore"):

@@ -84,7 +84,7 @@ def manifest_readers(*packages: str, root: Path = ROOT) -> list[str]:
 
 
 def test_only_grr_data_reads_the_manifest():
-    """grr_data.format.manifest.DatasetInfo is the one reader: the schema of manifest.json is grr_data's."""
+    """grr_data.format.manifest.Manifest is the one reader: the schema of manifest.json is grr_data's."""
     assert manifest_readers("grr_cli", "grr_train") == []
 
 

@@ -109,7 +109,7 @@ def no_training(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(grr_data.format.manifest.DatasetInfo, "read", fail)
+    monkeypatch.setattr(grr_data.format.manifest.Manifest, "read", fail)
     monkeypatch.setattr(grr_train.runtime.distributed, "relaunch_with_torchrun", fail)
     monkeypatch.setattr(grr_train.train.trainer, "run_training", fail)
 

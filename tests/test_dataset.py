@@ -1,4 +1,4 @@
-"""`DatasetInfo.read`: what a sharded set's manifest says, and one-line errors when it cannot say it."""
+"""`Manifest.read`: what a sharded set's manifest says, and one-line errors when it cannot say it."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 from shardset import VOCAB_SIZE, make_shardset
 
 from grr_data.format.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds
-from grr_data.format.manifest import DatasetInfo
+from grr_data.format.manifest import Manifest
 
 
 def _manifest(**changes) -> dict:
@@ -30,7 +30,7 @@ def _write(tmp_path, manifest) -> None:
 
 def test_reads_what_the_shard_writer_records(tmp_path):
     root = make_shardset(tmp_path / "set", shard_sizes=(3, 2), split="val")
-    info = DatasetInfo.read(root)
+    info = Manifest.read(root)
     raw = json.loads((root / "manifest.json").read_text())
     assert info.split_sizes == {"val": 5}
     assert info.num_samples("val") == 5
@@ -46,7 +46,7 @@ def test_paper_split_and_its_overlaps(tmp_path):
     manifest = _manifest(split_mode="paper", overlapping_splits={"train/val": 2})
     manifest["tokenizer"]["files_sha256"] = {"spiece.model": "ab12"}
     _write(tmp_path, manifest)
-    info = DatasetInfo.read(tmp_path)
+    info = Manifest.read(tmp_path)
     assert info.split_mode == "paper" and dict(info.overlapping_splits) == {"train/val": 2}
     assert list(info.splits) == ["train", "val"]
     assert info.tokenizer.name == "grr-sample-tokenizer" and info.tokenizer.vocab_size == 300
@@ -59,7 +59,7 @@ def test_paper_split_and_its_overlaps(tmp_path):
 def test_unknown_split_names_the_ones_there(tmp_path):
     _write(tmp_path, _manifest())
     with pytest.raises(ValueError, match=r"no split 'test'; the set has train, val"):
-        DatasetInfo.read(tmp_path).num_samples("test")
+        Manifest.read(tmp_path).num_samples("test")
 
 
 @pytest.mark.parametrize("content, reason", [
@@ -73,7 +73,7 @@ def test_missing_or_unreadable_manifest_is_one_line(tmp_path, content, reason):
     if content is not None:
         _write(tmp_path, content)
     with pytest.raises(ValueError) as err:
-        DatasetInfo.read(tmp_path)
+        Manifest.read(tmp_path)
     message = str(err.value)
     assert "\n" not in message
     assert str(tmp_path / "manifest.json") in message and reason in message
@@ -83,4 +83,4 @@ def test_missing_or_unreadable_manifest_is_one_line(tmp_path, content, reason):
 def test_other_layout_is_refused(tmp_path):
     _write(tmp_path, _manifest(layout_version=LAYOUT_VERSION + 1))
     with pytest.raises(ValueError, match="re-shard the set"):
-        DatasetInfo.read(tmp_path)
+        Manifest.read(tmp_path)

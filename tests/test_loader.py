@@ -159,7 +159,7 @@ def test_whole_batch_bad_takes_next_good_sample(tmp_path):
 
 def test_inconsistent_set_is_refused(tmp_path):
     root = make_shardset(tmp_path, (3,), images=[jpeg_bytes(Image.new("RGB", (288, 288)))] * 3)
-    with pytest.raises(KeyError, match="no split 'val'"):
+    with pytest.raises(ValueError, match="no split 'val'"):
         make_loader(root, split="val", kind="cpu")
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["splits"]["train"]["shards"][0]["num_samples"] = 4

@@ -22,6 +22,8 @@ from grr_train.train.config import (
 sys.path.insert(0, str(Path(__file__).parent))
 from shardset import make_shardset  # noqa: E402
 
+from grr_train.train.plan import BatchPlan  # noqa: E402
+
 
 def test_recipes_hold_the_paper_values():
     pre, fine = recipe("pretrain"), recipe("finetune")
@@ -29,7 +31,8 @@ def test_recipes_hold_the_paper_values():
     assert (pre.warmup_steps, pre.global_batch_size, pre.epochs, pre.weight_decay) == (2000, 768, 21, 0.001)
     assert (fine.lambda_con, fine.lambda_cap, fine.dropout, fine.lr_max, fine.lr_min) == (1, 2, 0.1, 1e-5, 1e-7)
     assert fine.warmup_steps == 0 and fine.early_stop
-    assert pre.accumulation_steps(4) == 4  # 48 x 4 x 4 = 768
+    plan = BatchPlan.for_run(pre, 4)
+    assert (plan.micro_batch, plan.accumulation, plan.contrastive_batch) == (48, 4, 192)  # 48 x 4 x 4 = 768
 
 
 def test_set_parses_types_and_rejects_bad_values():
@@ -49,7 +52,7 @@ def test_resolve_order_and_validation(tmp_path):
     cfg = resolve_config("pretrain", str(f), ["seed=7"], max_steps=9, preset=None)
     assert (cfg.seed, cfg.dropout, cfg.max_steps, cfg.preset) == (7, 0.2, 9, "grr-coca")
     with pytest.raises(ValueError, match="not a multiple"):
-        TrainConfig(global_batch_size=100, per_device_batch_size=48).accumulation_steps(1)
+        BatchPlan.for_run(TrainConfig(global_batch_size=100, per_device_batch_size=48), 1)
     with pytest.raises(ValueError, match="--from"):
         resolve_config("finetune")
     f.write_text(json.dumps({"seed": "x"}))

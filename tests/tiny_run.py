@@ -47,11 +47,11 @@ def train_tiny_run(data: Path, run: Path, steps: int = 1) -> Path:
 
 def copy_into_run(run: Path, data: Path) -> None:
     """What the trainer does at a run's start: copy the set's tokenizer into the run."""
-    from grr_data.format.manifest import DatasetInfo
+    from grr_data.format.manifest import Manifest
     from grr_train.runs.tokenizer import copy_tokenizer
 
     if not (run / "tokenizer").is_dir():
-        copy_tokenizer(run, DatasetInfo.read(data).tokenizer.to_dict())
+        copy_tokenizer(run, Manifest.read(data).tokenizer.to_dict())
 
 
 def photos(folder: Path, count: int = 3) -> list[Path]:

@@ -34,6 +34,7 @@ from grr_data.fetch.common import (
     complete_shards,
 )
 from grr_data.infra.files import publish, tmp_path_for, write_text_atomic
+from grr_data.infra.procs import usable_cores
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 # What each distributor needs installed, and how (img2dataset imports these only when asked, and with
@@ -111,14 +112,6 @@ def check_main_is_importable() -> None:
         )
 
 
-def usable_cpus() -> int:
-    """CPU cores this process may run on (a Slurm or container CPU limit, not the whole machine)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity call
-        return os.cpu_count() or 1
-
-
 def machine_defaults(num_shards: int | None = None) -> tuple[int, int]:
     """(processes, threads per process) when --workers/--threads are not given.
 
@@ -127,7 +120,7 @@ def machine_defaults(num_shards: int | None = None) -> tuple[int, int]:
     on the network, so each process runs several threads: about 128 connections in all, 8 to 32 per
     process.
     """
-    workers = usable_cpus() if num_shards is None else max(1, min(usable_cpus(), num_shards))
+    workers = usable_cores() if num_shards is None else max(1, min(usable_cores(), num_shards))
     return workers, max(8, min(32, 128 // workers))
 
 
@@ -136,7 +129,7 @@ def resolve_workers(options: FetchOptions, num_shards: int | None = None) -> tup
     workers, threads = machine_defaults(num_shards)
     chosen = (options.workers or workers, options.threads or threads)
     given = [flag for flag, value in (("--workers", options.workers), ("--threads", options.threads)) if value]
-    how = f"defaults for {usable_cpus()} usable CPU cores" + (f" and {num_shards} shard(s)" if num_shards else "")
+    how = f"defaults for {usable_cores()} usable CPU cores" + (f" and {num_shards} shard(s)" if num_shards else "")
     how = "given" if len(given) == 2 else how + (f", {given[0]} given" if given else "")
     return (*chosen, f"img2dataset: {chosen[0]} processes x {chosen[1]} threads ({how}; "
                      "--workers/--threads to change)")

@@ -1,9 +1,13 @@
-"""The one reader of a sharded set's `manifest.json` (written by `grr_data.shard.run`).
+"""A sharded set's `manifest.json`: its one schema, read and written here only.
 
-Code outside `grr_data` learns what a set holds from `DatasetInfo.read(data_dir)`: its
-splits and their sizes, the tokenizer it was made with and its special ids, and whether its
-splits overlap on purpose (ROCO's paper split). The manifest's schema stays `grr_data`'s:
-a field renamed in `shard.py` is renamed here, and nowhere else.
+`grr data shard` writes it through `write_manifest` (last, atomically, so a reader never sees a
+half-written set); everything else learns what a set holds from `Manifest.read(data_dir)`: its
+splits and their shards, the tokenizer it was made with and its special ids, whether every shard
+has per-sample checksums, and whether its splits overlap on purpose (ROCO's paper split). A
+command reads a set once and passes the `Manifest` down (loaders, training, evaluation, checks).
+
+A `Manifest` is also a read-only mapping of the document as written (`manifest["skipped"]`), for
+the counts that reports print and nothing reads.
 
 Every problem reading it is one ValueError naming the file and what to do.
 """
@@ -12,14 +16,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
 from grr_data.format.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds
+from grr_data.format.records import SAMPLE_CHECKSUMS
+from grr_data.infra.files import write_json_atomic
 
 MANIFEST = "manifest.json"
+
+
+class ManifestNotFound(ValueError, FileNotFoundError):
+    """No manifest.json: not a sharded set, or its shard run has not finished."""
 
 
 @dataclass(frozen=True)
@@ -53,16 +63,20 @@ class TokenizerRecord:
         return json.loads(json.dumps(dict(self.entry)))  # a deep copy: the caller may change it
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
+@dataclass(frozen=True, eq=False)
+class Manifest(Mapping):
     root: Path
     tokenizer: TokenizerRecord
     splits: Mapping[str, SplitInfo]  # in the manifest's order
     split_mode: str | None  # "paper" for ROCO's paper split, else None
     overlapping_splits: Mapping[str, int]  # "train/val" -> images stored in both, declared on purpose
+    sample_checksums: bool  # every shard has a `.crc` file (sets sharded before them have none)
+    layout_version: int | None
+    seq_len: int | None
+    document: Mapping[str, object]  # the whole document, read-only
 
     @property
-    def manifest_path(self) -> Path:
+    def path(self) -> Path:
         return self.root / MANIFEST
 
     @property
@@ -73,11 +87,28 @@ class DatasetInfo:
     def split_sizes(self) -> dict[str, int]:
         return {name: split.num_samples for name, split in self.splits.items()}
 
+    @property
+    def is_current_layout(self) -> bool:
+        return self.layout_version == LAYOUT_VERSION and self.seq_len == SEQ_LEN
+
     def num_samples(self, split: str) -> int:
         """Samples in `split`; a ValueError naming the splits the set has when it lacks one."""
-        if split not in self.splits:
-            raise ValueError(f"{self.manifest_path}: no split {split!r}; the set has {', '.join(self.splits) or 'none'}")
-        return self.splits[split].num_samples
+        return self.split(split).num_samples
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise ValueError(f"{self.path}: no split {name!r}; the set has {', '.join(self.splits) or 'none'}")
+        return self.splits[name]
+
+    # the document as a read-only mapping
+    def __getitem__(self, key: str):
+        return self.document[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.document)
+
+    def __len__(self) -> int:
+        return len(self.document)
 
     @staticmethod
     def exists(data_dir: str | os.PathLike) -> bool:
@@ -85,37 +116,89 @@ class DatasetInfo:
         return (Path(data_dir) / MANIFEST).is_file()
 
     @classmethod
-    def read(cls, data_dir: str | os.PathLike) -> DatasetInfo:
+    def of(cls, data: Manifest | str | os.PathLike) -> Manifest:
+        """`data` itself when it is a Manifest already, else the manifest of the set in that folder."""
+        return data if isinstance(data, Manifest) else cls.read(data)
+
+    @classmethod
+    def read(cls, data_dir: str | os.PathLike, current_layout: bool = True) -> Manifest:
+        """The set's manifest; with `current_layout` a set of another token layout is refused
+        (`grr data check` reads it anyway, to report that beside everything else)."""
         root = Path(data_dir)
         path = root / MANIFEST
         hint = f"is {root} a sharded set (grr data shard)?"
         if not path.is_file():
-            raise ValueError(f"{path} not found: {hint}")
+            raise ManifestNotFound(f"{path} not found: {hint}")
         try:
-            raw = json.loads(path.read_text())
-            info = cls._parse(root, raw)
+            manifest = cls._parse(root, json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             reason = f"missing {err}" if isinstance(err, KeyError) else (str(err).splitlines() or [type(err).__name__])[0]
             raise ValueError(f"{path}: cannot read the set's manifest ({reason}); {hint}") from err
-        if raw.get("layout_version") != LAYOUT_VERSION or raw.get("seq_len") != SEQ_LEN:
-            raise ValueError(f"{path}: layout_version {raw.get('layout_version')}, seq_len {raw.get('seq_len')}; "
+        if current_layout and not manifest.is_current_layout:
+            raise ValueError(f"{path}: layout_version {manifest.layout_version}, seq_len {manifest.seq_len}; "
                              f"this grr reads {LAYOUT_VERSION}/{SEQ_LEN}: re-shard the set")
-        return info
+        return manifest
 
     @classmethod
-    def _parse(cls, root: Path, raw: dict) -> DatasetInfo:
+    def _parse(cls, root: Path, raw: dict) -> Manifest:
         tok = raw["tokenizer"]
         special = SpecialIds(pad=int(tok["pad"]), eos=int(tok["eos"]), bos=int(tok["bos"]), cls=int(tok["cls"]),
                              vocab_size=int(tok["vocab_size"]))
-        splits = {
-            str(name): SplitInfo(
+        if not isinstance(raw["splits"], dict):
+            raise TypeError("splits is not a mapping")
+        splits = {}
+        for name, split in raw["splits"].items():
+            shards = split.get("shards") if isinstance(split, dict) else None
+            if not isinstance(shards, list):
+                raise TypeError(f"split {name!r} has no list of shards")
+            for i, entry in enumerate(shards):
+                if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+                        and isinstance(entry.get("num_samples"), int)):
+                    raise TypeError(f"split {name!r} shard #{i} has no path or num_samples: {entry!r}")
+            splits[str(name)] = SplitInfo(
                 num_samples=int(split["num_samples"]),
-                shards=tuple(ShardEntry(str(s["path"]), int(s["num_samples"]), s.get("sha256"))
-                             for s in split["shards"]),
-            )
-            for name, split in raw["splits"].items()
-        }
+                shards=tuple(ShardEntry(s["path"], s["num_samples"], s.get("sha256")) for s in shards))
+        checksums = raw.get("sample_checksums")
+        if checksums not in (None, SAMPLE_CHECKSUMS):
+            raise ValueError(f"sample_checksums {checksums!r}, this grr reads {SAMPLE_CHECKSUMS!r}: update grr or "
+                             "re-shard the set")
         overlaps = {str(pair): int(count) for pair, count in (raw.get("overlapping_splits") or {}).items()}
         return cls(root=root, tokenizer=TokenizerRecord(str(tok["name"]), special, MappingProxyType(dict(tok))),
                    splits=MappingProxyType(splits), split_mode=raw.get("split_mode"),
-                   overlapping_splits=MappingProxyType(overlaps))
+                   overlapping_splits=MappingProxyType(overlaps), sample_checksums=checksums == SAMPLE_CHECKSUMS,
+                   layout_version=raw.get("layout_version"), seq_len=raw.get("seq_len"),
+                   document=MappingProxyType(raw))
+
+
+def write_manifest(out_dir: Path, *, tokenizer: dict, splits: dict[str, dict], counts: dict, shard_size: int,
+                   fetch_manifest: dict | None, split_rule: str, split_mode: str | None = None,
+                   overlapping_splits: dict[str, int] | None = None) -> Manifest:
+    """Write `out_dir/manifest.json` atomically (the last file of a shard run) and return it.
+
+    `tokenizer`: the tokenizer's record (name, vocabulary, special ids, its files' sha256 and
+    library version: a different tokenizer of the same size is told apart); `splits`: name ->
+    {"num_samples", "shards": [{"path", "num_samples", "sha256"}]}; `counts`: `skipped` (samples, by
+    reason), `damaged_tars`, `truncated_captions`, `duplicate_images`, `resized_images`.
+    """
+    document = {
+        "layout_version": LAYOUT_VERSION,
+        "seq_len": SEQ_LEN,
+        # every shard has a `.crc` file beside it; the loaders verify each sample they read
+        "sample_checksums": SAMPLE_CHECKSUMS,
+        "tokenizer": tokenizer,
+        "splits": splits,
+        "skipped": dict(sorted(counts["skipped"].items())),
+        "damaged_tars": counts["damaged_tars"],  # input tars cut or garbled (their lost samples are in `skipped`)
+        "truncated_captions": counts["truncated_captions"],
+        "duplicate_images": counts["duplicate_images"],
+        "resized_images": counts["resized_images"],
+        "shard_size": shard_size,
+        "fetch_manifest": fetch_manifest,
+        "split_rule": split_rule,
+    }
+    if overlapping_splits:
+        document["split_mode"] = split_mode
+        # images stored in both splits of each pair; `grr data check` expects exactly these
+        document["overlapping_splits"] = overlapping_splits
+    write_json_atomic(Path(out_dir) / MANIFEST, document, indent=1, ensure_ascii=True)
+    return Manifest._parse(Path(out_dir), json.loads(json.dumps(document)))

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from grr_data.format.manifest import Manifest
 from grr_data.loader.base import IMAGE_SIZE, LoaderBase
 from grr_data.loader.cpu import preprocess_image
 from grr_data.loader.plan import Plan
@@ -38,7 +39,7 @@ def pick_kind(kind: str, device: str) -> str:
 
 
 def make_loader(
-    data_dir: str | os.PathLike,
+    data: Manifest | str | os.PathLike,
     split: str = "train",
     batch_size: int = 8,
     kind: str = "auto",
@@ -54,7 +55,7 @@ def make_loader(
     batch_multiple: int = 1,
     **options,
 ) -> LoaderBase:
-    """A loader over one split; `options` go to the chosen loader (cpu: draft; dali: num_threads
+    """A loader over one split of `data` (a set's Manifest, or its folder); `options` go to the chosen loader (cpu: draft; dali: num_threads
     (default max(num_workers, 1)), hw_decoder_load).
 
     `prefetch`: how many batches the loader prepares ahead of the consumer (None: the loader's
@@ -64,7 +65,7 @@ def make_loader(
     accumulation, so that an epoch is a whole number of optimizer steps; see plan.py).
     """
     kind = pick_kind(kind, device)
-    shards = ShardSet(data_dir, split, keep_keys=with_keys)
+    shards = ShardSet(data, split, keep_keys=with_keys)
     plan = Plan(shards.num_samples, batch_size, world_size, rank, seed, shuffle, batch_multiple)
     if kind == "dali":
         from grr_data.loader.dali import DaliLoader

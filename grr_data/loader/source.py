@@ -1,6 +1,6 @@
 """Random access to the samples of one split of a sharded set (CONTRACTS.md "Sharded set").
 
-Reads `manifest.json`, checks every shard and its DALI index are there and agree on sample
+Takes the set's `Manifest`, checks every shard and its DALI index are there and agree on sample
 counts, and reads one sample's members by global number with `os.pread` at the offsets the
 `.idx` file gives (no shared file position, so it is safe in forked workers). Index files are
 parsed into small arrays once, in the loader's process before its workers fork, so the workers
@@ -15,7 +15,6 @@ positions. A sample that fails is a SampleError: skipped, counted and logged lik
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -24,11 +23,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from grr_data.format.layout import CLS_INDEX, LAYOUT_VERSION, SEQ_LEN, SpecialIds
+from grr_data.format.layout import CLS_INDEX
+from grr_data.format.manifest import Manifest
 from grr_data.format.records import (
     EXTENSIONS,
     INDEX_VERSION,
-    SAMPLE_CHECKSUMS,
     checksum_path,
     decode_ids,
     index_path,
@@ -77,42 +76,23 @@ def _shard_index(tar: Path, keep_keys: bool, checksums: bool) -> ShardIndex:
 class ShardSet:
     """One split of a sharded set: `num_samples`, `special`, `read(g)`, `key(g)`."""
 
-    def __init__(self, data_dir: str | os.PathLike, split: str = "train", keep_keys: bool = False):
-        self.root = Path(data_dir)
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(
-                f"{manifest_path} not found: is {self.root} a set made by `grr data shard`?"
-            )
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("layout_version") != LAYOUT_VERSION or manifest.get("seq_len") != SEQ_LEN:
-            raise ValueError(
-                f"{manifest_path}: layout_version {manifest.get('layout_version')}, seq_len "
-                f"{manifest.get('seq_len')}; this grr reads {LAYOUT_VERSION}/{SEQ_LEN}: re-shard the set"
-            )
-        tok = manifest["tokenizer"]
-        self.special = SpecialIds(
-            pad=tok["pad"], eos=tok["eos"], bos=tok["bos"], cls=tok["cls"], vocab_size=tok["vocab_size"]
-        )
+    def __init__(self, data: Manifest | str | os.PathLike, split: str = "train", keep_keys: bool = False):
+        manifest = Manifest.of(data)
+        self.root = manifest.root
+        self.special = manifest.special
         # Sets sharded before per-sample checksums existed have none: their samples are checked
         # for token ids inside the vocabulary and the layout's fixed positions only.
-        self.checksums = manifest.get("sample_checksums") == SAMPLE_CHECKSUMS
-        if manifest.get("sample_checksums") not in (None, SAMPLE_CHECKSUMS):
-            raise ValueError(f"{manifest_path}: sample_checksums {manifest['sample_checksums']!r}; this grr "
-                             f"reads {SAMPLE_CHECKSUMS!r}: update grr or re-shard the set")
-        splits = manifest.get("splits", {})
-        if split not in splits:
-            raise KeyError(f"{manifest_path} has no split {split!r} (it has {sorted(splits)})")
-        shards = splits[split]["shards"]
-        self.paths = [self.root / s["path"] for s in shards]
-        counts = np.array([s["num_samples"] for s in shards], dtype=np.int64)
+        self.checksums = manifest.sample_checksums
+        entry = manifest.split(split)
+        self.paths = [self.root / s.path for s in entry.shards]
+        counts = np.array([s.num_samples for s in entry.shards], dtype=np.int64)
         for path, count in zip(self.paths, counts, strict=True):
             self._check_shard(path, int(count), self.checksums)
         self.starts = np.concatenate([[0], np.cumsum(counts)])
         self.num_samples = int(self.starts[-1])
-        if self.num_samples != splits[split].get("num_samples", self.num_samples):
+        if self.num_samples != entry.num_samples:
             raise ValueError(
-                f"{manifest_path}: split {split!r} says {splits[split]['num_samples']} samples but its "
+                f"{manifest.path}: split {split!r} says {entry.num_samples} samples but its "
                 f"shards add up to {self.num_samples}: the manifest is inconsistent, re-shard the set"
             )
         self.keep_keys = keep_keys

@@ -42,8 +42,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from grr_data.format.layout import LAYOUT_VERSION, SEQ_LEN
-from grr_data.format.records import SAMPLE_CHECKSUMS
+from grr_data.format.layout import LAYOUT_VERSION
+from grr_data.format.manifest import MANIFEST, Manifest, write_manifest
 from grr_data.infra.files import write_json_atomic
 from grr_data.infra.lock import LOCK_NAME, hold_lock
 from grr_data.infra.procs import make_pool, usable_cores
@@ -57,7 +57,6 @@ from grr_data.shard.write import ShardDone, ShardJob, ShardWork
 from grr_data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 WORK_DIR = ".work"
 
 
@@ -215,7 +214,7 @@ def shard_dataset(
     progress: bool = True,
     on_shard: Callable[[Path], None] | None = None,
     break_lock: bool = False,
-) -> tuple[dict, dict]:
+) -> tuple[Manifest, dict]:
     """Shard `input_dir` (fetch output, a folder of captioned images, or a .csv/.jsonl list: see
     grr_data.shard.plain) into `out_dir`; returns (manifest, run stats: seconds, kept shards).
 
@@ -257,7 +256,7 @@ def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, pr
                     input_dir, ", ".join(sorted(overlaps)))
     source = str((fetch_manifest or {}).get("dataset") or (fetch_manifest or {}).get("name") or input_dir.name)
 
-    if (out_dir / MANIFEST).exists():
+    if Manifest.exists(out_dir):
         raise FileExistsError(f"{out_dir} already holds a complete sharded set ({MANIFEST}); "
                               "choose another --out or delete it")
     params = {"input": str(input_dir.resolve()), "split_rule": rule.describe(), "tokenizer": tok.name,
@@ -311,31 +310,16 @@ def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, pr
         sink.shards.sort(key=lambda entry: int(Path(entry["path"]).stem.removeprefix("shard-")))
     totals, skipped = plan.totals, plan.skipped
 
-    manifest = {
-        "layout_version": LAYOUT_VERSION,
-        "seq_len": SEQ_LEN,
-        # every shard has a `.crc` file beside it; the loaders verify each sample they read
-        "sample_checksums": SAMPLE_CHECKSUMS,
-        # name, vocabulary, special ids, and its files' sha256 and library version: a different
-        # tokenizer of the same size is told apart (`CaptionTokenizer.record`)
-        "tokenizer": tok.record(),
+    overlaps = {pair: assigner.overlaps[pair] for pair in sorted(assigner.allowed_overlaps)}
+    manifest = write_manifest(
+        out_dir, tokenizer=tok.record(),
         # a test split appears under the `source` rule only when the source has one
-        "splits": {name: {"num_samples": sink.num_samples, "shards": sink.shards} for name, sink in sinks.items()
-                   if not rule.source or name != "test" or sink.num_samples},
-        "skipped": dict(sorted(skipped.items())),  # samples, by reason
-        "damaged_tars": totals["damaged"],  # input tars cut or garbled (their lost samples are in `skipped`)
-        "truncated_captions": totals["truncated"],
-        "duplicate_images": assigner.num_duplicate_images,
-        "resized_images": totals["resized"],
-        "shard_size": shard_size,
-        "fetch_manifest": fetch_manifest,
-        "split_rule": rule.describe(),
-    }
-    if assigner.allowed_overlaps:
-        manifest["split_mode"] = fetch_manifest["split_mode"]
-        # images stored in both splits of each pair; `grr data check` expects exactly these
-        manifest["overlapping_splits"] = {pair: assigner.overlaps[pair] for pair in sorted(assigner.allowed_overlaps)}
-    write_json_atomic(out_dir / MANIFEST, manifest, indent=1, ensure_ascii=True)
+        splits={name: {"num_samples": sink.num_samples, "shards": sink.shards} for name, sink in sinks.items()
+                if not rule.source or name != "test" or sink.num_samples},
+        counts={"skipped": skipped, "damaged_tars": totals["damaged"], "truncated_captions": totals["truncated"],
+                "duplicate_images": assigner.num_duplicate_images, "resized_images": totals["resized"]},
+        shard_size=shard_size, fetch_manifest=fetch_manifest, split_rule=rule.describe(),
+        split_mode=(fetch_manifest or {}).get("split_mode"), overlapping_splits=overlaps)
     shutil.rmtree(work, ignore_errors=True)
     stats = {"seconds": round(time.time() - started, 1), "kept_shards": sum(s.num_kept for s in sinks.values()),
              "reused_tars": totals["reused"], "decoded_images": totals["decoded"] + totals["redecoded"]}

@@ -33,7 +33,6 @@ It runs every stage of the pipeline, so this one module of `grr_train` also impo
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,8 @@ from pathlib import Path
 import torch
 
 from grr_data.fetch import FetchOptions, fetch
-from grr_data.format.manifest import DatasetInfo
+from grr_data.format.manifest import Manifest
+from grr_data.infra.procs import usable_cores
 from grr_data.shard.run import shard_dataset
 from grr_train.demo.jobs import Job, run_jobs
 from grr_train.demo.report import exact_by_kind, example_grid, mean_eval, preface
@@ -105,7 +105,7 @@ def _parallel(plan: DemoPlan, device: str) -> bool:
     """Train the two models at once: on a CPU with two or more cores, unless the plan says not to."""
     if plan.parallel is not None:
         return plan.parallel
-    return device == "cpu" and len(os.sched_getaffinity(0)) >= 2
+    return device == "cpu" and usable_cores() >= 2
 
 
 @contextlib.contextmanager
@@ -135,9 +135,9 @@ def run_demo(out: str | Path, plan: DemoPlan = FULL, say: Callable[[str], None] 
     say(f"1/5 draw {plan.num_pairs} shapes pairs -> {fetched}")
     drawn = fetch("shapes", FetchOptions(out=fetched, num_pairs=plan.num_pairs, seed=plan.data_seed))
     say(f"2/5 shard them with the set's word-level tokenizer -> {shards}")
-    if not DatasetInfo.exists(shards):
+    if not Manifest.exists(shards):
         shard_dataset(fetched, shards, tokenizer=str(fetched / drawn["shapes"]["tokenizer"]), progress=False)
-    splits = DatasetInfo.read(shards).split_sizes
+    splits = Manifest.read(shards).split_sizes
     val_size = splits["val"]
 
     jobs = []

@@ -21,7 +21,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from grr_data.infra.files import publish, write_text_atomic
+from grr_data.format.manifest import Manifest  # noqa: E402
+from grr_data.infra.files import publish, write_text_atomic  # noqa: E402
+from grr_train.eval.evaluate import evaluate_run  # noqa: E402
+from grr_train.infer.captioning import decode_words_for  # noqa: E402
+from grr_train.runs.checkpoint import resolve_checkpoint  # noqa: E402
 from grr_train.runs.metrics import read_metrics  # noqa: E402
 
 # (row label, key path in an eval result, number format); lower is better for the first three.
@@ -289,20 +293,16 @@ def compare_runs(
     Both runs, the set and its split are checked before either run is evaluated, so a typo in
     the second run costs nothing. `names` default to the runs' folder names; captions are
     decoded with `tokenizer`, else run A's (see `grr_train.infer.captioning.decode_words_for`)."""
-    from grr_data.format.manifest import DatasetInfo
-    from grr_train.eval.evaluate import evaluate_run
-    from grr_train.infer.captioning import decode_words_for
-    from grr_train.runs.checkpoint import resolve_checkpoint
-
     for run in (run_a, run_b):
         resolve_checkpoint(run)
-    DatasetInfo.read(data_dir).num_samples(split)
+    manifest = Manifest.read(data_dir)  # read once, passed down
+    manifest.num_samples(split)
     names = (names[0] or Path(run_a).resolve().name, names[1] or Path(run_b).resolve().name)
-    decode_words = decode_words_for(run_a, tokenizer, data_dir)
-    eval_a = evaluate_run(run_a, data_dir, split, contrastive_batch_size=contrastive_batch_size,
+    decode_words = decode_words_for(run_a, tokenizer, manifest)
+    eval_a = evaluate_run(run_a, manifest, split, contrastive_batch_size=contrastive_batch_size,
                           decode_words=decode_words, **eval_kwargs)
     # B gets A's contrastive batch size, so the two contrastive losses are comparable
-    eval_b = evaluate_run(run_b, data_dir, split, contrastive_batch_size=eval_a["contrastive_batch_size"],
+    eval_b = evaluate_run(run_b, manifest, split, contrastive_batch_size=eval_a["contrastive_batch_size"],
                           decode_words=decode_words, **eval_kwargs)
     section = Section(title or f"{Path(data_dir).name}: {split}", eval_a, eval_b, str(run_a), str(run_b))
     return write_report([section], out_dir, names)

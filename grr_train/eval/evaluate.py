@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from grr_data.format.layout import caption_word_ids
-from grr_data.format.manifest import DatasetInfo
+from grr_data.format.manifest import Manifest
 from grr_data.loader import make_loader
 from grr_train.eval.caption_metrics import caption_scores
 from grr_train.eval.retrieval import group_by_image, recall_at_k
@@ -162,7 +162,7 @@ class _OnePass(torch.nn.Module):
 
 def evaluate_run(
     run_or_ckpt: str | os.PathLike,
-    data_dir: str | os.PathLike,
+    data: Manifest | str | os.PathLike,
     split: str = "val",
     batch_size: int = 32,
     contrastive_batch_size: int | None = None,
@@ -181,26 +181,27 @@ def evaluate_run(
     model, info = load_model(run_or_ckpt, device=device)
     train_cfg = info["train_config"]
     precision = resolve_precision(precision, train_cfg, device)
-    size = DatasetInfo.read(data_dir).num_samples(split)
+    manifest = Manifest.of(data)
+    size = manifest.num_samples(split)
     num_samples = min(size, max_samples) if max_samples is not None else size
     if contrastive_batch_size is None:
         contrastive_batch_size = int(train_cfg.get("val_contrastive_batch_size", 192))
     if not 1 <= contrastive_batch_size <= num_samples:
         raise ValueError(
             f"contrastive batch size {contrastive_batch_size} does not fit the {num_samples} samples "
-            f"evaluated from split {split!r} of {data_dir}; pass --contrastive-batch-size {num_samples} or less"
+            f"evaluated from split {split!r} of {manifest.root}; pass --contrastive-batch-size {num_samples} or less"
         )
     decode_options = decode_options or DecodeOptions()
     decode_options.check()
 
     lambda_con, lambda_cap = float(train_cfg["lambda_con"]), float(train_cfg["lambda_cap"])
     temperature = float(info["model_config"].temperature)
-    loader = make_loader(data_dir, split=split, batch_size=batch_size, kind=loader_kind, shuffle=False,
+    loader = make_loader(manifest, split=split, batch_size=batch_size, kind=loader_kind, shuffle=False,
                          num_workers=num_workers, device=device, with_keys=True)
     if loader.special != info["special"]:
-        raise ValueError(f"{data_dir} was tokenized with special ids {loader.special}, the model was trained with "
+        raise ValueError(f"{manifest.root} was tokenized with special ids {loader.special}, the model was trained with "
                          f"{info['special']}: evaluate on a set sharded with the run's tokenizer")
-    check_same_tokenizer(info.get("tokenizer"), DatasetInfo.read(data_dir), f"the run {run_or_ckpt}",
+    check_same_tokenizer(info.get("tokenizer"), manifest, f"the run {run_or_ckpt}",
                          allow_other_tokenizer)
     collector = RetrievalAndCaptions(model, info["special"], decode_words, decode_options)
     one_pass = _OnePass(model, collector)
@@ -213,7 +214,7 @@ def evaluate_run(
         "run": str(run_or_ckpt),
         "checkpoint": str(info["checkpoint"]),
         "checkpoint_step": info["step"],
-        "data": str(data_dir),
+        "data": str(manifest.root),
         "split": split,
         "batch_size": batch_size,
         "max_samples": max_samples,

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from grr_data.format.manifest import DatasetInfo
+from grr_data.format.manifest import Manifest
 from grr_data.loader import preprocess_image
 from grr_data.tokenizer import CaptionTokenizer
 from grr_train.infer.generate import DecodeOptions, generate
@@ -41,7 +41,7 @@ class TokenizerChoice(NamedTuple):
 
 
 def choose_tokenizer(run_or_ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                     data_dir: str | os.PathLike | None = None) -> TokenizerChoice:
+                     data: Manifest | str | os.PathLike | None = None) -> TokenizerChoice:
     """Which tokenizer turns a run's word ids into words (see the module's docstring)."""
     ckpt = resolve_checkpoint(run_or_ckpt)
     meta = read_meta(ckpt)
@@ -53,8 +53,9 @@ def choose_tokenizer(run_or_ckpt: str | os.PathLike, tokenizer: str | os.PathLik
         name, origin = str(tokenizer), "--tokenizer"
     elif record:
         name, origin = record["name"], f"{run_or_ckpt} (recorded at training)"
-    elif data_dir is not None:
-        name, origin = DatasetInfo.read(data_dir).tokenizer.name, f"{Path(data_dir) / 'manifest.json'}"
+    elif data is not None:
+        manifest = Manifest.of(data)
+        name, origin = manifest.tokenizer.name, str(manifest.path)
     else:
         raise ValueError(f"{run_or_ckpt} does not record its tokenizer (an older run); pass --tokenizer")
     try:
@@ -76,15 +77,15 @@ def load_choice(choice: TokenizerChoice) -> CaptionTokenizer:
 
 
 def tokenizer_for(run_or_ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                  data_dir: str | os.PathLike | None = None) -> CaptionTokenizer:
+                  data: Manifest | str | os.PathLike | None = None) -> CaptionTokenizer:
     """The tokenizer of a run's captions (see the module's docstring for which one)."""
-    return load_choice(choose_tokenizer(run_or_ckpt, tokenizer, data_dir))
+    return load_choice(choose_tokenizer(run_or_ckpt, tokenizer, data))
 
 
 def decode_words_for(run_or_ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                     data_dir: str | os.PathLike | None = None) -> DecodeWords:
+                     data: Manifest | str | os.PathLike | None = None) -> DecodeWords:
     """The `decode_words` (word ids -> text) for a run's captions."""
-    return tokenizer_for(run_or_ckpt, tokenizer, data_dir).decode_words
+    return tokenizer_for(run_or_ckpt, tokenizer, data).decode_words
 
 
 def check_image_files(images: Sequence[str | os.PathLike]) -> None:

@@ -50,7 +50,7 @@ class TrainConfig:
     # number of processes (the paper's 48 per GPU x 4 GPUs): each process's micro-batch is
     # contrastive_batch_size / world_size, and accumulation = global / contrastive_batch_size.
     # `per_device_batch_size`, when set, overrides that micro-batch (the contrastive batch is then
-    # per_device_batch_size x world_size). `micro_batch_size` and `accumulation_steps` derive them.
+    # per_device_batch_size x world_size). grr_train.train.plan.BatchPlan derives them, once per run.
     global_batch_size: int = 768
     contrastive_batch_size: int = 192
     per_device_batch_size: int | None = None
@@ -168,33 +168,6 @@ class TrainConfig:
         if self.recipe == "finetune" and not self.init_from:
             raise ValueError("fine-tuning needs the weights to start from (--from RUN_OR_CHECKPOINT, "
                              "or --set init_from=)")
-
-    def micro_batch_size(self, world_size: int) -> int:
-        """Samples per micro-batch on each process."""
-        if self.per_device_batch_size is not None:
-            return self.per_device_batch_size
-        if self.contrastive_batch_size % world_size:
-            raise ValueError(
-                f"contrastive_batch_size {self.contrastive_batch_size} does not divide over {world_size} "
-                f"processes; choose a multiple of {world_size} (--set contrastive_batch_size=) or another "
-                "number of processes"
-            )
-        return self.contrastive_batch_size // world_size
-
-    def contrastive_batch(self, world_size: int) -> int:
-        """Pairs in each micro-step's contrastive loss (negatives gathered across processes)."""
-        return self.micro_batch_size(world_size) * world_size
-
-    def accumulation_steps(self, world_size: int) -> int:
-        """Micro-batches per optimizer step on each process."""
-        per_step = self.contrastive_batch(world_size)
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"global_batch_size {self.global_batch_size} is not a multiple of the contrastive batch "
-                f"{per_step} ({self.micro_batch_size(world_size)} per process x {world_size} processes); "
-                "change one of them with --set"
-            )
-        return self.global_batch_size // per_step
 
 
 # What each setting means, one line each, for `grr train settings`; a new TrainConfig field
@@ -427,9 +400,9 @@ def plan_run(recipe_name: str, run_dir: str | Path, resume: str = "no", config_f
 
 def check_data(data: str | Path) -> None:
     """Raise ValueError naming the manifest when `data` is not a readable sharded set."""
-    from grr_data.format.manifest import DatasetInfo
+    from grr_data.format.manifest import Manifest
 
-    DatasetInfo.read(data)
+    Manifest.read(data)
 
 
 def settings_table() -> list[tuple[str, str, str | None, str]]:

@@ -17,17 +17,19 @@ from pathlib import Path
 import torch
 
 from grr_data.format.layout import CLS_INDEX, CONTEXT_LENGTH
-from grr_data.format.manifest import DatasetInfo
-from grr_data.loader import make_loader
+from grr_data.format.manifest import Manifest
+from grr_data.infra.procs import usable_cores
+from grr_data.loader import LoaderBase, make_loader
 from grr_train.model import ModelConfig, build_model, get_config
 from grr_train.model.compat import is_old_layout
 from grr_train.runs import checkpoint as ckpt
 from grr_train.runs import weights
 from grr_train.runtime.parallel import resolve_compile
 from grr_train.train.config import TRIM_NEEDS_EAGER, TrainConfig
+from grr_train.train.plan import BatchPlan, micro_batch_for
 
 
-def check_model_fits_data(model_config: ModelConfig, data: DatasetInfo) -> None:
+def check_model_fits_data(model_config: ModelConfig, data: Manifest) -> None:
     """Raise ValueError listing every layout constant on which the model and the data disagree."""
     special = data.special
     pairs = {"vocab_size": (model_config.vocab_size, special.vocab_size),
@@ -36,10 +38,10 @@ def check_model_fits_data(model_config: ModelConfig, data: DatasetInfo) -> None:
              "cls_index": (model_config.cls_index, CLS_INDEX)}
     wrong = [f"{name} {ours} (model) vs {theirs} (data)" for name, (ours, theirs) in pairs.items() if ours != theirs]
     if wrong:
-        raise ValueError(f"the model does not fit {data.manifest_path}: " + "; ".join(wrong))
+        raise ValueError(f"the model does not fit {data.path}: " + "; ".join(wrong))
 
 
-def check_same_tokenizer(recorded: dict | None, data: DatasetInfo, whose: str, allow_other: bool = False) -> None:
+def check_same_tokenizer(recorded: dict | None, data: Manifest, whose: str, allow_other: bool = False) -> None:
     """Refuse `data` when its tokenizer differs from the one `whose` (a run, a checkpoint) recorded."""
     if not recorded:
         return
@@ -53,7 +55,7 @@ def check_same_tokenizer(recorded: dict | None, data: DatasetInfo, whose: str, a
         return
     raise ValueError(
         f"{whose} was trained with tokenizer {recorded.get('name')!r} ({_describe(recorded)}), but "
-        f"{data.manifest_path} was sharded with {ours.get('name')!r} ({_describe(ours)}): the same ids would "
+        f"{data.path} was sharded with {ours.get('name')!r} ({_describe(ours)}): the same ids would "
         "mean other words. Re-shard the data with the run's tokenizer, or, if you know they are the same, allow it "
         "(grr train: --set allow_other_tokenizer=true; grr eval: --allow-other-tokenizer)"
     )
@@ -84,7 +86,7 @@ def fit_epochs_to_max_steps(cfg: TrainConfig, steps_per_epoch: int) -> tuple[Tra
     return dataclasses.replace(cfg, epochs=epochs), note
 
 
-def fit_batches_to_data(cfg: TrainConfig, data: DatasetInfo, world_size: int) -> tuple[TrainConfig, str | None]:
+def fit_batches_to_data(cfg: TrainConfig, data: Manifest, world_size: int) -> tuple[TrainConfig, str | None]:
     """`cfg` with batches no larger than the splits hold, and a one-line warning saying what changed.
 
     The paper's batches (global 768, contrastive 192 pairs, validation chunks of 192) are for
@@ -95,7 +97,7 @@ def fit_batches_to_data(cfg: TrainConfig, data: DatasetInfo, world_size: int) ->
     num_train = data.split_sizes.get("train", 0)
     num_val = data.split_sizes.get(cfg.val_split, 0)
     changes: dict = {}
-    micro = cfg.micro_batch_size(world_size)
+    micro = micro_batch_for(cfg, world_size)
     if num_train and micro * world_size > num_train:
         micro = max(num_train // world_size, 1)
         key = "per_device_batch_size" if cfg.per_device_batch_size is not None else "contrastive_batch_size"
@@ -110,34 +112,41 @@ def fit_batches_to_data(cfg: TrainConfig, data: DatasetInfo, world_size: int) ->
     was = ", ".join(f"{k} {getattr(cfg, k)}" for k in changes)
     now = ", ".join(f"{k} {v}" for k, v in changes.items())
     return dataclasses.replace(cfg, **changes), (
-        f"warning: {data.manifest_path} has {num_train} train and {num_val} {cfg.val_split} pairs, fewer than the "
+        f"warning: {data.path} has {num_train} train and {num_val} {cfg.val_split} pairs, fewer than the "
         f"batches asked for ({was}; the paper's are global 768, contrastive 192, validation chunks 192): "
         f"using {now}")
 
 
 def default_num_workers(world_size_on_node: int = 1) -> int:
     """CPU loader workers when none are set: this process's share of the cores, less one, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(world_size_on_node, 1) - 1))
+    return max(0, min(8, usable_cores() // max(world_size_on_node, 1) - 1))
 
 
-def make_loader_for(trainer, split: str, batch_size: int, shuffle: bool, prefetch: int | None = None,
-                    batch_multiple: int = 1):
-    """A loader over the trainer's data, on its device, with its seed and world size."""
-    cfg, info = trainer.cfg, trainer.info
+def make_loaders(cfg: TrainConfig, data: Manifest, plan: BatchPlan, rank: int, device: torch.device,
+                 autocast: torch.dtype | None) -> tuple[LoaderBase, LoaderBase | None]:
+    """The run's train loader (this rank's micro-batches; an epoch a whole number of optimizer
+    steps) and its validation loader (None when the set has no val split, which early stopping
+    refuses)."""
     # Under bf16 autocast the patch-embedding conv casts its input to bf16 anyway; float16
     # images (more precise than bf16, range ample for normalised pixels) halve what the
     # loader buffers on the GPU. CPU runs keep float32, so their results do not change.
-    gpu_bf16 = trainer.device.type == "cuda" and trainer.autocast_dtype == torch.bfloat16
+    gpu_bf16 = device.type == "cuda" and autocast == torch.bfloat16
     workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(
         int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return make_loader(cfg.data, split=split, batch_size=batch_size, kind=cfg.loader, rank=info.rank,
-                       world_size=info.world_size, seed=cfg.seed, shuffle=shuffle, num_workers=workers,
-                       device=str(trainer.device), dtype=torch.float16 if gpu_bf16 else torch.float32,
-                       prefetch=prefetch, batch_multiple=batch_multiple)
+    common = dict(kind=cfg.loader, rank=rank, world_size=plan.world_size, seed=cfg.seed, num_workers=workers,
+                  device=str(device), dtype=torch.float16 if gpu_bf16 else torch.float32)
+    # A step takes all its micro-batches before any GPU work (it needs their token count), so the
+    # loader must work at least that far ahead or the GPU waits on decoding.
+    train = make_loader(data, split="train", batch_size=plan.micro_batch, shuffle=True,
+                        prefetch=plan.accumulation + 1, batch_multiple=plan.accumulation, **common)
+    if data.split_sizes.get(cfg.val_split, 0) > 0:  # fit_batches_to_data capped its contrastive chunk: no NaN
+        return train, make_loader(data, split=cfg.val_split, batch_size=cfg.val_batch_size, shuffle=False, **common)
+    if cfg.early_stop:
+        raise ValueError(f"{data.path}: no {cfg.val_split!r} split, which early stopping needs")
+    return train, None
 
 
-def build_run_model(cfg: TrainConfig, run_dir: Path, data: DatasetInfo, resume: bool):
+def build_run_model(cfg: TrainConfig, run_dir: Path, data: Manifest, resume: bool):
     """(model, its config) for a run: the run's own config on resume, the --from checkpoint's for
     fine-tuning, else the preset sized to the data's vocabulary and special ids; checked against
     the data's layout and tokenizer."""
