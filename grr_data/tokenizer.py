@@ -116,13 +116,13 @@ def load_tokenizer(name_or_dir: str | os.PathLike | None = None) -> CaptionToken
 
     Loaded tokenizers are cached by folder and by their files' size and mtime, so a tokenizer
     file replaced under the same name is loaded (and fingerprinted) afresh."""
-    source, name = _resolve(name_or_dir)
+    source, name = resolve_tokenizer(name_or_dir)
     stamp = tuple((f, st.st_size, st.st_mtime_ns) for f in MODEL_FILES if (source / f).is_file()
                   for st in [(source / f).stat()])
     return _load(str(source), name, stamp)
 
 
-def _resolve(name_or_dir: str | os.PathLike | None) -> tuple[Path, str]:
+def resolve_tokenizer(name_or_dir: str | os.PathLike | None) -> tuple[Path, str]:
     """(the folder holding the tokenizer's files, the name the manifest records)."""
     if name_or_dir is None or str(name_or_dir) == SAMPLE_TOKENIZER_NAME:
         source, name = SAMPLE_TOKENIZER_DIR, SAMPLE_TOKENIZER_NAME

@@ -98,3 +98,9 @@ def swap_pairs(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., T, head_dim) by per-position tables cos/sin (T, head_dim), in x's dtype."""
     return x * cos.to(x.dtype) + swap_pairs(x) * sin.to(x.dtype)
+
+
+def clear_rope_cache() -> None:
+    """Forget the cached tables (FLOP counting builds fake ones that a real model must not read)."""
+    _cached.cache_clear()
+    _cached_at.cache_clear()

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from grr_train.model.coca import build_model
 from grr_train.model.config import PRESETS, ModelConfig, get_config
-from grr_train.model.rope import _cached as rope_cache
+from grr_train.model.rope import clear_rope_cache
 
 # Label, then the module-name prefixes whose parameters it counts (see CoCa.__init__).
 COMPONENTS = (
@@ -102,7 +102,7 @@ def counted_training_flops(cfg: ModelConfig, batch_size: int = 1) -> int:
                 (out.logits.float().logsumexp(-1).mean() + (out.image_embed * out.text_embed).sum()).backward()
     finally:
         # Tables made here are fake (shapes only); a real model reading them later would fail.
-        rope_cache.cache_clear()
+        clear_rope_cache()
     return counter.get_total_flops()
 
 

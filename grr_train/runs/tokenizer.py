@@ -17,7 +17,13 @@ import sys
 from pathlib import Path
 
 from grr_data.infra.files import fsync_path, publish
-from grr_data.tokenizer import MODEL_FILES, CaptionTokenizer, TokenizerError, _resolve, load_tokenizer
+from grr_data.tokenizer import (
+    MODEL_FILES,
+    CaptionTokenizer,
+    TokenizerError,
+    load_tokenizer,
+    resolve_tokenizer,
+)
 
 TOKENIZER_DIR = "tokenizer"
 # Read by transformers beside the model files when present (T5's extra ids, added tokens).
@@ -110,7 +116,7 @@ def tokenizer_copy_in(run_dir: Path | None) -> Path | None:
 def tokenizer_folder(name: str | os.PathLike) -> Path:
     """The folder holding the files of the tokenizer `name` (as `load_tokenizer` takes it: the
     sample's name, a folder, a hub name, fetched then); TokenizerError when there is none."""
-    return _resolve(name)[0]
+    return resolve_tokenizer(name)[0]
 
 
 def load_tokenizer_checked(folder: Path, expected: dict | None) -> CaptionTokenizer:
