@@ -22,7 +22,7 @@ SCALE = ("grr-coca-1b", "baseline-coca-1b", "grr-coca-2b", "baseline-coca-2b")
 
 
 def formula_params(cfg: ModelConfig) -> int:
-    """The DESIGN.md layout written out by hand (not read from the model), for any width and depths."""
+    """The docs/DESIGN.md parameter-count layout written out by hand (not read from the model), for any width and depths."""
     d, v = cfg.width, cfg.vocab_size
     attention = 4 * d * d + 4 * d  # q, k, v, out with biases
     if cfg.vit_ffn == "geglu":

@@ -1,4 +1,4 @@
-"""The stored image form (DESIGN.md): a JPEG whose shorter side is 288, upright, at quality 95.
+"""The stored image form (docs/DESIGN.md, "Contracts"): a JPEG whose shorter side is 288, upright, at quality 95.
 
 One resize rule for every path that writes images (fetch converters and `grr data shard`), the
 same as img2dataset's `keep_ratio`: EXIF orientation applied, BOX filter down, LANCZOS up.

@@ -1,4 +1,4 @@
-"""The token layout every caption is stored in (paper 3.2, DESIGN.md contracts).
+"""The token layout every caption is stored in (paper 3.2; docs/DESIGN.md, "Contracts").
 
 `BOS w1..wn EOS PAD.. CLS PAD`: 65 ids, so the model reads 64 inputs (`ids[:-1]`) and
 predicts 64 targets (`ids[1:]`). CLS always stands at index 63 and the final PAD at 64.

@@ -1,6 +1,6 @@
 """The sample format of a sharded set and the tar writer that makes shards and DALI indexes.
 
-A sample is four tar members sharing a key (DESIGN.md): `key.jpg` (shorter side 288),
+A sample is four tar members sharing a key (docs/DESIGN.md, "Contracts"): `key.jpg` (shorter side 288),
 `key.txt` (the raw caption), `key.ids` (65 little-endian int64 token ids, read by DALI's
 webdataset reader with `dtypes=INT64`) and `key.json` (source, split, original size, hash).
 Keys contain no dots. Every tar gets a DALI index (`.idx`, format v1.2) written beside it,

@@ -1,7 +1,7 @@
 """Multi-head attention through `scaled_dot_product_attention`, for self- and cross-attention.
 
 Parameters match nn.MultiheadAttention (4 * D * D + 4 * D: q, k, v and out projections with
-biases), which the paper's counts assume for every attention layer (DESIGN.md). Self-attention
+biases), which the paper's counts assume for every attention layer (docs/DESIGN.md, "Parameter counts"). Self-attention
 projects q, k and v with one matmul (`qkv`, rows q then k then v) and rotates q and k together;
 cross-attention keeps `q` apart from `kv`, whose keys and values a decoder computes once per image.
 Masks are additive, in the attention's compute dtype (`attention_dtype`), built once per forward by

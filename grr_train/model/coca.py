@@ -69,7 +69,7 @@ class CoCa(nn.Module):
         self.multimodal = TextDecoder(
             d, cfg.heads, cfg.multimodal_depth, cfg.text_hidden, cfg.dropout, True, cfg.rope_theta
         )
-        # The one 768-vector the paper's totals leave (DESIGN.md) is this norm before the LM head;
+        # The one 768-vector the paper's totals leave (docs/DESIGN.md, "Parameter counts") is this norm before the LM head;
         # the unimodal CLS output and the pooled image token are therefore normalised without
         # parameters. Without the image one, the pooled token starts tiny (two 0.02-init linears)
         # and the L2 normalisation after the projection turns that into gradients of ~1e4.
@@ -95,7 +95,7 @@ class CoCa(nn.Module):
 
         PAD positions are those the layout makes padding: after the first EOS, except CLS (and any
         PAD id). Judging by position, not only by id, means whatever id stands at a PAD position
-        cannot change an output the losses read (DESIGN.md); for a valid layout both agree.
+        cannot change an output the losses read (docs/DESIGN.md, "Contracts"); for a valid layout both agree.
         """
         cfg = self.cfg
         is_eos = inputs == cfg.eos_id

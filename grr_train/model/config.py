@@ -1,4 +1,4 @@
-"""The model configuration and the named presets (paper Table 1, DESIGN.md parameter counts).
+"""The model configuration and the named presets (paper Table 1; docs/DESIGN.md, "Parameter counts").
 
 Baseline CoCa and GRR-CoCa are one model class with two configs: the ViT's norm, feed-forward
 and position encoding are independent fields, so every single-change ablation is a preset too.
@@ -37,7 +37,7 @@ class ModelConfig:
     vit_mlp_ratio: float = 4.0
     # int(768 * 2.7) = 2073: with biases on W, V and O this gives the paper's exact counts.
     vit_geglu_ratio: float = 2.7
-    # The text GEGLUs are 4x wide, not 2.7x: only then do the paper's totals come out (DESIGN.md).
+    # The text GEGLUs are 4x wide, not 2.7x: only then do the paper's totals come out (docs/DESIGN.md, "Parameter counts").
     text_ffn_ratio: float = 4.0
     rope_theta: float = 10_000.0
     # The paper does not give the temperature and counts no learnable one: CLIP's initial 0.07.

@@ -23,7 +23,7 @@ class GEGLU(nn.Module):
     """(GELU(xW + Wb) * (xV + Vb)) O + Ob, paper eq. 1.
 
     Bias on all three linears: with hidden int(768 * 2.7) = 2073 that is what makes the ViT's
-    per-block change, times 12, equal the paper's 685,656 parameter difference (DESIGN.md).
+    per-block change, times 12, equal the paper's 685,656 parameter difference (docs/DESIGN.md, "Parameter counts").
     W and V are one Linear(dim, 2 * hidden), which has the same parameters as two.
     """
 

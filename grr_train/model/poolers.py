@@ -15,7 +15,7 @@ class CascadedPoolers(nn.Module):
     """Returns (contrastive token (B, D), generative tokens (B, Q, D)).
 
     The paper's totals leave room for exactly 65 query vectors and ONE attention module
-    (4 * D * D + 4 * D) besides the two projections (DESIGN.md count table), so both stages
+    (4 * D * D + 4 * D) besides the two projections (docs/DESIGN.md, "Parameter counts"), so both stages
     share this attention module; only their queries differ.
     """
 

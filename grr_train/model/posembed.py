@@ -1,7 +1,7 @@
 """The baseline ViT's fixed absolute position encoding (Vaswani et al. sinusoids).
 
 A fixed function, not a parameter: a learnable table would add 256 x 768 parameters to the
-baseline and the paper's 685,656 difference would no longer come out (DESIGN.md).
+baseline and the paper's 685,656 difference would no longer come out (docs/DESIGN.md, "Parameter counts").
 """
 
 from __future__ import annotations

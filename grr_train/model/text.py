@@ -1,7 +1,7 @@
 """The text decoders (paper 3.3): a causal unimodal decoder and a multimodal decoder that also
 cross-attends to the generative pooler's image tokens. Both use RMSNorm, RoPE and GEGLU 4x.
 
-PAD keys are masked (DESIGN.md; the caller says which keys are valid, see `CoCa._key_valid`), so
+PAD keys are masked (docs/DESIGN.md, "Contracts"; the caller says which keys are valid, see `CoCa._key_valid`), so
 what stands at a PAD position never changes an output the losses read. Every query may always see its own position, so no attention row is empty (no NaN)
 even for a PAD query; outputs at PAD positions are never read. With a layer cache the decoder
 processes only the new tokens and RoPE positions continue from the cache length. Without a cache

@@ -40,7 +40,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
         # A pre-norm stack needs a final norm; a learnable one would either add 768 (RMSNorm) or
         # 1536 (LayerNorm) parameters and break the paper's 685,656 = 12 x per-block difference,
-        # so it normalises without parameters (DESIGN.md count argument).
+        # so it normalises without parameters (docs/DESIGN.md, "Parameter counts").
         self.norm = make_norm(cfg.vit_norm, cfg.width, affine=False)
 
     def _rope(self, x: torch.Tensor) -> Rope | None:
