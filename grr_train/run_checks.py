@@ -23,6 +23,7 @@ from grr_train import checkpoint as ckpt
 from grr_train.config import TRIM_NEEDS_EAGER, TrainConfig
 from grr_train.model import ModelConfig, build_model, get_config
 from grr_train.model.compat import is_old_layout
+from grr_train.model.config import preset_of
 from grr_train.parallel import resolve_compile
 
 
@@ -136,10 +137,11 @@ def make_loader_for(trainer, split: str, batch_size: int, shuffle: bool, prefetc
                        prefetch=prefetch, batch_multiple=batch_multiple)
 
 
-def build_run_model(cfg: TrainConfig, run_dir: Path, data: DatasetInfo, resume: bool):
-    """(model, its config) for a run: the run's own config on resume, the --from checkpoint's for
-    fine-tuning, else the preset sized to the data's vocabulary and special ids; checked against
-    the data's layout and tokenizer."""
+def build_run_model(cfg: TrainConfig, run_dir: Path, data: DatasetInfo,
+                    resume: bool) -> tuple[torch.nn.Module, ModelConfig, TrainConfig]:
+    """(model, its config, `cfg`) for a run: the run's own config on resume, the --from checkpoint's
+    for fine-tuning (and `cfg` then names its preset, which the run records), else the preset sized
+    to the data's vocabulary and special ids; checked against the data's layout and tokenizer."""
     if resume:
         model_config = ModelConfig.from_dict(json.loads((run_dir / "config.json").read_text())["model"])
         model = build_model(model_config)
@@ -151,10 +153,13 @@ def build_run_model(cfg: TrainConfig, run_dir: Path, data: DatasetInfo, resume: 
         model, info = ckpt.load_model(cfg.init_from, dropout=cfg.dropout)
         model_config = info["model_config"]
         check_same_tokenizer(info.get("tokenizer"), data, f"--from {cfg.init_from}", cfg.allow_other_tokenizer)
+        # The model is --from's, whatever `preset` says (its default): record the preset it is.
+        preset = preset_of(model_config) or info["train_config"].get("preset") or cfg.preset
+        cfg = dataclasses.replace(cfg, preset=preset)
     else:
         special = data.special
         model_config = get_config(cfg.preset, dropout=cfg.dropout, vocab_size=special.vocab_size,
                                   pad_id=special.pad, eos_id=special.eos)
         model = build_model(model_config)
     check_model_fits_data(model_config, data)
-    return model, model_config
+    return model, model_config, cfg

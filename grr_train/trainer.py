@@ -114,6 +114,7 @@ class Trainer:
         self.cfg = cfg
 
         model = self._build_model(resume)
+        cfg = self.cfg  # fine-tuning: with the --from model's preset
         self.sharded = cfg.parallelism == "fsdp"
         self.model = parallelize(model, info, compile=checks.compile_mode(cfg, info.device), parallelism=cfg.parallelism,
                                  activation_checkpointing=cfg.activation_checkpointing, param_dtype=self.autocast_dtype)
@@ -489,7 +490,7 @@ class Trainer:
                        "pass --max-steps M or --set max_steps=none to train further")
 
     def _build_model(self, resume: bool) -> torch.nn.Module:
-        model, self.model_config = checks.build_run_model(self.cfg, self.run_dir, self.data, resume)
+        model, self.model_config, self.cfg = checks.build_run_model(self.cfg, self.run_dir, self.data, resume)
         return model
 
     @staticmethod

@@ -12,12 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # and infrastructure kept once: atomic file writes, folder locks.
 DATA_CONTRACT = ("grr_data.layout", "grr_data.loader", "grr_data.dataset", "grr_data.files", "grr_data.lock")
 # The grr_train modules that need more of grr_data, and what: turning caption ids into text
-# needs the tokenizer (and a run keeps its own copy of it); the demo runs every stage, fetch and
-# shard included.
+# needs the tokenizer (and a run keeps its own copy of it, an export one transformers reads); the
+# demo runs every stage, fetch and shard included.
 DATA_EXTRAS = {
     "grr_train/captioning.py": ("grr_data.tokenizer",),
     "grr_train/run_tokenizer.py": ("grr_data.tokenizer",),
     "grr_train/demo.py": ("grr_data.fetch", "grr_data.shard"),
+    "grr_train/export.py": ("grr_data.tokenizer",),  # the export's tokenizer_config.json names BOS and CLS
 }
 
 
@@ -101,12 +102,15 @@ def test_the_check_sees_a_manifest_read(tmp_path):
 
 def test_cli_modules_hang_off_the_groups():
     """Commands register one way: each cli module adds its commands to an app of cli.groups with
-    its decorators; only cli.main imports the command modules, and only cli.groups makes apps."""
+    its decorators; only cli.main imports the command modules (and `python -m cli`, cli.__main__,
+    imports cli.main), and only cli.groups makes apps."""
     imports = imported_modules("cli")
     wrong = [f"{path}: {name}" for path, names in imports.items() for name in sorted(names)
-             if name.startswith("cli.") and name != "cli.groups" and path != "cli/main.py"]
+             if name.startswith("cli.") and name != "cli.groups" and path != "cli/main.py"
+             and (path, name) != ("cli/__main__.py", "cli.main")]
     assert wrong == []
-    commands = {f"cli.{Path(p).stem}" for p in imports if Path(p).stem not in ("__init__", "main", "groups")}
+    commands = {f"cli.{Path(p).stem}" for p in imports
+                if Path(p).stem not in ("__init__", "__main__", "main", "groups")}
     assert commands <= imports["cli/main.py"], "cli/main.py must import every command module"
     makers = [path for path, tree in sources("cli") for node in ast.walk(tree)
               if isinstance(node, ast.Attribute) and node.attr == "Typer" and path != "cli/groups.py"]
