@@ -87,7 +87,7 @@ def model_card(num_params: int, meta: dict, tokenizer: dict, source: dict, run_d
         "import grr_train.api as grr",
         'model = grr.load("path/to/this/folder")',
         'print(model.caption(["photo.jpg"]))',
-        "model, preprocess, tokenizer = grr.create_model_and_transforms(\"path/to/this/folder\")  # open_clip's shape",
+        "model, _, preprocess = grr.create_model_and_transforms(\"path/to/this/folder\")  # open_clip's shape",
         "```", "",
         "or from the shell: `grr caption photo.jpg --ckpt path/to/this/folder`.", "",
         "## Licence", "",
