@@ -182,3 +182,25 @@ def test_push_without_a_reachable_hub_fails_in_one_line(run, tmp_path, monkeypat
 def test_export_help():
     result = CliRunner().invoke(app, ["export", "--help"])
     assert result.exit_code == 0 and "--push" in result.output
+
+
+@pytest.mark.slow
+def test_an_export_from_before_the_transformers_fields_still_loads(run, exported, tmp_path):
+    """What `grr export` wrote before: config.json of HubCoCa's arguments only, no code, no
+    tokenizer_config.json. grr loads it as before, in Python and in `grr caption --ckpt`."""
+    import shutil
+
+    import grr_train.api as grr
+
+    old = tmp_path / "old-export"
+    old.mkdir()
+    for name in ("model.safetensors", "spiece.model", "README.md"):
+        shutil.copy(exported / name, old / name)
+    config = json.loads((exported / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({k: config[k] for k in ("model_config", "special", "tokenizer",
+                                                                        "source")}))
+    images = photos(tmp_path / "photos", 2)
+    assert grr.load(old).caption(images, beams=2) == grr.load(run).caption(images, beams=2)
+    by_run, by_old = (CliRunner().invoke(app, ["caption", *map(str, images), "--ckpt", str(folder), "--device", "cpu"])
+                      for folder in (run, old))
+    assert by_old.exit_code == 0 and by_old.stdout == by_run.stdout, by_old.output
