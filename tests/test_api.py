@@ -62,6 +62,22 @@ print(model.caption(["photos/cat.jpg"], beams=2))
 
 coca = HubCoCa.from_pretrained("exports/finetune-grr")  # the bare torch module, weights only
 ''',
+    "open_clip shape": '''\
+import torch
+from PIL import Image
+
+import grr_train.api as grr
+
+# open_clip's (model, train transform, eval transform) and tokenizer, for a run or an export
+model, _, preprocess = grr.create_model_and_transforms("runs/finetune-grr")
+tokenizer = grr.get_tokenizer("runs/finetune-grr")
+
+image = preprocess(Image.open("photos/dog.jpg"))[None]  # (1, 3, 288, 288)
+text = tokenizer(["a dog", "a cat", "a car"])  # (3, 65) ids in grr's layout
+with torch.no_grad():
+    image_features, text_features = model.encode_image(image), model.encode_text(text)  # L2-normalised
+print((model.logit_scale.exp() * image_features @ text_features.T).softmax(dim=-1))
+''',
 }
 
 
