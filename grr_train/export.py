@@ -32,6 +32,7 @@ from grr_train.captioning import choose_tokenizer, load_choice
 from grr_train.checkpoint import WEIGHTS, load_weights, read_meta, resolve_checkpoint
 from grr_train.export_code import AUTO_MAP, write_code
 from grr_train.model import CoCa, ModelConfig
+from grr_train.model.config import preset_of
 from grr_train.model_card import LICENSE, TAGS, model_card
 from grr_train.run_tokenizer import MODEL_FILES, read_tokenizer_files, run_folder_of, write_tokenizer_files
 
@@ -103,7 +104,7 @@ def export_run(run_or_ckpt: str | os.PathLike, out: str | os.PathLike,
     train = meta["train_config"]
     source = {"format": EXPORT_FORMAT, "run": run_dir.resolve().name if run_dir else None,
               "checkpoint": ckpt.name, "step": meta["step"], "epoch": meta.get("epoch"),
-              "preset": train.get("preset"), "recipe": train.get("recipe")}
+              "preset": preset_of(meta["model_config"]) or train.get("preset"), "recipe": train.get("recipe")}
     model = HubCoCa(model_config=meta["model_config"], special=meta["special"], tokenizer=record, source=source)
     load_weights(model, ckpt)
     model.eval()

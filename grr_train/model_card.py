@@ -49,7 +49,7 @@ def model_card(num_params: int, meta: dict, tokenizer: dict, source: dict, run_d
     """The card of an export of the checkpoint `meta` (its meta.json) from `run_dir` (None: a loose checkpoint)."""
     train = meta["train_config"]
     model = meta["model_config"]
-    preset = train.get("preset")
+    preset = source["preset"]  # its architecture's preset: older fine-tuned runs recorded the default, grr-coca
     title = f"{source['run'] or 'grr run'} ({preset})"
     lines = [
         "---", "library_name: grr-coca", f"license: {LICENSE}", "pipeline_tag: image-to-text", "tags:",

@@ -204,3 +204,18 @@ def test_an_export_from_before_the_transformers_fields_still_loads(run, exported
     by_run, by_old = (CliRunner().invoke(app, ["caption", *map(str, images), "--ckpt", str(folder), "--device", "cpu"])
                       for folder in (run, old))
     assert by_old.exit_code == 0 and by_old.stdout == by_run.stdout, by_old.output
+
+
+def test_a_run_fine_tuned_before_the_fix_is_exported_with_its_models_preset(made, tmp_path, monkeypatch):
+    """A run that recorded the default preset (what fine-tuning did before) is carded as the preset
+    its model's architecture is."""
+    from grr_train import run_checks
+
+    build = run_checks.build_run_model
+    monkeypatch.setattr(run_checks, "build_run_model", lambda cfg, *args: (*build(cfg, *args)[:2], cfg))
+    cfg = replace(tiny_config(made[0] / "data"), recipe="finetune", init_from=str(made[1]), preset="grr-coca")
+    run_training(cfg, tmp_path / "old")
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["train"]["preset"] == "grr-coca"
+    out = export_run(tmp_path / "old", tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["source"]["preset"] == "grr-tiny"
+    assert "| preset | `grr-tiny`:" in (out / "README.md").read_text()
