@@ -37,7 +37,8 @@ from grr_train.model_card import LICENSE, TAGS, model_card
 from grr_train.run_tokenizer import MODEL_FILES, read_tokenizer_files, run_folder_of, write_tokenizer_files
 
 EXPORT_FORMAT = 1
-# What transformers reads in config.json besides HubCoCa's arguments (which it ignores, and they these).
+# What transformers reads in config.json beside HubCoCa's arguments (HubCoCa ignores these keys;
+# transformers' GrrCocaConfig keeps HubCoCa's as fields).
 TRANSFORMERS_FIELDS = {"model_type": "grr_coca", "architectures": ["GrrCocaModel"], "auto_map": AUTO_MAP,
                        "dtype": "float32"}
 
@@ -113,7 +114,8 @@ def export_run(run_or_ckpt: str | os.PathLike, out: str | os.PathLike,
     write_tokenizer_files(files, tmp)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(files), indent=2) + "\n")
     write_code(tmp)
-    (tmp / "README.md").write_text(model_card(sum(p.numel() for p in model.parameters()), meta, record, source, run_dir))
+    num_params = sum(p.numel() for p in model.parameters())
+    (tmp / "README.md").write_text(model_card(num_params, meta, record, source, run_dir))
     model.save_pretrained(tmp)  # config.json and model.safetensors; keeps our README.md
     config = json.loads((tmp / "config.json").read_text())
     (tmp / "config.json").write_text(json.dumps({**config, **TRANSFORMERS_FIELDS}, indent=2) + "\n")

@@ -94,6 +94,17 @@ def test_card_of_a_run_that_was_not_validated(made, tmp_path):
     assert "The run was not validated" in card and "| last training step | train | 1 | loss " in card
 
 
+def test_preset_of_a_model_config():
+    import dataclasses
+
+    from grr_train.model.config import PRESETS, preset_of
+
+    for name, preset in PRESETS.items():  # whatever the data and recipe set
+        assert preset_of(dataclasses.replace(preset, vocab_size=588, pad_id=0, eos_id=1, dropout=0.1)) == name, name
+    assert preset_of(PRESETS["grr-tiny"].to_dict()) == "grr-tiny"
+    assert preset_of(dataclasses.replace(PRESETS["grr-tiny"], width=96, heads=4)) is None  # no preset is this shape
+
+
 def test_finetune_records_the_preset_of_its_from_run(made, tmp_path):
     """A fine-tuned grr-tiny run was recorded (and exported) as the default preset, grr-coca."""
     # `grr train finetune` leaves `preset` at its default, which the run used to record
