@@ -1,4 +1,4 @@
-"""`grr eval`, `grr caption` and `grr compare`: parse, call grr_train, print."""
+"""`grr eval` and `grr compare`: parse, call grr_train, print."""
 
 from __future__ import annotations
 
@@ -51,37 +51,6 @@ def eval_(
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     typer.echo(json.dumps(result, indent=2) if json_ else format_eval(result))
-
-
-@app.command()
-def caption(
-    images: list[Path] = typer.Argument(..., help="Image files."),
-    ckpt: Path = typer.Option(..., help="Run folder or checkpoint folder."),
-    beams: int = typer.Option(1, help="Beam search with this many beams (1: greedy)."),
-    top_p: float = typer.Option(None, help="Sample from the smallest token set holding this probability."),
-    top_k: int = typer.Option(None, help="Sample from the k most likely tokens."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature."),
-    max_len: int = typer.Option(30, help="Longest caption, in tokens."),
-    min_len: int = typer.Option(1, help="Shortest caption, in tokens (EOS is suppressed before)."),
-    seed: int = typer.Option(None, help="Sampling seed."),
-    batch_size: int = typer.Option(32, help="Images read and captioned at a time (memory, not the captions)."),
-    tokenizer: Path = typer.Option(None, help=TOKENIZER_HELP),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-) -> None:
-    """Caption images: greedy by default, beam search or top-k / top-p sampling."""
-    from grr_train.infer.captioning import caption_images
-    from grr_train.infer.generate import DecodeOptions
-    from grr_train.runtime.device import resolve_device
-
-    try:
-        options = DecodeOptions(beams=beams, top_k=top_k, top_p=top_p, temperature=temperature,
-                                min_len=min_len, max_len=max_len, seed=seed)
-        captions = caption_images(ckpt, images, options, device=resolve_device(device), batch_size=batch_size,
-                                  tokenizer=tokenizer)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(err)
-    for path, text in zip(images, captions, strict=True):
-        typer.echo(f"{path}: {text}")
 
 
 @app.command()

@@ -35,6 +35,13 @@ if ! pip install --quiet -e ".[$extras]"; then
     pip install --quiet -e ".[${GRR_EXTRAS:-dev,tensorboard}]"
 fi
 
+# clip_benchmark's own zero-shot and retrieval functions evaluate a grr model in the tests
+# (tests/test_openclip_api.py). Without its dependencies: they would pull torchvision and open_clip,
+# and pip would replace the installed torch; the functions the tests call need scikit-learn only.
+case ",${GRR_EXTRAS:-dev,tensorboard}," in
+    *,dev,*) pip install --quiet --no-deps "clip_benchmark==1.6.2" && pip install --quiet "scikit-learn>=1.3" ;;
+esac
+
 if [ "${GRR_SIMD:-0}" = 1 ]; then
     # Pillow and pillow-simd share the PIL folder and Pillow is a dependency of matplotlib and
     # scikit-image, so pip reinstalls it on every run: end by replacing it with pillow-simd again.

@@ -62,6 +62,22 @@ print(model.caption(["photos/cat.jpg"], beams=2))
 
 coca = HubCoCa.from_pretrained("exports/finetune-grr")  # the bare torch module, weights only
 ''',
+    "open_clip shape": '''\
+import torch
+from PIL import Image
+
+import grr_train.api as grr
+
+# open_clip's (model, train transform, eval transform) and tokenizer, for a run or an export
+model, _, preprocess = grr.create_model_and_transforms("runs/finetune-grr")
+tokenizer = grr.get_tokenizer("runs/finetune-grr")
+
+image = preprocess(Image.open("photos/dog.jpg"))[None]  # (1, 3, 288, 288)
+text = tokenizer(["a dog", "a cat", "a car"])  # (3, 65) ids in grr's layout
+with torch.no_grad():
+    image_features, text_features = model.encode_image(image), model.encode_text(text)  # L2-normalised
+print((model.logit_scale.exp() * image_features @ text_features.T).softmax(dim=-1))
+''',
 }
 
 
@@ -308,3 +324,46 @@ def test_an_exported_folder_loads_like_its_run(made, model, images, tmp_path):
     (out / "spiece.model").write_bytes(SAMPLE_TOKENIZER_DIR.joinpath("README.md").read_bytes())
     with pytest.raises(ValueError, match="is not the tokenizer the model was trained with"):
         grr.load(out)
+
+
+def test_images_as_pil_images_and_tensors(model, images):
+    from PIL import Image
+
+    want = model.embed_images(images)
+    pil = [Image.open(p) for p in images]
+    pixels = torch.stack([model.preprocess(p) for p in images])  # (3, 3, 288, 288)
+    assert torch.equal(model.embed_images(pil), want)
+    assert torch.equal(model.embed_images(pixels), want) and torch.equal(model.embed_images(list(pixels)), want)
+    # one image alone (a batch of one sums in another order than a batch of three)
+    assert torch.equal(model.embed_images(pixels[0]), model.embed_images([images[0]]))
+    assert torch.equal(model.embed_images(pil[1]), model.embed_images([images[1]]))
+    assert model.caption(pil) == model.caption(images)
+    mixed = model.classify([pil[0], pixels[1], images[2].read_bytes(), images[0]], ["dog", "cat"])
+    assert [p.image for p in mixed] == ["<PIL 0>", "<tensor 1>", "<bytes 2>", str(images[0])]
+    assert mixed[0].probs == pytest.approx(mixed[3].probs, abs=1e-6)
+
+
+def test_other_image_kinds_are_refused_naming_the_accepted_ones(model, images):
+    accepted = r"images must be image file paths, a folder, the files' bytes, PIL images, or tensors as "
+    with pytest.raises(TypeError, match=accepted + r".*; got int$"):
+        model.embed_images(42)
+    with pytest.raises(TypeError, match=r"^image 1 is a dict; " + accepted):
+        model.caption([images[0], {"path": "x.jpg"}])
+    with pytest.raises(ValueError, match=r"an image tensor must be \(3, 288, 288\) floats as model.preprocess gives "
+                                         r"them, got torch.uint8 \(3, 288, 288\); pass the PIL image or file"):
+        model.embed_images(torch.zeros(3, 288, 288, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"got torch.float32 \(3, 224, 224\)"):
+        model.embed_images(torch.zeros(2, 3, 224, 224))
+
+
+def test_a_mistyped_local_path_is_not_found_not_a_hub_error(made, tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(made[2], tmp_path / "runs" / "finetune-grr")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^runs/finetune-gr: not found \(no such run, checkpoint or export "
+                                                r"folder\); did you mean runs/finetune-grr\?$"):
+        grr.load("runs/finetune-gr")
+    with pytest.raises(FileNotFoundError, match=r"^runs/zzz: not found \(no such run, checkpoint or export folder\)$"):
+        grr.get_tokenizer("runs/zzz")
+    with pytest.raises(FileNotFoundError, match=r"elsewhere/run: not found"):
+        grr.load(tmp_path / "elsewhere" / "run")

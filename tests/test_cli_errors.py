@@ -70,10 +70,10 @@ def test_unknown_device_is_named(run, tmp_path, no_evaluation):
 
 
 def test_caption_names_a_missing_image_before_loading_the_model(run, tmp_path, monkeypatch):
-    import grr_train.infer.captioning
+    import grr_train.api
 
-    monkeypatch.setattr(grr_train.infer.captioning, "load_model",
-                        lambda *a, **k: pytest.fail("model loaded before the images were checked"))
+    for loader in ("load_model", "load_export"):
+        monkeypatch.setattr(grr_train.api, loader, lambda *a, **k: pytest.fail("model loaded before the images were checked"))
     _, line = grr("caption", tmp_path / "nope.jpg", tmp_path / "nope2.jpg", "--ckpt", run, "--device", "cpu")
     assert line == f"error: {tmp_path / 'nope.jpg'}: no such image file (and 1 more)"
 

@@ -1,16 +1,24 @@
 """Every `grr` command answers --help (rich markup in a docstring can break it) and lists its group;
-the training commands' flags read as flags; `grr train settings` lists every setting."""
+the training commands' flags read as flags; `grr train settings` lists every setting; `grr --version`
+and `python -m grr_cli` work."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from grr_cli.main import app
 
+ROOT = Path(__file__).resolve().parents[1]
+
 COMMANDS = [
     [], ["model"], ["model", "list"], ["model", "summary"], ["data"], ["data", "fetch"],
     ["data", "shard"], ["data", "check"], ["train"], ["train", "pretrain"], ["train", "finetune"],
     ["train", "settings"],
-    ["bench"], ["bench", "loader"], ["bench", "train"], ["eval"], ["caption"], ["compare"], ["demo"],
+    ["bench"], ["bench", "loader"], ["bench", "train"], ["eval"], ["caption"], ["embed"], ["classify"],
+    ["compare"], ["export"], ["demo"],
 ]
 
 
@@ -45,3 +53,19 @@ def test_train_settings_lists_every_setting_with_defaults():
         assert f.name in rows and SETTING_HELP[f.name] in rows[f.name], f.name
     assert rows["lr_max"].split(SETTING_HELP["lr_max"])[0].split()[1:] == ["0.0001", "(finetune", "1e-05)"]
     assert rows["seed"].split()[1] == "0"
+
+
+def test_version_is_the_distributions():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+ (tomllib)")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"grr {version}\n", result.output
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "grr_cli", "--version"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("grr "), result.stderr
+    listed = subprocess.run([sys.executable, "-m", "grr_cli", "--help"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120, env={"COLUMNS": "120", "PATH": ""})
+    assert "Usage: grr " in listed.stdout and "classify" in listed.stdout, listed.stderr

@@ -1,9 +1,12 @@
 """Installing: which DALI wheel scripts/install.sh picks (a fake nvidia-smi, a fake torch CUDA version),
-the extras and pins in pyproject.toml, and which PIL build is in use."""
+the extras and pins in pyproject.toml, which PIL build is in use, and the built wheel installed into
+a new environment outside the clone."""
 
 import importlib.util
+import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -188,3 +191,88 @@ def test_pil_build_when_both_are_installed(monkeypatch):
     assert info["build"] == "Pillow" and "both" in info["warning"] and "GRR_SIMD=1" in info["warning"]
     versions["Pillow"], versions["pillow-simd"] = "10.0.0", PIL.__version__
     assert pil_info.pil_build()["build"] == "pillow-simd"
+
+
+def test_licence_changelog_and_typed_markers():
+    project = pyproject()["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    licence = (REPO / "LICENSE").read_text()
+    assert licence.split()[:4] == ["Apache", "License", "Version", "2.0,"] and "END OF TERMS AND CONDITIONS" in licence
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert "\n## Unreleased\n" in changelog and f"\n## {project['version']}\n" in changelog
+    package_data = pyproject()["tool"]["setuptools"]["package-data"]
+    for package in ("grr_data", "grr_train"):
+        assert (REPO / package / "py.typed").is_file() and "py.typed" in package_data[package]
+
+
+# ---------------------------------------------------------------- the built wheel, installed elsewhere
+
+SKIP_IN_COPY = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache",
+                                      ".ruff_cache", "runs", "demo", "reports", "out")
+
+
+def _site_packages(venv: Path) -> Path:
+    return next((venv / "lib").glob("python3*/site-packages"))
+
+
+def _venv_with_this_pythons_packages(venv: Path) -> Path:
+    """A new virtual environment whose own site-packages come first, then this interpreter's
+    (torch and the other dependencies, so nothing is downloaded): what `--system-site-packages`
+    gives over a system Python. Returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    here = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (_site_packages(venv) / "dependencies.pth").write_text("\n".join(here) + "\n")
+    return venv / "bin" / "python"
+
+
+@pytest.mark.slow  # builds a wheel, makes a venv, fetches, shards, trains and captions: about two minutes
+def test_the_wheel_installs_and_runs_outside_the_clone(tmp_path):
+    """`pip install` of the built wheel into a new environment, used from a folder outside the
+    clone: the grr it runs is the installed one, and the manifests and tokenizer assets came with it."""
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=SKIP_IN_COPY)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--quiet", "-w", str(tmp_path / "dist"), str(source)], check=True, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("grr_coca-*.whl")
+    python = _venv_with_this_pythons_packages(tmp_path / "venv")
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel)],
+                   check=True, timeout=600)
+    work = tmp_path / "work"
+    work.mkdir()
+    bin_dir = tmp_path / "venv" / "bin"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GRR_MANIFESTS")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", HF_HUB_OFFLINE="1")
+
+    def run(*args, timeout=600):
+        result = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=work, env=env,
+                                timeout=timeout)
+        assert result.returncode == 0, f"{args}: {result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        return result.stdout
+
+    where = json.loads(run(python, "-c", "import json, cli, grr_data, grr_train, grr_data.fetch.catalog as m; "
+                                         "print(json.dumps([cli.__file__, grr_data.__file__, grr_train.__file__, "
+                                         "str(m.manifests_dir())]))"))
+    installed = str(_site_packages(tmp_path / "venv"))
+    assert all(path.startswith(installed) for path in where[:3]), where
+    assert where[3] == str(tmp_path / "venv" / "share" / "grr" / "manifests"), where
+    for package in ("grr_data", "grr_train"):
+        assert (Path(installed) / package / "py.typed").is_file()
+    assert (Path(installed) / "grr_data" / "assets" / "sample-tokenizer" / "spiece.model").is_file()
+    assert run(bin_dir / "grr", "--version").strip() == f"grr {pyproject()['project']['version']}"
+    assert run(python, "-m", "grr_cli", "--version") == run(bin_dir / "grr", "--version")
+
+    run(bin_dir / "grr", "data", "fetch", "shapes", "--out", "fetched", "--num-pairs", "40", "--workers", "1")
+    tokenizer = json.loads((work / "fetched" / "fetch_manifest.json").read_text())["shapes"]["tokenizer"]
+    run(bin_dir / "grr", "data", "shard", "--input", "fetched", "--out", "shards", "--tokenizer",
+        f"fetched/{tokenizer}", "--workers", "1")
+    settings = ["per_device_batch_size=4", "global_batch_size=4", "num_workers=0", "loader=cpu", "val_split=none",
+                "tensorboard=false", "warmup_steps=1", "compile=off", "checkpoint_every=2"]
+    run(bin_dir / "grr", "train", "pretrain", "--preset", "grr-tiny", "--data", "shards", "--out", "run",
+        "--max-steps", "2", *[a for s in settings for a in ("--set", s)])
+    from PIL import Image
+
+    Image.new("RGB", (300, 300), (200, 30, 30)).save(work / "red.jpg")
+    captioned = run(bin_dir / "grr", "caption", "red.jpg", "--ckpt", "run", "--device", "cpu")
+    assert captioned.startswith("red.jpg: ") and len(captioned.splitlines()) == 1
+    run(bin_dir / "grr", "export", "run", "--out", "export")
+    assert run(bin_dir / "grr", "caption", "red.jpg", "--ckpt", "export", "--device", "cpu") == captioned

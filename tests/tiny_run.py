@@ -62,3 +62,13 @@ def photos(folder: Path, count: int = 3) -> list[Path]:
         paths.append(folder / f"photo{i}.jpg")
         paths[-1].write_bytes(jpeg(100 + i, size=(320, 240)))
     return paths
+
+
+def train_validated_run(data: Path, run: Path, steps: int = 2) -> Path:
+    """`train_tiny_run`, validated on the train split (8 samples) at its last step, so its
+    metrics.jsonl has validation figures (a model card shows them)."""
+    cfg = replace(tiny_config(data, steps), val_split="train", val_every=steps, val_batch_size=4,
+                  val_contrastive_batch_size=4)
+    run_training(cfg, run)
+    copy_into_run(run, data)
+    return run

@@ -38,16 +38,23 @@ def decode_image(jpg: bytes, draft: bool = True) -> np.ndarray:
         img = Image.open(io.BytesIO(jpg))
         if draft and img.format == "JPEG" and min(img.size) >= 2 * IMAGE_SIZE:
             img.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))
-        img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-        return np.asarray(img)
+        return resize_image(img)
     except Exception as err:  # Pillow raises many types for damaged files
         raise SampleError("decode_error", f"{type(err).__name__}: {err}") from err
 
 
-def preprocess_image(image: bytes | str | os.PathLike, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One image file (its bytes or its path) -> (3, 288, 288) `dtype`, exactly as the loaders
-    give it: full decode, RGB, bilinear resize to 288x288, ImageNet mean and std. For images
-    from outside a sharded set (captioning); raises ValueError naming the file."""
+def resize_image(img: Image.Image) -> np.ndarray:
+    """A Pillow image -> (288, 288, 3) uint8: RGB, bilinear, aspect not kept."""
+    return np.asarray(img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
+
+
+def preprocess_image(image: bytes | str | os.PathLike | Image.Image,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One image file (its bytes or its path) or Pillow image -> (3, 288, 288) `dtype`, exactly as
+    the loaders give it: full decode, RGB, bilinear resize to 288x288, ImageNet mean and std. For
+    images from outside a sharded set (captioning); raises ValueError naming the file."""
+    if isinstance(image, Image.Image):
+        return normalize(torch.from_numpy(resize_image(image).copy())[None], dtype)[0]
     name = "image bytes"
     if not isinstance(image, bytes | bytearray | memoryview):
         name = str(image)

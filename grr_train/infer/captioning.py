@@ -28,7 +28,6 @@ from grr_train.runs.tokenizer import (
     tokenizer_copy_in,
     tokenizer_folder,
 )
-from grr_train.runs.weights import load_model
 
 DecodeWords = Callable[[Sequence[int]], str]
 
@@ -96,33 +95,20 @@ def check_image_files(images: Sequence[str | os.PathLike]) -> None:
                                                                         if len(missing) > 1 else ""))
 
 
-def caption_files(model: torch.nn.Module, special, decode_words: DecodeWords,
-                  images: Sequence[str | os.PathLike | bytes], options: DecodeOptions, device: str = "cpu",
-                  batch_size: int = 32, progress: Callable[[int], None] | None = None) -> list[str]:
-    """One caption per image (a path or the file's bytes), in order, from a loaded model; images
-    are read and captioned `batch_size` at a time, so any number of them fits in memory."""
+def caption_files(model: torch.nn.Module, special, decode_words: DecodeWords, images: Sequence, options: DecodeOptions,
+                  device: str = "cpu", batch_size: int = 32, progress: Callable[[int], None] | None = None,
+                  preprocess: Callable[[object], torch.Tensor] = preprocess_image) -> list[str]:
+    """One caption per image (a path or the file's bytes, or what `preprocess` takes), in order, from
+    a loaded model; images are read and captioned `batch_size` at a time, so any number of them fits
+    in memory; `progress(n)` is called after each batch."""
     options.check()
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     captions = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        pixels = torch.stack([preprocess_image(path) for path in chunk])  # (n, 3, 288, 288)
+        pixels = torch.stack([preprocess(image) for image in chunk])  # (n, 3, 288, 288)
         captions += [decode_words(words) for words in generate(model, pixels.to(device), special, options)]
         if progress is not None:
             progress(len(chunk))
     return captions
-
-
-def caption_images(run_or_ckpt: str | os.PathLike, images: Sequence[str | os.PathLike], options: DecodeOptions,
-                   device: str = "cpu", batch_size: int = 32, tokenizer: str | os.PathLike | None = None,
-                   progress: Callable[[int], None] | None = None) -> list[str]:
-    """`grr caption`: one caption per image file, in order (`caption_files`); `progress(n)` is
-    called after each batch."""
-    options.check()
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    check_image_files(images)
-    model, info = load_model(run_or_ckpt, device=device)
-    decode_words = decode_words_for(run_or_ckpt, tokenizer, info["train_config"].get("data"))
-    return caption_files(model, info["special"], decode_words, images, options, device, batch_size, progress)

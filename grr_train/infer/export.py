@@ -4,7 +4,11 @@
                            record (with its files' SHA-256) and where the weights came from
     DIR/model.safetensors  the checkpoint's weights, under the same names
     DIR/spiece.model ...   the tokenizer's files (the run's copy)
-    DIR/README.md          the model card: preset, parameters, data, recipe, the run's last metrics
+    DIR/tokenizer_config.json  what `transformers.AutoTokenizer` needs to read them with BOS and CLS
+    DIR/modeling_grr_coca.py, DIR/grr_*.py  the model code (grr_train.infer.export_code): config.json's
+                           `model_type` and `auto_map` let `AutoModel.from_pretrained(DIR,
+                           trust_remote_code=True)` load the export where grr is not installed
+    DIR/README.md          the model card (grr_train.infer.model_card)
 
 `HubCoCa.from_pretrained(DIR or a hub repo id)` rebuilds the model (huggingface_hub's
 `PyTorchModelHubMixin`); `grr_train.api.load(DIR)` gives it with its tokenizer and preprocessing.
@@ -21,19 +25,27 @@ from pathlib import Path
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 
+from grr_data.format.layout import SEQ_LEN
 from grr_data.infra.files import fsync_path, publish
+from grr_data.tokenizer import BOS_TOKEN, CLS_TOKEN
 from grr_train.infer.captioning import choose_tokenizer, load_choice
+from grr_train.infer.export_code import AUTO_MAP, write_code
+from grr_train.infer.model_card import LICENSE, TAGS, model_card
 from grr_train.model import CoCa, ModelConfig
+from grr_train.model.config import preset_of
 from grr_train.runs.checkpoint import WEIGHTS, read_meta, resolve_checkpoint
-from grr_train.runs.metrics import read_metrics
 from grr_train.runs.tokenizer import MODEL_FILES, read_tokenizer_files, run_folder_of, write_tokenizer_files
 from grr_train.runs.weights import load_weights
 
 EXPORT_FORMAT = 1
-TAGS = ["coca", "grr-coca", "image-captioning", "image-text-retrieval", "zero-shot-image-classification"]
+# What transformers reads in config.json beside HubCoCa's arguments (HubCoCa ignores these keys;
+# transformers' GrrCocaConfig keeps HubCoCa's as fields).
+TRANSFORMERS_FIELDS = {"model_type": "grr_coca", "architectures": ["GrrCocaModel"], "auto_map": AUTO_MAP,
+                       "dtype": "float32"}
 
 
-class HubCoCa(CoCa, PyTorchModelHubMixin, library_name="grr-coca", tags=[*TAGS], pipeline_tag="image-to-text"):
+class HubCoCa(CoCa, PyTorchModelHubMixin, library_name="grr-coca", tags=[*TAGS], pipeline_tag="image-to-text",
+              license=LICENSE):
     """CoCa with `save_pretrained` / `from_pretrained` / `push_to_hub`; config.json holds these arguments.
 
     `special`: the token layout's ids; `tokenizer`: the run's tokenizer record, its files' SHA-256
@@ -94,19 +106,34 @@ def export_run(run_or_ckpt: str | os.PathLike, out: str | os.PathLike,
     train = meta["train_config"]
     source = {"format": EXPORT_FORMAT, "run": run_dir.resolve().name if run_dir else None,
               "checkpoint": ckpt.name, "step": meta["step"], "epoch": meta.get("epoch"),
-              "preset": train.get("preset"), "recipe": train.get("recipe")}
+              "preset": preset_of(meta["model_config"]) or train.get("preset"), "recipe": train.get("recipe")}
     model = HubCoCa(model_config=meta["model_config"], special=meta["special"], tokenizer=record, source=source)
     load_weights(model, ckpt)
     model.eval()
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     write_tokenizer_files(files, tmp)
-    (tmp / "README.md").write_text(model_card(model, meta, record, source, run_dir))
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(files), indent=2) + "\n")
+    write_code(tmp)
+    num_params = sum(p.numel() for p in model.parameters())
+    (tmp / "README.md").write_text(model_card(num_params, meta, record, source, run_dir))
     model.save_pretrained(tmp)  # config.json and model.safetensors; keeps our README.md
+    config = json.loads((tmp / "config.json").read_text())
+    (tmp / "config.json").write_text(json.dumps({**config, **TRANSFORMERS_FIELDS}, indent=2) + "\n")
     for path in tmp.iterdir():
         fsync_path(path)
     publish(tmp, out)
     return out
+
+
+def tokenizer_config(files: dict[str, bytes]) -> dict:
+    """tokenizer_config.json of an export: the run copy's (if it had one) with what makes
+    `AutoTokenizer` give grr's ids: T5's class, BOS and CLS as the last two ids, a literal `<bos>`
+    in a caption split into pieces as grr's shards have it, and at most 61 words and EOS."""
+    config = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
+    return {"tokenizer_class": "T5Tokenizer", **config, "bos_token": BOS_TOKEN, "cls_token": CLS_TOKEN,
+            "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "split_special_tokens": True,
+            "model_max_length": SEQ_LEN - 3}
 
 
 def load_export(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[HubCoCa, dict]:
@@ -143,58 +170,3 @@ def push_export(folder: str | os.PathLike, repo_id: str, token: str | None = Non
                          "pushing needs network access and a token (`hf auth login` or HF_TOKEN); the export in "
                          f"{folder} is complete: push it later with `hf upload {repo_id} {folder}`") from None
     return str(getattr(commit, "commit_url", commit))
-
-
-def model_card(model: HubCoCa, meta: dict, tokenizer: dict, source: dict, run_dir: Path | None) -> str:
-    """README.md of an export: what the model is, how it was trained, its last metrics, how to use it."""
-    train = meta["train_config"]
-    num_params = sum(p.numel() for p in model.parameters())
-    data = train.get("dataset") or train.get("data")
-    recipe = train.get("recipe", "?")
-    if train.get("init_from"):
-        recipe += f" from {train['init_from']}"
-    lines = [
-        "---", "library_name: grr-coca", "pipeline_tag: image-to-text", "tags:", *[f"- {t}" for t in TAGS], "---", "",
-        f"# {source['run'] or 'grr run'} ({train.get('preset')})", "",
-        "A CoCa (Contrastive Captioner) image-text model trained with grr: image and text embeddings for "
-        "retrieval and zero-shot classification, and captions.", "",
-        "| | |", "|---|---|",
-        f"| preset | `{train.get('preset')}` |",
-        f"| parameters | {num_params:,} |",
-        f"| data | `{data}` (tokenizer `{tokenizer.get('name')}`, vocabulary "
-        f"{tokenizer.get('vocab_size')}) |",
-        f"| recipe | {recipe}: {train.get('epochs')} epochs, global batch {train.get('global_batch_size')}, "
-        f"lr {train.get('lr_max')} -> {train.get('lr_min')}, warmup {train.get('warmup_steps')} steps, "
-        f"dropout {train.get('dropout')}, precision {train.get('precision')} |",
-        f"| weights | `{source['checkpoint']}`, step {source['step']}, epoch {source['epoch']} |", "",
-        "## Last metrics", "",
-        *_metrics_lines(run_dir), "",
-        "## Use", "",
-        "```python",
-        "import grr_train.api as grr",
-        'model = grr.load("path/to/this/folder")  # or a hub repo id',
-        'print(model.caption(["photo.jpg"]))',
-        "```", "",
-        "`grr_train.infer.export.HubCoCa.from_pretrained(folder)` gives the bare model.", "",
-        "## Training config", "",
-        "```json", json.dumps(train, indent=2, sort_keys=True), "```", "",
-    ]
-    return "\n".join(lines)
-
-
-def _metrics_lines(run_dir: Path | None) -> list[str]:
-    """The last record of each kind in the run's metrics.jsonl, its numbers only."""
-    if run_dir is None or not (run_dir / "metrics.jsonl").is_file():
-        return ["(not known: the checkpoint was exported without its run folder)"]
-    last = {}
-    for record in read_metrics(run_dir):
-        if record.get("kind") in ("train", "val"):
-            last[record["kind"]] = record
-    if not last:
-        return ["(the run logged none)"]
-    lines = ["| kind | step | metrics |", "|---|---|---|"]
-    for kind, record in last.items():
-        numbers = ", ".join(f"{k} {v:.4g}" for k, v in record.items()
-                            if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("step", "time"))
-        lines.append(f"| {kind} | {record.get('step')} | {numbers} |")
-    return lines

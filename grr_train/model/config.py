@@ -149,3 +149,17 @@ def get_config(name: str, **overrides) -> ModelConfig:
     if unknown:
         raise ValueError(f"unknown model config fields {unknown}; known: {sorted(known)}")
     return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# Fields a run sets from its data and recipe, not from the preset.
+RUN_FIELDS = ("vocab_size", "pad_id", "eos_id", "dropout")
+
+
+def preset_of(model_config: ModelConfig | dict) -> str | None:
+    """The preset a model config was made from (its data- and recipe-set fields aside), or None
+    when no preset, or more than one, has its architecture."""
+    cfg = model_config.to_dict() if isinstance(model_config, ModelConfig) else dict(model_config)
+    shape = {k: v for k, v in cfg.items() if k not in RUN_FIELDS}
+    found = [name for name, preset in PRESETS.items()
+             if {k: v for k, v in preset.to_dict().items() if k not in RUN_FIELDS} == shape]
+    return found[0] if len(found) == 1 else None

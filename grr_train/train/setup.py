@@ -22,6 +22,7 @@ from grr_data.infra.procs import usable_cores
 from grr_data.loader import LoaderBase, make_loader
 from grr_train.model import ModelConfig, build_model, get_config
 from grr_train.model.compat import is_old_layout
+from grr_train.model.config import preset_of
 from grr_train.runs import checkpoint as ckpt
 from grr_train.runs import weights
 from grr_train.runtime.parallel import resolve_compile
@@ -146,10 +147,11 @@ def make_loaders(cfg: TrainConfig, data: Manifest, plan: BatchPlan, rank: int, d
     return train, None
 
 
-def build_run_model(cfg: TrainConfig, run_dir: Path, data: Manifest, resume: bool):
-    """(model, its config) for a run: the run's own config on resume, the --from checkpoint's for
-    fine-tuning, else the preset sized to the data's vocabulary and special ids; checked against
-    the data's layout and tokenizer."""
+def build_run_model(cfg: TrainConfig, run_dir: Path, data: Manifest,
+                    resume: bool) -> tuple[torch.nn.Module, ModelConfig, TrainConfig]:
+    """(model, its config, `cfg`) for a run: the run's own config on resume, the --from checkpoint's
+    for fine-tuning (and `cfg` then names its preset, which the run records), else the preset sized
+    to the data's vocabulary and special ids; checked against the data's layout and tokenizer."""
     if resume:
         model_config = ModelConfig.from_dict(json.loads((run_dir / "config.json").read_text())["model"])
         model = build_model(model_config)
@@ -161,10 +163,13 @@ def build_run_model(cfg: TrainConfig, run_dir: Path, data: Manifest, resume: boo
         model, info = weights.load_model(cfg.init_from, dropout=cfg.dropout)
         model_config = info["model_config"]
         check_same_tokenizer(info.get("tokenizer"), data, f"--from {cfg.init_from}", cfg.allow_other_tokenizer)
+        # The model is --from's, whatever `preset` says (its default): record the preset it is.
+        preset = preset_of(model_config) or info["train_config"].get("preset") or cfg.preset
+        cfg = dataclasses.replace(cfg, preset=preset)
     else:
         special = data.special
         model_config = get_config(cfg.preset, dropout=cfg.dropout, vocab_size=special.vocab_size,
                                   pad_id=special.pad, eos_id=special.eos)
         model = build_model(model_config)
     check_model_fits_data(model_config, data)
-    return model, model_config
+    return model, model_config, cfg

@@ -109,7 +109,9 @@ class Trainer:
         cfg, self._epochs_note = checks.fit_epochs_to_max_steps(cfg, self.steps_per_epoch)
         self.cfg = cfg
 
-        model, self.model_config = checks.build_run_model(cfg, run_dir, self.data, resume)
+        # fine-tuning: `cfg` comes back naming the --from model's preset, which the run records
+        model, self.model_config, cfg = checks.build_run_model(cfg, run_dir, self.data, resume)
+        self.cfg = cfg
         sharded = cfg.parallelism == "fsdp"
         self.model = parallelize(model, info, compile=checks.compile_mode(cfg, info.device), parallelism=cfg.parallelism,
                                  activation_checkpointing=cfg.activation_checkpointing, param_dtype=self.autocast_dtype)
