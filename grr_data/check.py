@@ -37,6 +37,7 @@ from grr_data.format.records import (
 )
 from grr_data.infra.files import sha256_file
 from grr_data.infra.procs import make_pool, usable_cores
+from grr_data.infra.store import location
 from grr_data.shard.split import pair_name
 
 MAX_PROBLEMS_PER_SHARD = 20
@@ -144,7 +145,7 @@ def _check_shard(root: Path, special: SpecialIds, checksums: bool,
 def check_dataset(data_dir: str | os.PathLike, progress: bool = True, workers: int | None = None) -> CheckReport:
     """Check a sharded set; `workers` processes read and hash the shards (default: the usable cores),
     the report is the same for any number."""
-    root = Path(data_dir)
+    root = location(data_dir)  # a URL is refused here, not reported as a set without a manifest
     report = CheckReport()
     try:
         manifest = Manifest.read(root, current_layout=False)

@@ -24,6 +24,7 @@ from types import MappingProxyType
 from grr_data.format.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds
 from grr_data.format.records import SAMPLE_CHECKSUMS
 from grr_data.infra.files import write_json_atomic
+from grr_data.infra.store import location
 
 MANIFEST = "manifest.json"
 
@@ -113,7 +114,7 @@ class Manifest(Mapping):
     @staticmethod
     def exists(data_dir: str | os.PathLike) -> bool:
         """Whether `data_dir` holds a manifest (a finished `grr data shard`)."""
-        return (Path(data_dir) / MANIFEST).is_file()
+        return (location(data_dir) / MANIFEST).is_file()
 
     @classmethod
     def of(cls, data: Manifest | str | os.PathLike) -> Manifest:
@@ -124,7 +125,7 @@ class Manifest(Mapping):
     def read(cls, data_dir: str | os.PathLike, current_layout: bool = True) -> Manifest:
         """The set's manifest; with `current_layout` a set of another token layout is refused
         (`grr data check` reads it anyway, to report that beside everything else)."""
-        root = Path(data_dir)
+        root = location(data_dir)
         path = root / MANIFEST
         hint = f"is {root} a sharded set (grr data shard)?"
         if not path.is_file():

@@ -48,6 +48,7 @@ from grr_data.infra.files import write_json_atomic
 from grr_data.infra.lock import LOCK_NAME, hold_lock
 from grr_data.infra.procs import make_pool, usable_cores
 from grr_data.infra.skips import SkipLog
+from grr_data.infra.store import location
 from grr_data.shard.inputs import find_inputs
 from grr_data.shard.samples import InputError, TarJob
 from grr_data.shard.split import SampleIdentity, SplitAssigner, SplitRule, declared_overlaps
@@ -222,7 +223,7 @@ def shard_dataset(
     `on_shard(path)` is called after each shard is complete on disk.
     The run holds `out_dir`'s lock throughout (grr_data.infra.lock): a second run into the same folder
     fails at once naming this one; `break_lock` takes over a lock left by a run on another host."""
-    out_dir = Path(out_dir)
+    input_dir, out_dir = location(input_dir, "--input"), location(out_dir, "--out")
     created = not out_dir.exists()
     try:
         with hold_lock(out_dir, "grr data shard", break_lock):
