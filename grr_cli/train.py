@@ -19,12 +19,12 @@ def _run(recipe: str, extra: list[str], out: str | Path, resume: bool, auto_resu
          **flags) -> None:
     """Check every argument (grr_train.train.config.plan_run), then start torchrun or train here."""
     from grr_data.infra.lock import LockedError
-    from grr_data.infra.store import location
+    from grr_data.infra.store import local_folder
     from grr_train.runtime.distributed import relaunch_with_torchrun, strip_nproc_option, under_torchrun
     from grr_train.train.config import parse_set, plan_run
 
     try:
-        out = location(out, "--out (a run folder)")
+        out = local_folder(out, "--out (a run folder)")
         if extra:  # most often the value of `--set key value`: parse_set says how to write it
             parse_set(sets)
             raise ValueError(f"unexpected argument {extra[0]!r}")

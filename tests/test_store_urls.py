@@ -44,7 +44,7 @@ def test_shard_out_url_is_refused_and_writes_nothing(cwd, tmp_path, url):
 
 def test_shard_input_url_is_refused(cwd):
     line = grr_fails("data", "shard", "--input", "http://example.org/photos", "--out", "out")
-    assert line.startswith("error: http://example.org/photos: ") and "not supported" in line
+    assert line.startswith("error: http://example.org/photos: ") and "must be a local path" in line
     assert list(cwd.iterdir()) == []
 
 
