@@ -1,6 +1,6 @@
 """A real S3-compatible server on localhost for the tests and the benchmark: moto in server mode
 (`moto[server]`, a process of its own), reached through a small proxy that can delay every response,
-answer 503 SlowDown (throttling), or go down (refuse new connections and drop open ones).
+answer 503 SlowDown (throttling), or go down (drop every request without an answer).
 
     with S3Server() as s3:              # starts moto and the proxy
         s3.environ()                    # {AWS_ENDPOINT_URL: the proxy, test credentials, region}
@@ -11,12 +11,14 @@ answer 503 SlowDown (throttling), or go down (refuse new connections and drop op
 from __future__ import annotations
 
 import http.client
+import itertools
 import socket
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 # test credentials: moto accepts any; tests look for the secret in what runs write
 ACCESS_KEY = "AKIAGRRTESTKEY0000000"
@@ -123,7 +125,12 @@ class Proxy:
             threading.Thread(target=self._server.serve_forever, daemon=True, name="s3-proxy").start()
 
     def down(self) -> None:
-        """Refuse new connections and drop the requests of open ones."""
+        """Drop every request from now on: the connection closes without an answer. (The listening
+        socket stays open: loader workers forked from this process hold a copy of it, so closing it
+        here would leave connections accepted by the kernel that nobody answers.)"""
+        self.is_down = True
+
+    def close(self) -> None:
         self.is_down = True
         if self._server is not None:
             self._server.shutdown()
@@ -168,7 +175,7 @@ class S3Server:
 
     def close(self) -> None:
         if getattr(self, "proxy", None) is not None:
-            self.proxy.down()
+            self.proxy.close()
         self._moto.terminate()
         self._moto.wait(timeout=30)
 
@@ -177,3 +184,29 @@ class S3Server:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ---- helpers for the tests (the fixtures `s3` and `env` are in conftest.py) ------------------
+
+_buckets = itertools.count()
+
+
+def new_bucket(s3: S3Server) -> str:
+    return s3.bucket(f"grr-test-{next(_buckets)}")
+
+
+def upload(s3: S3Server, local: Path, url: str) -> str:
+    """Copy a local set into the store, as a user's `aws s3 cp --recursive` would."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            s3.client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local)}")
+    return url
+
+
+def objects(s3: S3Server, url: str) -> dict[str, bytes]:
+    """{name under the prefix: bytes} of every object under `url`."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    listed = s3.client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])
+    return {o["Key"][len(prefix) + 1 :]: s3.client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+            for o in listed}

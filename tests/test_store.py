@@ -3,7 +3,6 @@ mode, behind a proxy that injects faults: tests/s3_server.py): the store layer's
 `grr data shard --out s3://...` (byte-identical to a local run, manifest last, resumable, locked),
 `grr data check s3://...` (the same report), and a store that cannot be reached at start."""
 
-import itertools
 import json
 import os
 import socket
@@ -15,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from s3_server import S3Server, free_port  # noqa: E402
+from s3_server import free_port, new_bucket, objects, upload  # noqa: E402
 from shardset import make_shardset  # noqa: E402
 from test_shard import make_fetch_output  # noqa: E402  (sets HF_HUB_OFFLINE=1)
 
@@ -26,49 +25,6 @@ from grr_data.infra import store  # noqa: E402
 from grr_data.infra.lock import LockedError  # noqa: E402
 from grr_data.infra.store import StorePath, StoreUnavailable, location  # noqa: E402
 from grr_data.shard.run import shard_dataset  # noqa: E402
-
-pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed: pip install 'grr-coca[s3]'")
-_buckets = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        yield server
-
-
-@pytest.fixture
-def env(s3, monkeypatch, tmp_path):
-    """The server as a user's S3-compatible store: AWS_ENDPOINT_URL and credentials in the
-    environment; a node cache of the test's own; a short retry budget; no faults."""
-    for key, value in s3.environ().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("GRR_CACHE_DIR", str(tmp_path / "node-cache"))
-    monkeypatch.setenv("GRR_STORE_RETRY_S", "20")
-    yield s3
-    s3.proxy.up()
-    s3.proxy.delay_s = 0
-    s3.proxy.slowdown(0)
-
-
-def new_bucket(s3) -> str:
-    return s3.bucket(f"grr-test-{next(_buckets)}")
-
-
-def upload(s3, local: Path, url: str) -> str:
-    """Copy a local set into the store, as a user's `aws s3 cp --recursive` would."""
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            s3.client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local)}")
-    return url
-
-
-def objects(s3, url: str) -> dict[str, bytes]:
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    listed = s3.client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])
-    return {o["Key"][len(prefix) + 1 :]: s3.client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-            for o in listed}
 
 
 def test_store_path_names():

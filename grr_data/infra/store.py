@@ -63,9 +63,10 @@ _MANGLED = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:$")
 STORES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 DEFAULT_RETRY_S = 120.0
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.5, 15.0
-# ranges of one object closer than this are fetched in one request (a sample's .jpg, .txt and .ids
-# members are adjacent in its shard)
-MERGE_GAP = 64 << 10
+# ranges of one object closer than this are fetched in one request: a sample's .jpg, .txt and .ids
+# (~1.5 kB of tar headers and caption apart), and neighbouring samples of one batch; a whole sample
+# (four 512-byte headers, padded members) is larger, so no sample's bytes are fetched for another
+MERGE_GAP = 4 << 10
 MAX_OPEN = 128  # local descriptors kept open per process (a set of thousands of shards stays under 1024)
 
 
@@ -199,12 +200,13 @@ _filesystems: dict[tuple[int, str, str], object] = {}
 _fs_lock = threading.Lock()
 _OPTIONS = {
     # no listings cache: a shard deleted or replaced in the store must be seen as it is now;
-    # timeouts so that a dead endpoint fails a try in seconds; botocore's own retries kept short,
-    # since the budget is this module's
+    # timeouts so that a dead endpoint fails a try in seconds; one attempt per try (no botocore
+    # retries, s3fs's set to 1 below), since the retries and their budget are this module's
     "s3": {"use_listings_cache": False,
            "config_kwargs": {"connect_timeout": 10, "read_timeout": 60,
-                             "retries": {"max_attempts": 2, "mode": "standard"}}},
+                             "retries": {"max_attempts": 1, "mode": "standard"}}},
 }
+_ATTRIBUTES = {"s3": {"retries": 1}}
 
 
 # what configures a store's client: a filesystem is made again when one of them changes
@@ -222,7 +224,10 @@ def _fs(scheme: str):
         if key not in _filesystems:
             import fsspec
 
-            _filesystems[key] = fsspec.filesystem(scheme, skip_instance_cache=True, **_OPTIONS.get(scheme, {}))
+            fs = fsspec.filesystem(scheme, skip_instance_cache=True, **_OPTIONS.get(scheme, {}))
+            for name, value in _ATTRIBUTES.get(scheme, {}).items():
+                setattr(fs, name, value)
+            _filesystems[key] = fs
         return _filesystems[key]
 
 
