@@ -138,6 +138,7 @@ def test_a_store_lock_from_another_host_is_refused_unless_broken(env, fetched, c
     assert "taking over the lock" in caplog.text
 
 
+@pytest.mark.slow  # ~11 s
 def test_check_of_a_set_in_the_store_reports_what_a_local_check_does(env, tmp_path):
     local = make_shardset(tmp_path / "set", (6, 6, 4))
     url = upload(env, local, f"s3://{new_bucket(env)}/sets/checked")
@@ -172,7 +173,7 @@ def test_cli_shard_and_check_with_s3_urls(env, fetched):
     assert f"ok: {url}: 5 shards match manifest.json" in result.output
 
 
-def test_a_store_that_cannot_be_reached_at_start_is_one_line_naming_url_and_endpoint(env, monkeypatch, tmp_path):
+def test_a_store_that_cannot_be_reached_at_start_is_one_line_naming_url_and_endpoint(env, monkeypatch):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     monkeypatch.setenv("GRR_STORE_RETRY_S", "1")
@@ -182,9 +183,20 @@ def test_a_store_that_cannot_be_reached_at_start_is_one_line_naming_url_and_endp
     message = str(caught.value)
     assert message.startswith(f"{url}/manifest.json: the store at {dead} (AWS_ENDPOINT_URL) did not answer")
     assert "\n" not in message and "GRR_STORE_RETRY_S" in message
-    for args in (["data", "check", url], ["train", "pretrain", "--preset", "grr-tiny", "--data", url,
-                                          "--out", str(tmp_path / "run"), "--max-steps", "1"]):
-        result = CliRunner().invoke(app, args)
-        assert result.exit_code == 1 and "Traceback" not in result.output
-        (line,) = result.stderr.strip().splitlines()
-        assert line.startswith(f"error: {url}/manifest.json: the store at {dead}")
+    result = CliRunner().invoke(app, ["data", "check", url])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {url}/manifest.json: the store at {dead}")
+
+
+@pytest.mark.slow  # ~8 s: the trainer's imports
+def test_training_on_a_store_that_cannot_be_reached_is_one_line(env, monkeypatch, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    monkeypatch.setenv("GRR_STORE_RETRY_S", "1")
+    url = "s3://no-such-reach/sets/x"
+    result = CliRunner().invoke(app, ["train", "pretrain", "--preset", "grr-tiny", "--data", url,
+                                      "--out", str(tmp_path / "run"), "--max-steps", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {url}/manifest.json: the store at {dead}")

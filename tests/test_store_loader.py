@@ -46,7 +46,7 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
         assert torch.equal(x["real"], y["real"]) and x.get("keys") == y.get("keys")
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # workers: ~8 s
 def test_cpu_loader_from_the_store_gives_the_local_batches(stored, local_set, workers):
     kw = dict(batch_size=4, kind="cpu", num_workers=workers, seed=3, with_keys=True)
     remote, local = make_loader(stored, **kw), make_loader(local_set, **kw)
@@ -101,7 +101,7 @@ def test_resume_mid_epoch_from_the_store_is_exact(stored, local_set):
     assert_same(batches(resumed), reference[3:])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # workers: ~8 s
 def test_a_connection_dropped_mid_epoch_is_retried_and_the_epoch_goes_on(env, stored, local_set, workers):
     reference = batches(make_loader(local_set, batch_size=4, kind="cpu", num_workers=workers))
     loader = make_loader(stored, batch_size=4, kind="cpu", num_workers=workers)
@@ -115,7 +115,7 @@ def test_a_connection_dropped_mid_epoch_is_retried_and_the_epoch_goes_on(env, st
     assert loader.skipped == {}  # nothing skipped: the reads waited for the store
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # workers: ~8 s
 def test_a_store_down_past_the_budget_is_a_clear_error_not_skips(env, stored, monkeypatch, workers):
     monkeypatch.setenv("GRR_STORE_RETRY_S", "2")
     loader = make_loader(stored, batch_size=4, kind="cpu", num_workers=workers)

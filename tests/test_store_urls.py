@@ -72,6 +72,7 @@ def test_train_out_url_is_refused(cwd):
     assert list(cwd.iterdir()) == []
 
 
+@pytest.mark.slow  # ~8 s: a model to save, the evaluator's imports
 def test_eval_and_compare_data_url_is_refused(cwd, tmp_path):
     run = tmp_path / "run"
     cfg = get_config("grr-tiny", vocab_size=100)
