@@ -14,7 +14,8 @@ An object store has no rename, but a PUT is atomic (an object appears whole or n
 
 Errors: FileNotFoundError for a missing file or object; `StoreError` (an OSError, so commands print
 it as their other I/O errors) for a store that refuses (access denied, no credentials, no such
-bucket); `StoreUnavailable` for one that did not answer within the retry budget.
+bucket); `StoreUnavailable` for one that did not answer within the retry budget. The store's
+client (its filesystem per process, the endpoint, the retries below) is grr_data.infra.store_client.
 
 Retries: a failure that may pass (connection refused or dropped, timeouts, 5xx, throttling's 503
 SlowDown) is retried with exponential backoff (0.5 s doubling to 15 s, +-25% jitter) until
@@ -35,25 +36,23 @@ Node-local files: `node_cache(kind, url)` is the folder a command keeps for a UR
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import importlib.util
-import logging
 import os
-import random
 import re
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
 
 from grr_data.infra.files import publish, sha256_file, write_bytes_atomic
+from grr_data.infra.store_client import StoreError, StoreUnavailable, call, endpoint, fetch, filesystem
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
+__all__ = ["MAX_OPEN", "MERGE_GAP", "STORES", "Location", "RangeReader", "StoreError", "StorePath",
+           "StoreUnavailable", "delete", "endpoint", "existing", "is_file", "is_remote", "is_url", "list_files",
+           "local_copy", "local_folder", "location", "node_cache", "put_bytes", "put_file", "put_new", "read_bytes",
+           "read_many", "read_text", "sha256", "size"]
+
 
 # RFC 3986's scheme, then `://`; a Windows drive (`C:\`, `C:/x`) has no `//` after the colon
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -61,21 +60,11 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _MANGLED = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:$")
 # scheme -> the fsspec implementation's package, and the extra that installs it
 STORES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
-DEFAULT_RETRY_S = 120.0
-_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.5, 15.0
 # ranges of one object closer than this are fetched in one request: a sample's .jpg, .txt and .ids
 # (~1.5 kB of tar headers and caption apart), and neighbouring samples of one batch; a whole sample
 # (four 512-byte headers, padded members) is larger, so no sample's bytes are fetched for another
 MERGE_GAP = 4 << 10
 MAX_OPEN = 128  # local descriptors kept open per process (a set of thousands of shards stays under 1024)
-
-
-class StoreError(OSError):
-    """A store refused a request (access denied, no credentials, no such bucket), or cannot be used."""
-
-
-class StoreUnavailable(StoreError):
-    """A store did not answer within the retry budget; the message names the URL and the endpoint."""
 
 
 class StorePath:
@@ -194,149 +183,6 @@ def local_folder(value: str | os.PathLike, what: str) -> Path:
     return location(value, what)
 
 
-# ---- the store's library, per process --------------------------------------------------------
-
-_filesystems: dict[tuple[int, str, str], object] = {}
-_fs_lock = threading.Lock()
-_OPTIONS = {
-    # no listings cache: a shard deleted or replaced in the store must be seen as it is now;
-    # timeouts so that a dead endpoint fails a try in seconds; one attempt per try (no botocore
-    # retries, s3fs's set to 1 below), since the retries and their budget are this module's
-    "s3": {"use_listings_cache": False,
-           "config_kwargs": {"connect_timeout": 10, "read_timeout": 60,
-                             "retries": {"max_attempts": 1, "mode": "standard"}}},
-}
-_ATTRIBUTES = {"s3": {"retries": 1}}
-
-
-# what configures a store's client: a filesystem is made again when one of them changes
-_CONFIG_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "STORAGE_EMULATOR_HOST",
-               "GOOGLE_APPLICATION_CREDENTIALS")
-
-
-def _fs(scheme: str):
-    """The store's fsspec filesystem for this process and configuration (one made before a fork is
-    not used after it: its connections and event loop belong to the parent)."""
-    config = hashlib.sha256("\0".join(os.environ.get(name, "") for name in _CONFIG_ENV).encode()).hexdigest()
-    key = (os.getpid(), scheme, config)
-    with _fs_lock:
-        if key not in _filesystems:
-            import fsspec
-
-            fs = fsspec.filesystem(scheme, skip_instance_cache=True, **_OPTIONS.get(scheme, {}))
-            for name, value in _ATTRIBUTES.get(scheme, {}).items():
-                setattr(fs, name, value)
-            _filesystems[key] = fs
-        return _filesystems[key]
-
-
-def endpoint(loc: StorePath) -> str:
-    """The store's endpoint as configured (no user info), for messages."""
-    if loc.scheme == "s3":
-        for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-            if os.environ.get(name):
-                return f"{_strip_userinfo(os.environ[name])} ({name})"
-        try:
-            client = getattr(_fs("s3"), "_s3", None)
-            if client is not None:
-                return _strip_userinfo(client.meta.endpoint_url)
-        except Exception:  # noqa: BLE001 - only for a message
-            pass
-        return "AWS S3 (the region's endpoint)"
-    return _strip_userinfo(os.environ.get("STORAGE_EMULATOR_HOST", "https://storage.googleapis.com"))
-
-
-def _strip_userinfo(url: str) -> str:
-    return re.sub(r"//[^/@]*@", "//", url)
-
-
-def retry_budget() -> float:
-    raw = os.environ.get("GRR_STORE_RETRY_S")
-    try:
-        return float(raw) if raw else DEFAULT_RETRY_S
-    except ValueError:
-        raise ValueError(f"GRR_STORE_RETRY_S={raw!r}: expected seconds, e.g. 120") from None
-
-
-# ---- failures --------------------------------------------------------------------------------
-
-_FINAL_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EINVAL, errno.ENOSYS, errno.EEXIST,
-                 errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, getattr(errno, "EREMCHG", errno.ENOENT)}
-_NETWORK_LIBRARIES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google", "gcsfs", "s3fs"}
-
-
-def _is_final(err: BaseException) -> bool:
-    """A failure that another try will not change (missing, denied, invalid)."""
-    if "Credentials" in type(err).__name__ or isinstance(err, PermissionError | FileNotFoundError |
-                                                         FileExistsError | IsADirectoryError | NotADirectoryError):
-        return True
-    return isinstance(err, OSError) and err.errno in _FINAL_ERRNOS
-
-
-def _is_transient(err: BaseException) -> bool:
-    if _is_final(err):
-        return False
-    library = type(err).__module__.partition(".")[0]
-    return isinstance(err, OSError | ConnectionError | TimeoutError) or library in _NETWORK_LIBRARIES
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def _final(loc: StorePath, err: BaseException) -> BaseException:
-    """What a final failure is raised as: FileNotFoundError and FileExistsError as they are, the
-    rest a StoreError saying what to do."""
-    if isinstance(err, FileNotFoundError | FileExistsError):
-        return err
-    if "Credentials" in type(err).__name__ or isinstance(err, PermissionError):
-        return StoreError(f"{loc}: access denied by {endpoint(loc)} ({_first_line(err)}); check the credentials "
-                          "(AWS_PROFILE, AWS_ACCESS_KEY_ID, ~/.aws/credentials; for gs://, "
-                          "GOOGLE_APPLICATION_CREDENTIALS)")
-    return StoreError(f"{loc}: {endpoint(loc)} refused the request ({_first_line(err)})")
-
-
-class _Backoff:
-    """Sleeps between tries of one call; `wait(err)` raises StoreUnavailable once the budget is spent."""
-
-    _warned_at = 0.0
-
-    def __init__(self, loc: StorePath):
-        self.loc, self.budget, self.tries, self.since = loc, retry_budget(), 0, None
-
-    def wait(self, err: BaseException) -> None:
-        now = time.monotonic()
-        self.since = self.since if self.since is not None else now
-        self.tries += 1
-        left = self.budget - (now - self.since)
-        if left <= 0:
-            raise StoreUnavailable(
-                f"{self.loc}: the store at {endpoint(self.loc)} did not answer for {self.budget:.0f} s "
-                f"({self.tries} tries; last: {_first_line(err)}); check the endpoint and the network, or allow "
-                "longer with GRR_STORE_RETRY_S") from err
-        if now - _Backoff._warned_at > 30:  # one warning in 30 s, not one per request
-            _Backoff._warned_at = now
-            log.warning("%s: %s (%s); retrying for up to %.0f s", self.loc, endpoint(self.loc), _first_line(err),
-                        self.budget)
-        delay = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2 ** (self.tries - 1)) * random.uniform(0.75, 1.25)
-        time.sleep(max(0.0, min(delay, left)))
-
-
-def _call(loc: StorePath, fn: Callable[[], T]) -> T:
-    """`fn()` with the retries above; a final failure raised as `_final` says."""
-    backoff = _Backoff(loc)
-    while True:
-        try:
-            return fn()
-        except Exception as err:  # noqa: BLE001 - sorted below; anything else is raised as it is
-            if _is_final(err):
-                raise _final(loc, err) from err
-            if not _is_transient(err):
-                raise
-            backoff.wait(err)
-
-
 # ---- operations ------------------------------------------------------------------------------
 
 
@@ -344,7 +190,7 @@ def is_file(loc: Location) -> bool:
     if isinstance(loc, Path):
         return loc.is_file()
     try:
-        return _call(loc, lambda: _fs(loc.scheme).info(loc.key))["type"] == "file"
+        return call(loc, lambda: filesystem(loc.scheme).info(loc.key))["type"] == "file"
     except FileNotFoundError:
         return False
 
@@ -354,7 +200,7 @@ def size(loc: Location) -> int | None:
     if isinstance(loc, Path):
         return loc.stat().st_size if loc.is_file() else None
     try:
-        info = _call(loc, lambda: _fs(loc.scheme).info(loc.key))
+        info = call(loc, lambda: filesystem(loc.scheme).info(loc.key))
     except FileNotFoundError:
         return None
     return int(info["size"]) if info["type"] == "file" else None
@@ -363,7 +209,7 @@ def size(loc: Location) -> int | None:
 def read_bytes(loc: Location) -> bytes:
     if isinstance(loc, Path):
         return loc.read_bytes()
-    return _call(loc, lambda: _fs(loc.scheme).cat_file(loc.key))
+    return call(loc, lambda: filesystem(loc.scheme).cat_file(loc.key))
 
 
 def read_text(loc: Location) -> str:
@@ -373,7 +219,7 @@ def read_text(loc: Location) -> str:
 def read_many(locs: Sequence[Location]) -> list[bytes | FileNotFoundError]:
     """Whole files, in order (a store: concurrent requests); a missing one is its FileNotFoundError."""
     remote = [loc for loc in locs if isinstance(loc, StorePath)]
-    fetched = dict(zip(remote, _fetch(remote, [None] * len(remote), [None] * len(remote)), strict=True))
+    fetched = dict(zip(remote, fetch(remote, [None] * len(remote), [None] * len(remote)), strict=True))
     out = []
     for loc in locs:
         if isinstance(loc, StorePath):
@@ -383,44 +229,6 @@ def read_many(locs: Sequence[Location]) -> list[bytes | FileNotFoundError]:
             out.append(loc.read_bytes())
         except FileNotFoundError as err:
             out.append(err)
-    return out
-
-
-def _fetch(locs: list[StorePath], starts: list, ends: list) -> list[bytes | FileNotFoundError]:
-    """Objects or byte ranges of them, concurrently; transient failures retried (only the requests
-    that failed); a range past the object's end reads as b"" (the caller sees it short)."""
-    out: list = [None] * len(locs)
-    pending = list(range(len(locs)))
-    backoffs: dict[str, _Backoff] = {}
-    while pending:
-        by_scheme: dict[str, list[int]] = {}
-        for i in pending:
-            by_scheme.setdefault(locs[i].scheme, []).append(i)
-        failed = []
-        for scheme, items in by_scheme.items():
-            try:
-                results = _fs(scheme).cat_ranges([locs[i].key for i in items], [starts[i] for i in items],
-                                                 [ends[i] for i in items], on_error="return")
-            except Exception as err:  # noqa: BLE001 - the whole call failed: each request is retried
-                results = [err] * len(items)
-            for i, result in zip(items, results, strict=True):
-                if not isinstance(result, BaseException):
-                    out[i] = result
-                elif isinstance(result, FileNotFoundError):
-                    out[i] = result
-                elif isinstance(result, OSError) and result.errno == errno.EINVAL and starts[i] is not None:
-                    out[i] = b""  # 416: the object is shorter than the range (replaced since indexed)
-                elif _is_final(result):
-                    raise _final(locs[i], result) from result
-                elif _is_transient(result):
-                    failed.append((i, result))
-                else:
-                    raise result
-        if failed:
-            # one budget per store, counted from the first failure: the batch waits for the slowest
-            i, err = failed[0]
-            backoffs.setdefault(locs[i].scheme, _Backoff(locs[i])).wait(err)
-        pending = [i for i, _ in failed]
     return out
 
 
@@ -446,7 +254,7 @@ class RangeReader:
                 spans[-1] = (loc, spans[-1][1], max(spans[-1][2], offset + length), spans[-1][3] + [i])
             else:
                 spans.append((loc, offset, offset + length, [i]))
-        fetched = _fetch([s[0] for s in spans], [s[1] for s in spans], [s[2] for s in spans]) if spans else []
+        fetched = fetch([s[0] for s in spans], [s[1] for s in spans], [s[2] for s in spans]) if spans else []
         for (_, start, _, members), data in zip(spans, fetched, strict=True):
             for i in members:
                 _, offset, length = requests[i]
@@ -483,7 +291,7 @@ def put_file(local: Path, loc: Location) -> None:
     if isinstance(loc, Path):
         publish(local, loc)
         return
-    _call(loc, lambda: _fs(loc.scheme).put_file(str(local), loc.key))
+    call(loc, lambda: filesystem(loc.scheme).put_file(str(local), loc.key))
     local.unlink()
 
 
@@ -492,7 +300,7 @@ def put_bytes(loc: Location, data: bytes) -> None:
     if isinstance(loc, Path):
         write_bytes_atomic(loc, data)
         return
-    _call(loc, lambda: _fs(loc.scheme).pipe_file(loc.key, data))
+    call(loc, lambda: filesystem(loc.scheme).pipe_file(loc.key, data))
 
 
 def put_new(loc: Location, data: bytes) -> None:
@@ -507,9 +315,9 @@ def put_new(loc: Location, data: bytes) -> None:
         finally:
             os.close(fd)
         return
-    fs = _fs(loc.scheme)
+    fs = filesystem(loc.scheme)
     try:
-        _call(loc, lambda: fs.pipe_file(loc.key, data, mode="create"))
+        call(loc, lambda: fs.pipe_file(loc.key, data, mode="create"))
     except (NotImplementedError, TypeError):
         if is_file(loc):
             raise FileExistsError(f"{loc} exists") from None
@@ -522,7 +330,7 @@ def delete(loc: Location) -> None:
         loc.unlink(missing_ok=True)
         return
     try:
-        _call(loc, lambda: _fs(loc.scheme).rm_file(loc.key))
+        call(loc, lambda: filesystem(loc.scheme).rm_file(loc.key))
     except FileNotFoundError:
         pass
 
@@ -531,7 +339,7 @@ def list_files(root: Location) -> dict[Location, int]:
     """Every file under `root` (recursively) and its size, sorted by name; {} when there is none."""
     if isinstance(root, Path):
         return {p: p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
-    found = _call(root, lambda: _fs(root.scheme).find(root.key, detail=True))
+    found = call(root, lambda: filesystem(root.scheme).find(root.key, detail=True))
     files = {StorePath(f"{root.scheme}://{key}"): int(info.get("size") or 0) for key, info in found.items()
              if info.get("type") == "file"}
     return dict(sorted(files.items()))
@@ -554,12 +362,12 @@ def sha256(loc: Location, chunk: int = 8 << 20) -> str:
 
     def stream() -> str:
         digest = hashlib.sha256()
-        with _fs(loc.scheme).open(loc.key, "rb", block_size=chunk, cache_type="none") as f:
+        with filesystem(loc.scheme).open(loc.key, "rb", block_size=chunk, cache_type="none") as f:
             while block := f.read(chunk):
                 digest.update(block)
         return digest.hexdigest()
 
-    return _call(loc, stream)
+    return call(loc, stream)
 
 
 @contextmanager
@@ -573,7 +381,7 @@ def local_copy(loc: Location, siblings: Sequence[Location] = ()) -> Iterator[Pat
     with tempfile.TemporaryDirectory(prefix="grr-store-") as tmp:
         for item in (loc, *siblings):
             try:
-                _call(item, lambda item=item: _fs(item.scheme).get_file(item.key, os.path.join(tmp, item.name)))
+                call(item, lambda item=item: filesystem(item.scheme).get_file(item.key, os.path.join(tmp, item.name)))
             except FileNotFoundError:
                 if item is loc:
                     raise

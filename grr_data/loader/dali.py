@@ -9,7 +9,9 @@ resize; normalise) stays in DALI, and the loader gets exactly the CPU loader's s
 coverage, padding and resume position for free. The webdataset reader reads shards in order
 with its own shuffle buffer and shard split, so resuming mid-epoch exactly and matching the
 CPU loader's order would not be possible. The cost: random access reads over the whole split
-(fine on local disks or page cache, slower on network filesystems). The reads run on a
+(fine on local disks or page cache, slower on network filesystems). A set in an object store
+(`s3://`, `gs://`) is read the same way, not through DALI's own `s3://` reader: a batch's samples
+by concurrent ranged GETs (`ShardSet.read_many`) on the reader thread, `prefetch` batches ahead. The reads run on a
 background thread (`reader.py`), in plan order; the callback DALI calls on the training thread
 only takes the next batch's bytes. DALI works `prefetch` batches ahead: a trainer that takes
 several micro-batches before launching GPU work asks for more than it takes (make_loader).
