@@ -21,7 +21,7 @@ def _fail(err: Exception) -> None:
 @app.command("eval")
 def eval_(
     run_or_ckpt: Path = typer.Argument(..., help="Run folder or checkpoint folder."),
-    data: Path = typer.Option(..., help="Sharded set to evaluate on."),
+    data: str = typer.Option(..., help="Sharded set to evaluate on."),
     split: str = typer.Option("val", help="Split of the set."),
     batch_size: int = typer.Option(32, help="Loader batch size (does not change any number)."),
     contrastive_batch_size: int = typer.Option(None, help="Contrastive loss batch (default: the run's validation one)."),
@@ -48,7 +48,7 @@ def eval_(
         result = evaluate_run(run_or_ckpt, data, split, batch_size, contrastive_batch_size, max_samples,
                               decode_words, DecodeOptions(beams=beams, max_len=max_len), dev, precision=precision,
                               allow_other_tokenizer=allow_other_tokenizer)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: a missing file, a store out of reach
         _fail(err)
     typer.echo(json.dumps(result, indent=2) if json_ else format_eval(result))
 
@@ -57,7 +57,7 @@ def eval_(
 def compare(
     run_a: Path = typer.Argument(..., help="First run (the reference, e.g. Baseline CoCa)."),
     run_b: Path = typer.Argument(..., help="Second run (e.g. GRR-CoCa)."),
-    data: Path = typer.Option(..., help="Sharded set both runs are evaluated on."),
+    data: str = typer.Option(..., help="Sharded set both runs are evaluated on."),
     out: Path = typer.Option(Path("reports/compare"), help="Folder for the report and plots."),
     split: str = typer.Option("val", help="Split of the set."),
     title: str = typer.Option(None, help="Section title (default: the set and split)."),
@@ -77,7 +77,7 @@ def compare(
         paths = compare_runs(run_a, run_b, data, out, split=split, title=title, names=(name_a, name_b),
                              tokenizer=tokenizer, contrastive_batch_size=contrastive_batch_size,
                              max_samples=max_samples, batch_size=batch_size, device=resolve_device(device))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: a missing file, a store out of reach
         _fail(err)
     typer.echo(Path(paths["markdown"]).read_text())
     for what, path in paths.items():

@@ -1,7 +1,5 @@
 """`grr bench loader`: loader throughput and CPU use (library: grr_data.loader.bench)."""
 
-from pathlib import Path
-
 import typer
 
 from grr_cli.groups import bench_app
@@ -9,7 +7,7 @@ from grr_cli.groups import bench_app
 
 @bench_app.command("loader")
 def bench_loader_cmd(
-    data_dir: Path = typer.Argument(..., help="A sharded set (made by `grr data shard`)."),
+    data_dir: str = typer.Argument(..., help="A sharded set (made by `grr data shard`)."),
     loader: str = typer.Option("cpu", "--loader", help="cpu, dali or auto."),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(2, "--workers", help="CPU loader workers; DALI threads."),

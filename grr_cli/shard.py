@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-from pathlib import Path
 
 import typer
 
@@ -13,14 +12,14 @@ from grr_cli.groups import data_app
 
 @data_app.command("shard")
 def shard(
-    input: Path = typer.Option(..., "--input", help=(
+    input: str = typer.Option(..., "--input", help=(
         "What to shard, one of: (1) a `grr data fetch` output folder (img2dataset tars, optionally in train/ "
         "val/ test/ subfolders); (2) a folder of images with a caption beside each, name.jpg|jpeg|png|webp + "
         "name.txt (UTF-8), searched recursively; (3) a .csv with a `path,caption` header or a .jsonl of "
         '{"path": ..., "caption": ...} lines, paths relative to the list\'s folder or absolute. '
         "(2) and (3) are read in sorted path order (a list: line order); a missing caption or image, "
         "or a bad list line, is a counted skip.")),
-    out: Path = typer.Option(..., "--out", help="Output folder for the sharded set."),
+    out: str = typer.Option(..., "--out", help="Output folder for the sharded set."),
     split: str = typer.Option(None, help="`95/5` (or 90/5/5) by image hash, or `source`. Default: `source` "
                                          "when the input has train/ val/ test/ subfolders, else 95/5."),
     tokenizer: str = typer.Option(None, help="Local directory holding spiece.model, or a hub name such as "
@@ -83,14 +82,18 @@ def shard(
 
 @data_app.command("check")
 def check(
-    data_dir: Path = typer.Argument(..., help="A sharded set (the folder holding manifest.json)."),
+    data_dir: str = typer.Argument(..., help="A sharded set (the folder holding manifest.json)."),
     workers: int = typer.Option(None, help="Processes reading and hashing shards (default: the usable cores); "
                                            "the report is the same for any number."),
 ) -> None:
     """Verify a sharded set against its manifest; exits 1 naming each file that does not match."""
     from grr_data.check import check_dataset
 
-    report = check_dataset(data_dir, workers=workers)
+    try:
+        report = check_dataset(data_dir, workers=workers)
+    except (ValueError, OSError) as err:  # a URL this grr cannot read; a store that cannot be reached
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     for name, count in report.num_samples.items():
         typer.echo(f"  {name:5s} {count:>10,} samples")
     for warning in report.warnings:

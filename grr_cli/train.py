@@ -14,15 +14,17 @@ from grr_cli.groups import bench_app, train_app
 NPROC_HELP = "Processes on this node; starts torchrun itself (for several nodes run torchrun directly)."
 
 
-def _run(recipe: str, extra: list[str], out: Path, resume: bool, auto_resume: bool, config: Path | None,
+def _run(recipe: str, extra: list[str], out: str | Path, resume: bool, auto_resume: bool, config: Path | None,
          sets: list[str], nproc: int, defaults: dict | None = None, fresh_only: dict | None = None,
          **flags) -> None:
     """Check every argument (grr_train.train.config.plan_run), then start torchrun or train here."""
     from grr_data.infra.lock import LockedError
+    from grr_data.infra.store import local_folder
     from grr_train.runtime.distributed import relaunch_with_torchrun, strip_nproc_option, under_torchrun
     from grr_train.train.config import parse_set, plan_run
 
     try:
+        out = local_folder(out, "--out (a run folder)")
         if extra:  # most often the value of `--set key value`: parse_set says how to write it
             parse_set(sets)
             raise ValueError(f"unexpected argument {extra[0]!r}")
@@ -95,8 +97,8 @@ EXTRA_ARGS = {"allow_extra_args": True}
 def pretrain(
     ctx: typer.Context,
     preset: str = typer.Option(None, metavar="NAME", help="Model preset (default grr-coca; see grr model list)."),
-    data: Path = typer.Option(None, metavar="DIR", help="Sharded set (default data/cc12m/shards)."),
-    out: Path = typer.Option(None, metavar="DIR", help="Run folder (default runs/pretrain-PRESET)."),
+    data: str = typer.Option(None, metavar="DIR", help="Sharded set (default data/cc12m/shards)."),
+    out: str = typer.Option(None, metavar="DIR", help="Run folder (default runs/pretrain-PRESET)."),
     config: ConfigFile = None,
     set_: Sets = None,
     max_steps: MaxSteps = None,
@@ -108,7 +110,7 @@ def pretrain(
     """Pretrain CoCa with the paper's recipe (DDP; see README for several nodes)."""
     out = out or Path(f"runs/pretrain-{preset or 'grr-coca'}")
     _run("pretrain", ctx.args, out, resume, auto_resume, config, set_ or [], nproc_per_node, preset=preset,
-         data=str(data) if data else None, max_steps=max_steps, loader=loader)
+         data=data or None, max_steps=max_steps, loader=loader)
 
 
 @train_app.command(context_settings=EXTRA_ARGS)
@@ -116,8 +118,8 @@ def finetune(
     ctx: typer.Context,
     dataset: str = typer.Argument(..., help="Dataset name: its shards default to data/DATASET/shards."),
     from_: Path = typer.Option(None, "--from", metavar="DIR", help="Pretrained run folder or checkpoint."),
-    data: Path = typer.Option(None, metavar="DIR", help="Sharded set (default data/DATASET/shards)."),
-    out: Path = typer.Option(None, metavar="DIR", help="Run folder (default runs/finetune-DATASET)."),
+    data: str = typer.Option(None, metavar="DIR", help="Sharded set (default data/DATASET/shards)."),
+    out: str = typer.Option(None, metavar="DIR", help="Run folder (default runs/finetune-DATASET)."),
     config: ConfigFile = None,
     set_: Sets = None,
     max_steps: MaxSteps = None,
@@ -132,7 +134,7 @@ def finetune(
     _run("finetune", ctx.args, out, resume, auto_resume, config, set_ or [], nproc_per_node,
          defaults={"data": f"data/{dataset}/shards"},
          fresh_only={"dataset": dataset, "init_from": str(from_) if from_ else None},
-         max_steps=max_steps, data=str(data) if data else None, loader=loader)
+         max_steps=max_steps, data=data or None, loader=loader)
 
 
 @train_app.command()

@@ -7,7 +7,8 @@ that each sample has all four members and a valid token layout, that no key is s
 and no image (sha256 of the stored JPEG) is in two splits, and that no shard on disk is
 missing from the manifest. Shards are read and hashed by a pool of workers (`workers`, default
 the usable cores); the checks across shards run in the main process in manifest order, so the
-report is the same for any worker count. The one allowed overlap is one the
+report is the same for any worker count. A set in an object store (`s3://`, `gs://`) is checked
+the same way, each shard on a local copy (one per worker at a time, deleted after). The one allowed overlap is one the
 manifest declares (`overlapping_splits`, from ROCO's paper split): it is reported as a warning
 when exactly the declared number of images is shared, and as a problem otherwise.
 """
@@ -35,8 +36,10 @@ from grr_data.format.records import (
     read_checksums,
     read_index,
 )
+from grr_data.infra import store
 from grr_data.infra.files import sha256_file
 from grr_data.infra.procs import make_pool, usable_cores
+from grr_data.infra.store import Location, StorePath, location
 from grr_data.shard.split import pair_name
 
 MAX_PROBLEMS_PER_SHARD = 20
@@ -79,7 +82,7 @@ def _tar_samples(path: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int]]
 
 def _check_crcs(path: Path, samples: list, crcs: list[dict[str, int]], problem) -> None:
     """Each member's CRC32 against the shard's checksum file: what the loaders verify per sample."""
-    crc_path = checksum_path(path)
+    crc_path = checksum_path(path)  # `path`: the local file or copy
     try:
         recorded = read_checksums(crc_path)
     except (OSError, ValueError) as err:
@@ -96,10 +99,11 @@ def _check_crcs(path: Path, samples: list, crcs: list[dict[str, int]], problem) 
                     "(the bytes changed since sharding; the loaders skip this sample)")
 
 
-def _check_shard(root: Path, special: SpecialIds, checksums: bool,
+def _check_shard(root: Location, special: SpecialIds, checksums: bool,
                  entry: ShardEntry) -> tuple[list[str], list[str], list[str]]:
     """Check one listed shard (in a worker); returns its problems, and its keys and image hashes
-    for the checks across shards."""
+    for the checks across shards. A shard in a store is checked on a local copy (with its index and
+    checksums), one shard per worker at a time, deleted after."""
     path = root / entry.path
     problems: list[str] = []
 
@@ -107,9 +111,15 @@ def _check_shard(root: Path, special: SpecialIds, checksums: bool,
         if len(problems) < MAX_PROBLEMS_PER_SHARD:
             problems.append(f"{path}: {text}")
 
-    if not path.is_file():
+    if not store.is_file(path):
         problem("missing (listed in manifest.json)")
         return problems, [], []
+    with store.local_copy(path, (index_path(path), checksum_path(path))) as local:
+        return _check_local_shard(local, special, checksums, entry, problems, problem)
+
+
+def _check_local_shard(path: Path, special: SpecialIds, checksums: bool, entry: ShardEntry, problems: list[str],
+                       problem) -> tuple[list[str], list[str], list[str]]:
     if sha256_file(path) != entry.sha256:
         problem("sha256 differs from manifest.json (the file changed or is damaged)")
     try:
@@ -141,10 +151,12 @@ def _check_shard(root: Path, special: SpecialIds, checksums: bool,
     return problems, [key for key, _ in samples], hashes
 
 
-def check_dataset(data_dir: str | os.PathLike, progress: bool = True, workers: int | None = None) -> CheckReport:
-    """Check a sharded set; `workers` processes read and hash the shards (default: the usable cores),
-    the report is the same for any number."""
-    root = Path(data_dir)
+def check_dataset(data_dir: str | os.PathLike | StorePath, progress: bool = True,
+                  workers: int | None = None) -> CheckReport:
+    """Check a sharded set (a folder, or a URL of a store); `workers` processes read and hash the
+    shards (default: the usable cores), the report is the same for any number. A store that cannot
+    be reached raises StoreError naming the URL and the endpoint."""
+    root = location(data_dir)  # a URL is refused here, not reported as a set without a manifest
     report = CheckReport()
     try:
         manifest = Manifest.read(root, current_layout=False)
@@ -187,7 +199,7 @@ class _AcrossShards:
     """The checks across shards: no key stored twice, no image (stored JPEG sha256) in two splits
     but for a declared overlap, whose shared images are collected."""
 
-    def __init__(self, root: Path, declared: dict):
+    def __init__(self, root: Location, declared: dict):
         self.root, self.declared = root, declared
         self.owner_of_key: dict[str, str] = {}
         self.owner_of_image: dict[str, tuple[str, str]] = {}  # image sha256 -> (split, shard path)
@@ -212,13 +224,13 @@ class _AcrossShards:
                                        f"{other_split} ({other_path}) and {name}")
 
 
-def _find_unlisted(root: Path, manifest: Manifest, report: CheckReport) -> None:
+def _find_unlisted(root: Location, manifest: Manifest, report: CheckReport) -> None:
     """Shard-like files anywhere under the set that the manifest does not list: a stray split
     folder, a half-written `*.tmp` of a killed run, an index without its tar."""
     listed = {root / e.path for split in manifest.splits.values() for e in split.shards}
     listed |= {index_path(p) for p in listed} | {checksum_path(p) for p in listed}
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path not in listed and path.name != MANIFEST \
+    for path in store.list_files(root):
+        if path not in listed and path.name != MANIFEST \
                 and (path.suffix in (".tar", ".idx", ".crc") or ".tmp" in path.name or path.parent != root):
             report.problems.append(f"{path}: on disk but not listed in manifest.json (left over from another "
                                    "or an interrupted run?); delete it or re-shard")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs grr (distribution grr-coca, command grr) into it; safe to rerun.
 # Torch first: an installed torch is kept; otherwise torch==$GRR_TORCH_VERSION from the index.
-# Then grr with the extras dev and tensorboard ($GRR_EXTRAS replaces that list), plus DALI only where
+# Then grr with the extras dev, tensorboard and s3 ($GRR_EXTRAS replaces that list), plus DALI only where
 # an NVIDIA GPU is present, matching torch's CUDA version (scripts/choose_dali.py; GRR_DALI=auto|cu12|cu13|none).
 # GRR_SIMD=1 ends with pillow-simd in place of Pillow (built from source: needs a C compiler and
 # the libjpeg and zlib headers).
@@ -27,18 +27,18 @@ if pip show grr 2>/dev/null | grep -x "Editable project location: $PWD" >/dev/nu
 fi
 
 dali=$(.venv/bin/python scripts/choose_dali.py)
-extras=${GRR_EXTRAS:-dev,tensorboard}${dali:+,$dali}
+extras=${GRR_EXTRAS:-dev,tensorboard,s3}${dali:+,$dali}
 echo "installing grr-coca[$extras]"
 if ! pip install --quiet -e ".[$extras]"; then
     [ -n "$dali" ] || exit 1
     echo "grr-coca[$extras] failed to install; retrying without DALI (the CPU loader still works)" >&2
-    pip install --quiet -e ".[${GRR_EXTRAS:-dev,tensorboard}]"
+    pip install --quiet -e ".[${GRR_EXTRAS:-dev,tensorboard,s3}]"
 fi
 
 # clip_benchmark's own zero-shot and retrieval functions evaluate a grr model in the tests
 # (tests/test_openclip_api.py). Without its dependencies: they would pull torchvision and open_clip,
 # and pip would replace the installed torch; the functions the tests call need scikit-learn only.
-case ",${GRR_EXTRAS:-dev,tensorboard}," in
+case ",${GRR_EXTRAS:-dev,tensorboard,s3}," in
     *,dev,*) pip install --quiet --no-deps "clip_benchmark==1.6.2" && pip install --quiet "scikit-learn>=1.3" ;;
 esac
 

@@ -138,7 +138,7 @@ def test_install_sh_installs_dali_only_with_a_gpu(tmp_path, gpu, cuda, dali):
     assert result.returncode == 0, result.stderr
     calls = log.read_text().splitlines()
     installs = [c for c in calls if c.startswith("install") and "-e" in c.split()]
-    assert installs == [f"install --quiet -e .[dev,tensorboard{dali}]"]
+    assert installs == [f"install --quiet -e .[dev,tensorboard,s3{dali}]"]
     assert not any("torch" in c for c in calls), "an installed torch must be kept"
     assert ("uninstall --quiet -y grr" in calls) == gpu  # the old distribution name, only where installed
     assert "PIL: " in result.stdout and "tensorboard: " in result.stdout
@@ -158,6 +158,9 @@ def test_pyproject_extras_and_pins():
             assert not req.specifier.contains(placeholder)
         assert req.specifier.contains("1.53.0") and req.specifier.contains("2.4.0")
     assert any(Requirement(r).name == "tensorboard" for r in extras["tensorboard"])
+    # object storage: the s3 extra (installed by default) and moto's server for its tests
+    assert {Requirement(r).name for r in extras["s3"]} == {"s3fs", "boto3"}
+    assert any(Requirement(r).name == "moto" and "server" in Requirement(r).extras for r in extras["dev"])
 
 
 def test_transformers_pin_is_the_installed_major():

@@ -227,13 +227,13 @@ def test_sample_missing_a_member_is_skipped(tmp_path):
 
 
 def test_open_file_limit_is_respected(photos, monkeypatch):
-    import grr_data.loader.source as source
+    import grr_data.infra.store as store  # the descriptors' owner: store.RangeReader
 
     reference = numbers(list(make_loader(photos, batch_size=5, kind="cpu", num_workers=0)))
-    monkeypatch.setattr(source, "MAX_OPEN", 1)
+    monkeypatch.setattr(store, "MAX_OPEN", 1)
     loader = make_loader(photos, batch_size=5, kind="cpu", num_workers=0)
     assert numbers(list(loader)) == reference
-    assert len(loader.shards._fds) == 1
+    assert len(loader.shards._ranges._fds) == 1
 
 
 def test_set_epoch_starts_a_new_epoch_from_its_first_batch(photos):

@@ -9,6 +9,9 @@ command reads a set once and passes the `Manifest` down (loaders, training, eval
 A `Manifest` is also a read-only mapping of the document as written (`manifest["skipped"]`), for
 the counts that reports print and nothing reads.
 
+The set's folder may be a URL of an object store (`s3://`, `gs://`): the manifest is read and
+written through grr_data.infra.store, the same calls for both.
+
 Every problem reading it is one ValueError naming the file and what to do.
 """
 
@@ -18,12 +21,12 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 
 from grr_data.format.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds
 from grr_data.format.records import SAMPLE_CHECKSUMS
-from grr_data.infra.files import write_json_atomic
+from grr_data.infra import store
+from grr_data.infra.store import Location, StorePath, location
 
 MANIFEST = "manifest.json"
 
@@ -65,7 +68,7 @@ class TokenizerRecord:
 
 @dataclass(frozen=True, eq=False)
 class Manifest(Mapping):
-    root: Path
+    root: Location  # the set's folder: a local Path, or a StorePath (s3://, gs://: grr_data.infra.store)
     tokenizer: TokenizerRecord
     splits: Mapping[str, SplitInfo]  # in the manifest's order
     split_mode: str | None  # "paper" for ROCO's paper split, else None
@@ -76,7 +79,7 @@ class Manifest(Mapping):
     document: Mapping[str, object]  # the whole document, read-only
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Location:
         return self.root / MANIFEST
 
     @property
@@ -111,26 +114,29 @@ class Manifest(Mapping):
         return len(self.document)
 
     @staticmethod
-    def exists(data_dir: str | os.PathLike) -> bool:
+    def exists(data_dir: str | os.PathLike | StorePath) -> bool:
         """Whether `data_dir` holds a manifest (a finished `grr data shard`)."""
-        return (Path(data_dir) / MANIFEST).is_file()
+        return store.is_file(location(data_dir) / MANIFEST)
 
     @classmethod
-    def of(cls, data: Manifest | str | os.PathLike) -> Manifest:
+    def of(cls, data: Manifest | str | os.PathLike | StorePath) -> Manifest:
         """`data` itself when it is a Manifest already, else the manifest of the set in that folder."""
         return data if isinstance(data, Manifest) else cls.read(data)
 
     @classmethod
-    def read(cls, data_dir: str | os.PathLike, current_layout: bool = True) -> Manifest:
-        """The set's manifest; with `current_layout` a set of another token layout is refused
-        (`grr data check` reads it anyway, to report that beside everything else)."""
-        root = Path(data_dir)
+    def read(cls, data_dir: str | os.PathLike | StorePath, current_layout: bool = True) -> Manifest:
+        """The set's manifest (a folder, or a URL of a store); with `current_layout` a set of another
+        token layout is refused (`grr data check` reads it anyway, to report that beside everything
+        else). A store that cannot be reached is a StoreError naming the URL and the endpoint."""
+        root = location(data_dir)
         path = root / MANIFEST
         hint = f"is {root} a sharded set (grr data shard)?"
-        if not path.is_file():
+        if not store.is_file(path):
             raise ManifestNotFound(f"{path} not found: {hint}")
         try:
-            manifest = cls._parse(root, json.loads(path.read_text()))
+            manifest = cls._parse(root, json.loads(store.read_text(path)))
+        except store.StoreError:
+            raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             reason = f"missing {err}" if isinstance(err, KeyError) else (str(err).splitlines() or [type(err).__name__])[0]
             raise ValueError(f"{path}: cannot read the set's manifest ({reason}); {hint}") from err
@@ -140,7 +146,7 @@ class Manifest(Mapping):
         return manifest
 
     @classmethod
-    def _parse(cls, root: Path, raw: dict) -> Manifest:
+    def _parse(cls, root: Location, raw: dict) -> Manifest:
         tok = raw["tokenizer"]
         special = SpecialIds(pad=int(tok["pad"]), eos=int(tok["eos"]), bos=int(tok["bos"]), cls=int(tok["cls"]),
                              vocab_size=int(tok["vocab_size"]))
@@ -170,10 +176,11 @@ class Manifest(Mapping):
                    document=MappingProxyType(raw))
 
 
-def write_manifest(out_dir: Path, *, tokenizer: dict, splits: dict[str, dict], counts: dict, shard_size: int,
+def write_manifest(out_dir: Location, *, tokenizer: dict, splits: dict[str, dict], counts: dict, shard_size: int,
                    fetch_manifest: dict | None, split_rule: str, split_mode: str | None = None,
                    overlapping_splits: dict[str, int] | None = None) -> Manifest:
-    """Write `out_dir/manifest.json` atomically (the last file of a shard run) and return it.
+    """Write `out_dir/manifest.json` atomically (the last file of a shard run; in a store, one PUT
+    after every shard's) and return it.
 
     `tokenizer`: the tokenizer's record (name, vocabulary, special ids, its files' sha256 and
     library version: a different tokenizer of the same size is told apart); `splits`: name ->
@@ -200,5 +207,6 @@ def write_manifest(out_dir: Path, *, tokenizer: dict, splits: dict[str, dict], c
         document["split_mode"] = split_mode
         # images stored in both splits of each pair; `grr data check` expects exactly these
         document["overlapping_splits"] = overlapping_splits
-    write_json_atomic(Path(out_dir) / MANIFEST, document, indent=1, ensure_ascii=True)
-    return Manifest._parse(Path(out_dir), json.loads(json.dumps(document)))
+    out_dir = location(out_dir)
+    store.put_bytes(out_dir / MANIFEST, (json.dumps(document, indent=1, ensure_ascii=True) + "\n").encode("utf-8"))
+    return Manifest._parse(out_dir, json.loads(json.dumps(document)))

@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from grr_data.format.layout import SEQ_LEN
-from grr_data.infra.files import publish
+from grr_data.infra import store
+from grr_data.infra.files import sha256_file
+from grr_data.infra.store import Location, StorePath, location
 
 IDS_DTYPE = np.dtype("<i8")
 EXTENSIONS = ("jpg", "txt", "ids", "json")
@@ -51,17 +53,21 @@ def decode_ids(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=IDS_DTYPE).astype(np.int64)
 
 
-def index_path(tar_path: str | os.PathLike) -> Path:
-    return Path(tar_path).with_suffix(".idx")
+def index_path(tar_path: str | os.PathLike | StorePath) -> Location:
+    return location(tar_path).with_suffix(".idx")
 
 
-def checksum_path(tar_path: str | os.PathLike) -> Path:
-    return Path(tar_path).with_suffix(".crc")
+def checksum_path(tar_path: str | os.PathLike | StorePath) -> Location:
+    return location(tar_path).with_suffix(".crc")
 
 
-def read_checksums(path: str | os.PathLike) -> np.ndarray:
+def read_checksums(path: str | os.PathLike | StorePath) -> np.ndarray:
     """A checksum file's CRC32s: (N, 4) uint32 in `EXTENSIONS` order; ValueError naming the file."""
-    raw = Path(path).read_bytes()
+    return parse_checksums(store.read_bytes(location(path)), path)
+
+
+def parse_checksums(raw: bytes, path) -> np.ndarray:
+    """`read_checksums` of a checksum file's bytes (`path` names it in errors)."""
     head, _, body = raw.partition(b"\n")
     fields = head.decode("ascii", "replace").split()
     want = CHECKSUM_HEADER.split() + ["N", *EXTENSIONS]
@@ -77,13 +83,22 @@ class ShardWriter:
     """Writes one tar shard, its checksums and its DALI index; call `close()` (or use `with`) to
     publish them.
 
-    The tar is written as `NAME.tar.tmp` and renamed on close; on an exception it is removed.
+    The tar is written as `NAME.tar.tmp` and renamed on close; on an exception it is removed. A
+    shard in a store (`path` a URL) is written the same way into the local folder `staging`
+    (`staging/SPLIT/NAME.tar.tmp`) and uploaded on close, in the same order: tar, checksums, index.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | os.PathLike | StorePath, staging: str | os.PathLike | None = None):
+        self.path = location(path)
+        if isinstance(self.path, StorePath):
+            if staging is None:
+                raise ValueError(f"{self.path}: a shard in a store is written through a local staging folder")
+            self._local = Path(staging) / self.path.parent.name / self.path.name
+        else:
+            self._local = self.path
+        self.tmp_path = self._local.with_name(self._local.name + ".tmp")
+        self._local.parent.mkdir(parents=True, exist_ok=True)
+        self.sha256: str | None = None  # of the tar, once closed
         self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.USTAR_FORMAT)
         self._index: list[list[tuple[str, int, int, str]]] = []
         self._crcs: list[list[int]] = []
@@ -111,19 +126,21 @@ class ShardWriter:
 
     def close(self) -> None:
         self._tar.close()
-        idx = index_path(self.path)
+        idx = index_path(self._local)
         idx_tmp = idx.with_name(idx.name + ".tmp")
         lines = [f"{INDEX_VERSION} {len(self._index)}"]
         lines += [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in entry) for entry in self._index]
         idx_tmp.write_text("\n".join(lines) + "\n")
-        crc = checksum_path(self.path)
+        crc = checksum_path(self._local)
         crc_tmp = crc.with_name(crc.name + ".tmp")
         header = f"{CHECKSUM_HEADER} {len(self._crcs)} {' '.join(EXTENSIONS)}\n".encode("ascii")
         crc_tmp.write_bytes(header + np.asarray(self._crcs, dtype=CRC_DTYPE).reshape(-1, len(EXTENSIONS)).tobytes())
-        # fsync before renaming: a resumed `grr data shard` keeps every shard whose index it finds
-        publish(self.tmp_path, self.path)
-        publish(crc_tmp, crc)
-        publish(idx_tmp, idx)
+        self.sha256 = sha256_file(self.tmp_path)
+        # fsync before renaming (store.put_file): a resumed `grr data shard` keeps every shard whose
+        # index it finds; in a store each upload appears whole or not at all
+        store.put_file(self.tmp_path, self.path)
+        store.put_file(crc_tmp, checksum_path(self.path))
+        store.put_file(idx_tmp, index_path(self.path))
 
     def abort(self) -> None:
         self._tar.close()
@@ -223,10 +240,15 @@ class IndexTable:
         return -(-(end + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
-def read_index(path: str | os.PathLike, keep_keys: bool = True) -> IndexTable:
+def read_index(path: str | os.PathLike | StorePath, keep_keys: bool = True) -> IndexTable:
     """Parse a DALI v1.2 index (the one parser: loaders, resume, check); ValueError naming the
     file when it is not one."""
-    head, _, body = Path(path).read_text().partition("\n")
+    return parse_index(store.read_text(location(path)), path, keep_keys)
+
+
+def parse_index(text: str, path, keep_keys: bool = True) -> IndexTable:
+    """`read_index` of an index's text (`path` names it in errors)."""
+    head, _, body = text.partition("\n")
     try:
         version, count = head.split()
         count = int(count)

@@ -16,6 +16,16 @@ On release (any exit that runs Python's cleanup) the file is removed. Forked chi
 workers, pools) drop their inherited descriptor, so a lingering child never holds the lock.
 Where the filesystem has no flock (ENOLCK, EOPNOTSUPP: some network and FUSE filesystems) the
 file's exclusive creation is the lock, and the same rules decide about a file found there.
+
+A folder in an object store (`grr data shard --out s3://...`) has no flock: `hold_store_lock` makes
+the object `URL/.grr.lock`, with the same record, by a conditional PUT (If-None-Match: of two runs
+one creates it, the other is refused naming it), and deletes it on release. A store cannot say
+whether the holder still runs, so an object found there is decided by the rules above for a file
+without a flock: a holder on this host whose PID is gone is taken over, one on another host is
+refused unless `break_lock`. The caller also holds a local lock (the run's work folder on this
+node), so two runs on one host fail at once. The limit: a run killed on another host leaves the
+object behind until someone passes --break-lock; a store that ignores the condition (an older
+S3-compatible store) leaves a race of a few milliseconds between two runs started together.
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from grr_data.infra import store
+from grr_data.infra.store import StorePath
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".grr.lock"
@@ -188,3 +201,36 @@ def hold_lock(folder: str | os.PathLike, what: str = "a grr run", break_lock: bo
         finally:
             _held.pop(fd, None)
             os.close(fd)
+
+
+@contextmanager
+def hold_store_lock(folder: StorePath, what: str = "a grr run", break_lock: bool = False):
+    """Hold the lock object of a folder in a store for the body of the `with` (see the module)."""
+    path = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "what": what,
+          "argv": sys.argv}
+    for _ in range(3):
+        try:
+            store.put_new(path, (json.dumps(me) + "\n").encode())
+            break
+        except FileExistsError:
+            pass
+        try:
+            raw = store.read_bytes(path)
+        except FileNotFoundError:
+            continue  # released as we looked: try again
+        try:
+            holder = _Holder(json.loads(raw))
+        except (ValueError, TypeError):
+            holder = None
+        if holder is not None and holder.host == socket.gethostname() and holder.pid != os.getpid() \
+                and _alive(holder.pid):
+            raise LockedError(f"{folder} is in use by {holder}; wait for it to finish or use another --out")
+        _refuse_or_take(path, holder, break_lock)
+        store.delete(path)
+    else:
+        raise LockedError(f"{folder}: could not create {LOCK_NAME}; another run keeps taking it")
+    try:
+        yield path
+    finally:
+        store.delete(path)

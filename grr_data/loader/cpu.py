@@ -25,8 +25,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from grr_data.infra.procs import loader_worker_init
+from grr_data.infra.store import StoreError
 from grr_data.loader.base import IMAGE_SIZE, LoaderBase, fill_batch, normalize, plan_after
 from grr_data.loader.plan import worker_batches
+from grr_data.loader.reader import BatchReader
 from grr_data.loader.source import SampleError
 
 DEFAULT_PREFETCH_PER_WORKER = 4
@@ -71,7 +73,13 @@ def preprocess_image(image: bytes | str | os.PathLike | Image.Image,
 
 
 class BatchStream(IterableDataset):
-    """Yields this worker's share of `batches[start:]` as dicts of tensors plus skip events."""
+    """Yields this worker's share of `batches[start:]` as dicts of tensors plus skip events.
+
+    A set in an object store is read `shards.read_ahead` batches ahead of the one being decoded, on
+    a thread of the worker (reader.BatchReader: a batch's samples in one set of concurrent requests),
+    so the store's latency overlaps the decoding; a store that stops answering ends the stream with
+    a `store_error` item whose StoreError the loader raises in the main process (as it is, not
+    wrapped in a worker's traceback)."""
 
     def __init__(self, shards, batches: np.ndarray, start: int, draft: bool):
         self.shards, self.batches, self.start, self.draft = shards, batches, start, draft
@@ -79,6 +87,11 @@ class BatchStream(IterableDataset):
     def _load(self, g: int):
         jpg, ids = self.shards.read(int(g))
         return decode_image(jpg, self.draft), ids, int(g)
+
+    def _decode(self, g: int, read):
+        if isinstance(read, SampleError):
+            raise read
+        return decode_image(read[0], self.draft), read[1], int(g)
 
     def _fallback(self, after: int):
         # Every sample of the batch failed: take the first usable sample after it in the plan.
@@ -89,11 +102,13 @@ class BatchStream(IterableDataset):
                 continue
         raise RuntimeError(f"{self.shards.root}: no sample of this rank's plan can be decoded")
 
-    def make_batch(self, b: int) -> dict:
+    def make_batch(self, b: int, reads: list | None = None) -> dict:
+        """Batch b; `reads`: its samples as `shards.read_many` gave them, when read ahead."""
         slots, skips = [], []
-        for g in self.batches[b]:
+        reads = self.shards.read_many(self.batches[b]) if reads is None else reads
+        for g, read in zip(self.batches[b], reads, strict=True):
             try:
-                slots.append(self._load(g))
+                slots.append(self._decode(g, read))
             except SampleError as err:
                 slots.append(None)
                 skips.append((err.reason, int(g), str(err)))
@@ -108,8 +123,19 @@ class BatchStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, num = (info.id, info.num_workers) if info else (0, 1)
-        for i in worker_batches(len(self.batches) - self.start, wid, num):
-            yield self.make_batch(self.start + i)
+        mine = [self.start + i for i in worker_batches(len(self.batches) - self.start, wid, num)]
+        reader = None
+        if self.shards.read_ahead and mine:
+            reader = BatchReader(lambda k: self.shards.read_many(self.batches[mine[k]]), 0, len(mine),
+                                 self.shards.read_ahead, name="grr-store-reader")
+        try:
+            for k, b in enumerate(mine):
+                yield self.make_batch(b, reader.get(k) if reader is not None else None)
+        except StoreError as err:
+            yield {"store_error": err}
+        finally:
+            if reader is not None:
+                reader.close()
 
 
 class CpuLoader(LoaderBase):
@@ -148,6 +174,8 @@ class CpuLoader(LoaderBase):
             worker_init_fn=loader_worker_init,
         )
         for item in loader:
+            if "store_error" in item:
+                raise item["store_error"]
             for reason, g, message in item.pop("skips"):
                 self._skips.add(reason, lambda g=g: self.shards.describe(g), message)
             images = item["images"].to(self.device, non_blocking=cuda)

@@ -9,7 +9,9 @@ resize; normalise) stays in DALI, and the loader gets exactly the CPU loader's s
 coverage, padding and resume position for free. The webdataset reader reads shards in order
 with its own shuffle buffer and shard split, so resuming mid-epoch exactly and matching the
 CPU loader's order would not be possible. The cost: random access reads over the whole split
-(fine on local disks or page cache, slower on network filesystems). The reads run on a
+(fine on local disks or page cache, slower on network filesystems). A set in an object store
+(`s3://`, `gs://`) is read the same way, not through DALI's own `s3://` reader: a batch's samples
+by concurrent ranged GETs (`ShardSet.read_many`) on the reader thread, `prefetch` batches ahead. The reads run on a
 background thread (`reader.py`), in plan order; the callback DALI calls on the training thread
 only takes the next batch's bytes. DALI works `prefetch` batches ahead: a trainer that takes
 several micro-batches before launching GPU work asks for more than it takes (make_loader).
@@ -144,12 +146,16 @@ class DaliLoader(LoaderBase):
         self._pipe = self._it = None
         self._state = "new"
 
-    def _read_slot(self, g: int, events: list):
+    def _read_slot(self, g: int, events: list, read=None):
+        """Sample g as external_source takes it, or None (and its skip event) when it is unusable;
+        `read`: what `shards.read_many` gave for it, when read with its batch."""
         if g in self._bad:
             events.append((g, *self._bad[g]))
             return None
         try:
-            jpg, ids = self.shards.read(g)
+            if isinstance(read, SampleError):
+                raise read
+            jpg, ids = self.shards.read(g) if read is None else read
         except SampleError as err:
             self._bad[g] = (err.reason, str(err))
             events.append((g, *self._bad[g]))
@@ -176,8 +182,12 @@ class DaliLoader(LoaderBase):
         """Batch b as external_source wants it ([jpegs], [ids], [numbers]) and its skip events;
         runs on the reader thread."""
         events: list = []
+        # the batch's samples read together (a set in a store: one set of concurrent requests)
+        todo = [int(g) for g in batches[b] if int(g) not in self._bad]
+        reads = dict(zip(todo, self.shards.read_many(todo), strict=True))
         slots = fill_batch(
-            [self._read_slot(int(g), events) for g in batches[b]], lambda: self._fallback(batches, b)
+            [self._read_slot(int(g), events, reads.get(int(g))) for g in batches[b]],
+            lambda: self._fallback(batches, b),
         )
         return tuple([s[k] for s in slots] for k in range(3)), events
 

@@ -1,16 +1,26 @@
 """Random access to the samples of one split of a sharded set (CONTRACTS.md "Sharded set").
 
 Takes the set's `Manifest`, checks every shard and its DALI index are there and agree on sample
-counts, and reads one sample's members by global number with `os.pread` at the offsets the
-`.idx` file gives (no shared file position, so it is safe in forked workers). Index files are
-parsed into small arrays once, in the loader's process before its workers fork, so the workers
-share them; keys are kept only when asked for, so a 12M-sample set costs ~40 bytes a sample,
-not a Python dict each.
+counts, and reads samples' members by global number at the offsets the `.idx` file gives, through
+grr_data.infra.store's RangeReader: `os.pread` on local files (no shared file position, so it is
+safe in forked workers); ranged GETs for a set in an object store (`s3://`, `gs://`), all of a
+batch's samples at once (`read_many`), each sample's adjacent members in one request. Index files
+are parsed into small arrays once, in the loader's process before its workers fork, so the
+workers share them; keys are kept only when asked for, so a 12M-sample set costs ~40 bytes a
+sample, not a Python dict each. A set in a store has them all read when it is opened (concurrent
+requests), so a store that cannot be reached, or a shard missing from it, is an error at start.
+
+What a node keeps of a set in a store: its indexes and checksums in memory, as for a local set;
+samples only while their batch is read ahead and decoded (`read_ahead` batches per reader), never
+on disk, and each sample is fetched once per epoch (its plan's padding repeats aside).
 
 Every read is verified where its bytes are read (both loaders read through here): the CRC32 of
 the image and of the token ids against the shard's `.crc` file (~11 us for a 40 KB JPEG; the
 decode that follows costs ~3 ms), the ids against the vocabulary and the layout's fixed
-positions. A sample that fails is a SampleError: skipped, counted and logged like any bad one.
+positions. A sample that fails is a SampleError: skipped, counted and logged like any bad one;
+a shard deleted or replaced in the store after the manifest is counted the same way (its reads
+fail, come short or fail their CRC32). A store that stops answering is not a bad sample: its
+StoreUnavailable (after grr_data.infra.store's retries) is raised, never skipped.
 """
 
 from __future__ import annotations
@@ -18,7 +28,6 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -31,11 +40,15 @@ from grr_data.format.records import (
     checksum_path,
     decode_ids,
     index_path,
-    read_checksums,
+    parse_checksums,
+    parse_index,
     read_index,
 )
+from grr_data.infra import store
+from grr_data.infra.store import Location
 
-MAX_OPEN = 128
+READ_AHEAD = 2  # batches a reader of a set in a store fetches ahead of the one it decodes
+_INDEX_BATCH = 64  # shards whose index files are fetched together
 
 
 class SampleError(Exception):
@@ -57,16 +70,19 @@ class ShardIndex:
     keys: list[str] | None
 
 
-def _shard_index(tar: Path, keep_keys: bool, checksums: bool) -> ShardIndex:
-    table = read_index(index_path(tar), keep_keys)
+def _shard_index(tar: Location, idx_raw: bytes, crc_raw: bytes | None, count: int, keep_keys: bool) -> ShardIndex:
+    table = parse_index(idx_raw.decode("utf-8"), index_path(tar), keep_keys)
+    if len(table) != count:
+        raise ValueError(f"{index_path(tar)}: lists {len(table)} samples, but manifest.json says {count}: the shard "
+                         "and manifest disagree, re-shard the set")
     offsets = np.full((len(table), 2), -1, dtype=np.int64)
     sizes = np.zeros((len(table), 2), dtype=np.int64)
     for col, ext in enumerate(READ):
         if (c := table.column(ext)) is not None:
             offsets[:, col], sizes[:, col] = table.offsets[:, c], table.sizes[:, c]
     crcs = None
-    if checksums:
-        crcs = read_checksums(checksum_path(tar))[:, [EXTENSIONS.index(ext) for ext in READ]].copy()
+    if crc_raw is not None:
+        crcs = parse_checksums(crc_raw, checksum_path(tar))[:, [EXTENSIONS.index(ext) for ext in READ]].copy()
         if len(crcs) != len(table):
             raise ValueError(f"{checksum_path(tar)} lists {len(crcs)} samples, {index_path(tar).name} "
                              f"{len(table)}: re-shard or restore the set")
@@ -74,21 +90,24 @@ def _shard_index(tar: Path, keep_keys: bool, checksums: bool) -> ShardIndex:
 
 
 class ShardSet:
-    """One split of a sharded set: `num_samples`, `special`, `read(g)`, `key(g)`."""
+    """One split of a sharded set: `num_samples`, `special`, `read(g)`, `read_many(gs)`, `key(g)`."""
 
     def __init__(self, data: Manifest | str | os.PathLike, split: str = "train", keep_keys: bool = False):
         manifest = Manifest.of(data)
         self.root = manifest.root
+        self.remote = store.is_remote(self.root)
         self.special = manifest.special
         # Sets sharded before per-sample checksums existed have none: their samples are checked
         # for token ids inside the vocabulary and the layout's fixed positions only.
         self.checksums = manifest.sample_checksums
         entry = manifest.split(split)
         self.paths = [self.root / s.path for s in entry.shards]
-        counts = np.array([s.num_samples for s in entry.shards], dtype=np.int64)
-        for path, count in zip(self.paths, counts, strict=True):
-            self._check_shard(path, int(count), self.checksums)
-        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.counts = np.array([s.num_samples for s in entry.shards], dtype=np.int64)
+        needed = [f for path in self.paths for f in self._files(path)]
+        present = store.existing(needed)
+        for path, count in zip(self.paths, self.counts, strict=True):
+            self._check_shard(path, int(count), present)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         self.num_samples = int(self.starts[-1])
         if self.num_samples != entry.num_samples:
             raise ValueError(
@@ -97,16 +116,29 @@ class ShardSet:
             )
         self.keep_keys = keep_keys
         self._indexes: dict[int, ShardIndex] = {}
-        self._fds: dict[int, int] = {}
+        self._ranges = store.RangeReader()
+        if self.remote:
+            # a store's failures (unreachable, an index gone) come now, not at the first batch
+            self.load_indexes()
 
-    @staticmethod
-    def _check_shard(path: Path, count: int, checksums: bool) -> None:
+    @property
+    def read_ahead(self) -> int:
+        """Batches a reader should fetch ahead of the one it decodes: a store's latency hides behind
+        the decoding of the batch before; local reads come from the page cache and need none."""
+        return READ_AHEAD if self.remote else 0
+
+    def _files(self, path: Location) -> tuple[Location, ...]:
+        return (path, index_path(path), checksum_path(path)) if self.checksums else (path, index_path(path))
+
+    def _check_shard(self, path: Location, count: int, present: set) -> None:
         idx = index_path(path)
-        if not path.is_file() or not idx.is_file():
+        if path not in present or idx not in present:
             raise FileNotFoundError(f"{path} or its index {idx.name} is missing: re-shard or restore the set")
-        if checksums and not checksum_path(path).is_file():
+        if self.checksums and checksum_path(path) not in present:
             raise FileNotFoundError(f"{path}: its checksum file {checksum_path(path).name} is missing (manifest.json "
                                     "says every shard has one): re-shard or restore the set")
+        if self.remote:
+            return  # its whole index is read next, and its count checked there
         with open(idx) as f:
             head = f.readline().split()
         if len(head) != 2 or head[0] != INDEX_VERSION or int(head[1]) != count:
@@ -119,29 +151,32 @@ class ShardSet:
         shard = int(np.searchsorted(self.starts, g, side="right")) - 1
         return shard, int(g - self.starts[shard])
 
+    def _load(self, shards: list[int]) -> None:
+        """Read and parse the index (and checksum) files of `shards` (in a store: concurrently)."""
+        files = [f for s in shards for f in self._files(self.paths[s])[1:]]
+        raw = store.read_many(files)
+        for f, data in zip(files, raw, strict=True):
+            if isinstance(data, BaseException):
+                raise FileNotFoundError(f"{f} is missing: re-shard or restore the set") from data
+        per = len(files) // max(len(shards), 1)
+        for k, s in enumerate(shards):
+            idx_raw, *crc_raw = raw[k * per : (k + 1) * per]
+            self._indexes[s] = _shard_index(self.paths[s], idx_raw, crc_raw[0] if crc_raw else None,
+                                            int(self.counts[s]), self.keep_keys)
+
     def _index(self, shard: int) -> ShardIndex:
         if shard not in self._indexes:
-            self._indexes[shard] = _shard_index(self.paths[shard], self.keep_keys, self.checksums)
+            self._load([shard])
         return self._indexes[shard]
 
     def load_indexes(self) -> None:
         """Parse every shard's index now (~2 s per million samples), so that forked workers share
         them instead of each parsing them again every epoch."""
         todo = [s for s in range(len(self.paths)) if s not in self._indexes]
-        for shard in tqdm(todo, desc="reading shard indexes", unit="shard", disable=len(todo) < 64):
-            self._index(shard)
-
-    def _fd(self, shard: int) -> int:
-        # Descriptors are kept open (at most MAX_OPEN a process, so a set of thousands of shards
-        # stays under the usual 1024 limit); workers forked after the parent's reads share them
-        # safely because pread never moves a shared file position.
-        fd = self._fds.pop(shard, None)
-        if fd is None:
-            if len(self._fds) >= MAX_OPEN:
-                os.close(self._fds.pop(next(iter(self._fds))))
-            fd = os.open(self.paths[shard], os.O_RDONLY)
-        self._fds[shard] = fd  # most recently used last
-        return fd
+        with tqdm(total=len(todo), desc="reading shard indexes", unit="shard", disable=len(todo) < 64) as bar:
+            for start in range(0, len(todo), _INDEX_BATCH):
+                self._load(todo[start : start + _INDEX_BATCH])
+                bar.update(len(todo[start : start + _INDEX_BATCH]))
 
     def describe(self, g: int) -> str:
         """'shard-000001.tar key' for log lines."""
@@ -158,17 +193,44 @@ class ShardSet:
     def read(self, g: int) -> tuple[bytes, np.ndarray]:
         """(jpeg bytes, ids (65,) int64) of sample g, verified against the CRC32s recorded at shard
         time (sets that have them) and the vocabulary; raises SampleError when it is unusable."""
-        shard, local = self.locate(g)
-        index = self._index(shard)
+        (result,) = self.read_many([g])
+        if isinstance(result, SampleError):
+            raise result
+        return result
+
+    def read_many(self, gs) -> list[tuple[bytes, np.ndarray] | SampleError]:
+        """`read(g)` of each of `gs`: its result, or its SampleError. The members are read together
+        (a store: one batch of concurrent requests); StoreUnavailable is raised, not returned."""
+        wanted = []  # per sample: (shard, local, [(request number, size) per member up to a missing one])
+        requests: list[tuple[Location, int, int]] = []
+        for g in gs:
+            shard, local = self.locate(int(g))
+            index = self._index(shard)
+            members = []
+            for col in range(len(READ)):
+                off, size = int(index.offsets[local, col]), int(index.sizes[local, col])
+                if off < 0:
+                    break
+                members.append((len(requests), size))
+                requests.append((self.paths[shard], off, size))
+            wanted.append((shard, local, members))
+        data = self._ranges.read(requests) if requests else []
+        out: list = []
+        for shard, local, members in wanted:
+            try:
+                out.append(self._verify(self._indexes[shard], local, [(data[i], size) for i, size in members]))
+            except SampleError as err:
+                out.append(err)
+        return out
+
+    def _verify(self, index: ShardIndex, local: int, members: list[tuple[bytes | OSError, int]]):
         out = []
         for col, ext in enumerate(READ):
-            off, size = int(index.offsets[local, col]), int(index.sizes[local, col])
-            if off < 0:
+            if col >= len(members):
                 raise SampleError("missing_member", f"no .{ext} member")
-            try:
-                data = os.pread(self._fd(shard), size, off)
-            except OSError as err:
-                raise SampleError("read_error", f"reading .{ext}: {err}") from err
+            data, size = members[col]
+            if isinstance(data, OSError):
+                raise SampleError("read_error", f"reading .{ext}: {data}") from data
             if len(data) != size:
                 raise SampleError("truncated_shard", f".{ext} cut short ({len(data)} of {size} bytes)")
             if index.crcs is not None and zlib.crc32(data) != index.crcs[local, col]:
@@ -195,12 +257,4 @@ class ShardSet:
                               f"{CLS_INDEX}, -1; the layout puts BOS {sp.bos}, CLS {sp.cls}, PAD {sp.pad} there")
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __getstate__(self):
-        # Descriptors do not travel to spawned workers; each process opens its own.
-        state = dict(self.__dict__)
-        state["_fds"] = {}
-        return state
+        self._ranges.close()

@@ -17,6 +17,13 @@ but for the SplitAssigner's maps (~100 bytes per distinct image).
 One run at a time: the run holds `OUT/.grr.lock` (grr_data.infra.lock) from start to end, so a second
 `grr data shard` into the same --out fails at once naming the first.
 
+An --out in an object store (`s3://bucket/prefix/set`, `gs://...`: grr_data.infra.store) gets the
+same bytes: each shard is written into the run's local work folder and uploaded (tar, checksums,
+index), `manifest.json` last. The work folder (`.work/` below) then stays on this node, in
+`store.node_cache("shard", URL)` (`~/.cache/grr/shard/HASH-NAME/.work`, or under $GRR_CACHE_DIR), so
+an interrupted run resumes when rerun on the same node; the lock is the object `OUT/.grr.lock` plus
+a local lock on that folder (grr_data.infra.lock.hold_store_lock says what it cannot guard against).
+
 Resume rule: the arguments of a run are kept in `OUT/.work/params.json`. Each processed input
 tar leaves a completion record in `OUT/.work/tars/` (grr_data.shard.workfiles), so a rerun with the
 same arguments decodes only the tars without one. It rebuilds the same plan, keeps every shard
@@ -44,10 +51,12 @@ from tqdm import tqdm
 
 from grr_data.format.layout import LAYOUT_VERSION
 from grr_data.format.manifest import MANIFEST, Manifest, write_manifest
+from grr_data.infra import store
 from grr_data.infra.files import write_json_atomic
-from grr_data.infra.lock import LOCK_NAME, hold_lock
+from grr_data.infra.lock import LOCK_NAME, hold_lock, hold_store_lock
 from grr_data.infra.procs import make_pool, usable_cores
 from grr_data.infra.skips import SkipLog
+from grr_data.infra.store import Location, local_folder, location
 from grr_data.shard.inputs import find_inputs
 from grr_data.shard.samples import InputError, TarJob
 from grr_data.shard.split import SampleIdentity, SplitAssigner, SplitRule, declared_overlaps
@@ -65,7 +74,7 @@ class _SplitSink:
     input order, into shards of `shard_size`; each becomes a `ShardJob` a worker writes.
     `finish_shard()` records the shards the workers have completed (manifest entries, `on_shard`)."""
 
-    def __init__(self, out_dir: Path, split: str, shard_size: int, on_shard: Callable[[Path], None] | None,
+    def __init__(self, out_dir: Location, split: str, shard_size: int, on_shard: Callable[[Location], None] | None,
                  refs: Counter):
         self.dir, self.split, self.shard_size, self.on_shard = out_dir / split, split, shard_size, on_shard
         self.num_samples = 0
@@ -222,20 +231,39 @@ def shard_dataset(
     `on_shard(path)` is called after each shard is complete on disk.
     The run holds `out_dir`'s lock throughout (grr_data.infra.lock): a second run into the same folder
     fails at once naming this one; `break_lock` takes over a lock left by a run on another host."""
-    out_dir = Path(out_dir)
+    input_dir, out_dir = local_folder(input_dir, "--input"), location(out_dir, "--out")
+    args = (split, tokenizer, shard_size, workers, progress, on_shard)
+    if store.is_remote(out_dir):
+        # a bucket has no folder for the run's private work: it stays on this node
+        work_root = store.node_cache("shard", out_dir)
+        try:
+            with hold_lock(work_root, "grr data shard", break_lock), \
+                    hold_store_lock(out_dir, "grr data shard", break_lock):
+                return _shard_dataset(input_dir, out_dir, work_root / WORK_DIR, *args)
+        finally:
+            if work_root.is_dir() and not any(work_root.iterdir()):
+                work_root.rmdir()
     created = not out_dir.exists()
     try:
         with hold_lock(out_dir, "grr data shard", break_lock):
-            return _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, progress, on_shard)
+            return _shard_dataset(input_dir, out_dir, out_dir / WORK_DIR, *args)
     except BaseException:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a run that failed before writing anything leaves no folder behind
         raise
 
 
-def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, progress, on_shard):
+def _stale_files(out_dir: Location, staging: Path | None) -> list[Path]:
+    """Half-written shards, checksums and indexes of a killed run, and its manifest if it was killed
+    while writing it (grr_data.infra.files' temporary name). In a store an upload appears whole or
+    not at all: only the local staging folder can hold half-written files."""
+    if staging is not None:
+        return list(staging.glob("*/*.tmp"))
+    return [*out_dir.glob("*/*.tmp"), *out_dir.glob(f".{MANIFEST}.tmp-*")]
+
+
+def _shard_dataset(input_dir, out_dir, work, split, tokenizer, shard_size, workers, progress, on_shard):
     started = time.time()
-    input_dir, out_dir = Path(input_dir), Path(out_dir)
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
     inputs = find_inputs(input_dir)
@@ -264,19 +292,19 @@ def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, pr
               "shard_size": shard_size, "layout_version": LAYOUT_VERSION,
               # size and mtime: a refetched tar of the same size must not reuse a stale record
               "inputs": inputs.fingerprint}
-    work = out_dir / WORK_DIR
+    # shards bound for a store are written in the work folder first, then uploaded
+    staging = work / "staging" if store.is_remote(out_dir) else None
     params_path = work / "params.json"
     if params_path.is_file():
         if json.loads(params_path.read_text()) != params:
             raise FileExistsError(f"{out_dir}: an interrupted run with other arguments or input is here "
                                   f"({params_path}); rerun it with the same arguments or delete the folder")
         log.warning("resuming the interrupted run in %s", out_dir)
-        # half-written shards, checksums and indexes of the killed run, and its manifest if it was
-        # killed while writing it (grr_data.infra.files' temporary name)
-        for stale in [*out_dir.glob("*/*.tmp"), *out_dir.glob(f".{MANIFEST}.tmp-*")]:
+        for stale in _stale_files(out_dir, staging):
             stale.unlink()
-    elif any(p.name != LOCK_NAME for p in out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: not empty and not an interrupted `grr data shard` run; "
+    elif any(p.name != LOCK_NAME for p in (store.list_files(out_dir) if staging else out_dir.iterdir())):
+        elsewhere = f" (an interrupted run's work folder stays on the node that ran it: {work})" if staging else ""
+        raise FileExistsError(f"{out_dir}: not empty and not an interrupted `grr data shard` run{elsewhere}; "
                               "choose an empty or new --out")
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(params_path, params, indent=1, ensure_ascii=True)
@@ -297,11 +325,11 @@ def _shard_dataset(input_dir, out_dir, split, tokenizer, shard_size, workers, pr
     bar = tqdm(total=len(jobs), unit=inputs.kind.unit_name, desc="shard", disable=not progress)
     try:
         # pool workers leave SIGTERM and SIGINT to this process and die with it (grr_data.infra.procs)
-        with make_pool(ShardWork(jobs, inputs.kind), workers) as pool:
+        with make_pool(ShardWork(jobs, inputs.kind, staging), workers) as pool:
             plan.run(pool, 2 * workers, bar)
     except BaseException:
         # the pool's workers were killed: drop what they were writing (an inline writer drops its own)
-        for stale in out_dir.glob("*/*.tmp"):
+        for stale in (staging or out_dir).glob("*/*.tmp"):
             stale.unlink(missing_ok=True)
         raise
     finally:

@@ -24,7 +24,8 @@ from grr_data.format.records import (
     read_index,
     sample_members,
 )
-from grr_data.infra.files import sha256_file
+from grr_data.infra import store
+from grr_data.infra.store import Location, StoreError, location
 from grr_data.shard.samples import InputKind, Sample, ShardError, TarJob, TarResult
 from grr_data.shard.workfiles import InputImages, images_path, load_record, prepare_tar
 
@@ -58,19 +59,21 @@ class ShardDone:
     num_decoded: int  # images decoded again (only when a `.jpgs` work file was gone)
 
 
-def indexed_keys(tar: Path) -> list[str] | None:
+def indexed_keys(tar: Location) -> list[str] | None:
     """The sample keys a complete shard's index lists, or None when tar, checksums or index is
     missing or unreadable, or the tar's size is not the one its index implies (then it is rewritten)."""
     idx, crc = index_path(tar), checksum_path(tar)
-    if not (tar.is_file() and idx.is_file() and crc.is_file()):
+    if not (store.is_file(tar) and store.is_file(idx) and store.is_file(crc)):
         return None
     try:
         table = read_index(idx)
         if len(read_checksums(crc)) != len(table):
             return None
+    except StoreError:
+        raise  # a store that stopped answering is no reason to rewrite the shard
     except (OSError, ValueError):
         return None
-    if tar.stat().st_size != table.tar_size():
+    if store.size(tar) != table.tar_size():
         return None
     return table.keys
 
@@ -79,9 +82,10 @@ class ShardWork:
     """A worker's two jobs: an input unit (`TarJob`: grr_data.shard.workfiles.prepare_tar) and an output
     shard (`ShardJob`). Built before the pool forks, so each worker has its own record cache."""
 
-    def __init__(self, units: list[TarJob], kind: InputKind):
+    def __init__(self, units: list[TarJob], kind: InputKind, staging: Path | None = None):
         self.units = units
         self.kind = kind
+        self.staging = staging  # where shards bound for a store are written before their upload
         self._records: OrderedDict[int, TarResult] = OrderedDict()
         self._fallback = InputImages(kind)
 
@@ -98,7 +102,7 @@ class ShardWork:
         return self._records[unit]
 
     def write(self, job: ShardJob) -> ShardDone:
-        path = Path(job.path)
+        path = location(job.path)
         samples = [(unit, record.samples[p]) for unit, positions in job.entries
                    for record in [self._record(unit)] for p in positions]
         keys = [sample.key for _, sample in samples]
@@ -107,11 +111,11 @@ class ShardWork:
             if found != keys:
                 raise ShardError(f"{path}: an existing shard does not hold the samples planned for it; "
                                  "the input changed since the interrupted run; delete the output folder")
-            return ShardDone(job.split, job.number, len(keys), sha256_file(path), True, 0)
+            return ShardDone(job.split, job.number, len(keys), store.sha256(path), True, 0)
         decoded = self._fallback.num_decoded
         files: dict[int, BinaryIO | None] = {}
         try:
-            with ShardWriter(path) as writer:
+            with ShardWriter(path, self.staging) as writer:
                 for unit, sample in samples:
                     jpg = self._jpg(files, unit, sample)
                     writer.write(sample.key, sample_members(jpg, sample.caption, sample.ids,
@@ -120,7 +124,7 @@ class ShardWork:
             for f in files.values():
                 if f is not None:
                     f.close()
-        return ShardDone(job.split, job.number, len(keys), sha256_file(path), False,
+        return ShardDone(job.split, job.number, len(keys), writer.sha256, False,
                          self._fallback.num_decoded - decoded)
 
     def _jpg(self, files: dict[int, BinaryIO | None], unit: int, sample: Sample) -> bytes:

@@ -21,6 +21,11 @@ AdamW, the one read-back) is `grr_train/train/step.py`; what a checkpoint saves 
   The run then saves and exits 0 (an interrupted epoch-end validation is redone on resume). A
   second signal of the same kind is not caught: a second Ctrl-C interrupts at once, a second
   SIGTERM kills.
+- A data store that stops answering (a set in s3:// or gs://: grr_data/infra/store.py retries for
+  its budget first) stops the run with its StoreError; a single-process run first saves the last
+  whole step, with the loader back at that step, so `--resume` continues exactly. Under several
+  processes the others are waiting in a collective and cannot save with it: the run resumes from
+  its last periodic checkpoint.
 - `samples_per_s` and `mfu` time the step alone (validation and saves excluded), but the first
   step after a start also holds warm-up (torch.compile, the loader's first batch).
 """
@@ -42,6 +47,7 @@ from tqdm import tqdm
 
 from grr_data.format.manifest import Manifest
 from grr_data.infra.lock import hold_lock
+from grr_data.infra.store import StoreError
 from grr_train.model.summary import flops_per_sample
 from grr_train.runs import checkpoint as ckpt
 from grr_train.runs.metrics import MetricsLog, truncate_metrics
@@ -173,8 +179,11 @@ class Trainer:
         self.progress = tqdm(total=total, initial=min(self.state.step, total), disable=not self.info.is_main,
                              desc=f"{self.cfg.recipe} x{self.info.world_size}", unit="step", dynamic_ncols=True)
         try:
-            while self.stop_reason is None and self.state.epoch < self.cfg.epochs:
-                self.run_epoch()
+            try:
+                while self.stop_reason is None and self.state.epoch < self.cfg.epochs:
+                    self.run_epoch()
+            except StoreError as err:
+                raise self._save_after_store_failure(err) from err
             reached_max = self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
             self.stop_reason = self.stop_reason or ("max_steps" if reached_max else "epochs")
             if self.checkpoints.last_saved_step != self.state.step:
@@ -303,6 +312,20 @@ class Trainer:
         if self.info.is_main:
             self.log.sync()  # metrics up to a checkpoint are on disk when it is
         self.checkpoints.save(self.cfg.keep_checkpoints)
+
+    def _save_after_store_failure(self, err: StoreError) -> StoreError:
+        """Save the last whole step after the data store failed (one process only: see the module's
+        docstring); returns the error to raise, saying where the run can resume from."""
+        if self.info.world_size > 1:
+            return StoreError(f"{err}; the run resumes from its last checkpoint in {self.run_dir / 'checkpoints'}")
+        # the micro-batches read for the step that failed are read again on resume
+        self.train_loader.load_state_dict({**self.train_loader.state_dict(), "epoch": self.state.epoch,
+                                           "batches_done": self.state.step_in_epoch * self.plan.accumulation})
+        if self.checkpoints.last_saved_step != self.state.step:
+            self.save()
+        self.log.log({"kind": "event", "step": self.state.step, "what": "store_failure", "error": str(err),
+                      "time": time.time()})
+        return StoreError(f"{err}; step {self.state.step} is saved: rerun with --resume once the store answers")
 
     def _stop_signalled(self, any_rank_flagged: bool | None = None) -> bool:
         """Whether a stop signal reached any rank (then stop_reason is "signal"). Every rank calls it
