@@ -565,14 +565,116 @@ def test_an_extreme_aspect_image_is_refused_before_it_takes_memory(tmp_path):
     assert reason == "unusable_image" and int(grown_mb) < 50, run.stdout + run.stderr
 
 
-def test_a_decompression_bomb_is_refused_from_its_header():
+def png_bomb(side: int) -> bytes:
+    """A real PNG bomb: a side x side black 1-bit image, a few kB of zlib (no pixels drawn here)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(bytes(side * (1 + (side + 7) // 8)), 9)  # each row: filter byte 0, then zeros
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(monkeypatch):
     from grr_data.shard.samples import prepare_image
 
-    bomb = io.BytesIO()
-    Image.new("1", (10_000, 10_000)).save(bomb, format="PNG")  # 100 Mpixel, a few kB of PNG
+    bomb = png_bomb(15_000)  # 225 Mpixel in 28 kB: past Pillow's error threshold (2 x 89,478,485 pixels)
     with pytest.raises(ValueError) as err:
-        prepare_image(bomb.getvalue())
-    assert err.value.args[0] == "unusable_image" and "more than 89,478,485 pixels" in err.value.args[1]
+        prepare_image(bomb)
+    assert err.value.args[0] == "unusable_image" and "exceeds limit of 178956970 pixels" in err.value.args[1]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a program that switched Pillow's check off
+    with pytest.raises(ValueError) as err:
+        prepare_image(bomb)
+    assert err.value.args == ("unusable_image", "15000x15000: more than 178,956,970 pixels (Pillow's "
+                                                "decompression-bomb limit)")
+
+
+MAKE_LARGE = """
+import sys
+from PIL import Image
+Image.MAX_IMAGE_PIXELS = None
+kind, path = sys.argv[1:]
+if kind == "jpeg":  # a 100.8-Mpixel camera picture, baseline
+    Image.new("RGB", (12000, 8400), (90, 160, 40)).save(path, format="JPEG", quality=90)
+elif kind == "png-rgb":
+    Image.new("RGB", (12000, 12000), (90, 160, 40)).save(path, format="PNG", compress_level=1)
+else:  # a palette PNG: one byte a pixel, every pixel index 3
+    image = Image.new("P", (12000, 12000), 3)
+    image.putpalette([0, 0, 0] * 3 + [90, 160, 40])
+    image.save(path, format="PNG", compress_level=1)
+"""
+
+MEASURE_LARGE = """
+import io, resource, sys
+from PIL import Image
+from grr_data.shard.samples import prepare_image
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    jpg = prepare_image(data)[0]
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+    stored = Image.open(io.BytesIO(jpg))
+    print("stored", f"{stored.width}x{stored.height}", "x".join(map(str, stored.resize((1, 1)).getpixel((0, 0)))))
+except ValueError as err:
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+    print(*err.args)
+print(grown)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,stored,bound_mb", [
+    ("png-rgb", "288x288", 4 * 144 + 48),  # Pillow holds RGB at 4 bytes a pixel: 576 MB decoded, once
+    ("png-p", "288x288", 144 + 48),  # 1 byte a pixel decoded; RGB a band at a time (whole: +576 MB)
+    ("jpeg", "411x288", 48),  # decoded at 1/8 scale, 1500x1050 (whole: 403 MB)
+])
+def test_a_large_legal_image_is_stored_within_the_memory_bound(tmp_path, kind, stored, bound_mb):
+    """Old code: a 12000x12000 PNG (144 Mpixel) and a 100-Mpixel JPEG were skipped as unusable_image
+    ("more than 89,478,485 pixels"). Now they are stored, and a worker's memory grows by at most the
+    decoded image (README "Odd images"): measured in a fresh process, as MEASURE_PREPARE does."""
+    path = tmp_path / "large"
+    subprocess.run([sys.executable, "-c", MAKE_LARGE, kind, str(path)], check=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", MEASURE_LARGE, str(path)], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    lines = run.stdout.split("\n")
+    assert lines[0].split()[:2] == ["stored", stored], run.stdout + run.stderr[-2000:]
+    colour = [int(c) for c in lines[0].split()[2].split("x")]
+    assert all(abs(c - e) <= 3 for c, e in zip(colour, (90, 160, 40), strict=True)), colour
+    assert int(lines[1]) <= bound_mb, f"{kind}: grew {lines[1]} MB, bound {bound_mb} MB"
+
+
+def test_the_large_image_path_stores_what_the_whole_image_path_does(monkeypatch):
+    """The path for images past WHOLE_PIXELS (draft decoding, conversion and resizing in bands,
+    orientation applied last), run on small images by lowering the threshold, against the
+    whole-image rule: the same upright size and nearly the same pixels. Measured mean differences:
+    0.03 for the palette PNG (band edges), 2.2 for the rotated JPEG (decoded at 1/2 scale: 2.25
+    unrotated; resized before turning: 1.0); the picture turned the wrong way differs by 64."""
+    import numpy as np
+
+    import grr_data.format.image as image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways
+    rotated = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(5, size=(1200, 900)))).save(rotated, format="JPEG", quality=95, exif=exif)
+    palette = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(6, size=(700, 500)))).quantize(32).save(palette, format="PNG", transparency=4)
+    for data, upright, tolerance in ((rotated.getvalue(), (900, 1200), 3.0), (palette.getvalue(), (700, 500), 0.5)):
+        whole = image.to_stored_jpeg(image.open_image(data))
+        monkeypatch.setattr(image, "WHOLE_PIXELS", 1000)
+        monkeypatch.setattr(image, "_BAND_PIXELS", 20_000)  # many bands
+        img = image.open_image(data)
+        decoded = image.decode(img)
+        banded = image.store(decoded)
+        monkeypatch.undo()
+        assert whole[1:] == banded[1:] and banded[1] == upright, (whole[1:], banded[1:])
+        if decoded.image.format == "JPEG":
+            assert decoded.image.size == (600, 450) and decoded.box == (0, 0, 600, 450)  # at 1/2 scale
+        a, b = (np.asarray(Image.open(io.BytesIO(jpg)), dtype=float) for jpg in (whole[0], banded[0]))
+        assert np.abs(a - b).mean() < tolerance, np.abs(a - b).mean()
 
 
 def test_loader_skip_counts_are_there_for_the_trainer(tmp_path):
