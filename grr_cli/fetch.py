@@ -44,13 +44,16 @@ def fetch_command(
     num_pairs: int = typer.Option(None, "--num-pairs", help="shapes: how many image-caption pairs to draw "
                                   "(default 2000; about 10% go to val, 10% to test)."),
     seed: int = typer.Option(None, help="shapes: the seed the pairs are drawn from (default 0)."),
+    break_lock: bool = typer.Option(False, "--break-lock", help="Take over --out's lock left by a fetch on "
+                                                               "another host that is known to be dead."),
 ) -> None:
     """Fetch a dataset into 288-px JPEG shards with captions; resumable: rerun to continue."""
     options = FetchOptions(out=out or Path("data/fetched") / name.value, source=source, workers=workers,
                            threads=threads, distributor=distributor.value, timeout=timeout, retries=retries,
                            shard_size=shard_size, paper_split=paper_split, karpathy=karpathy,
                            num_pairs=num_pairs, seed=seed, split=split,
-                           img2dataset_options=list(img2dataset_option or []), retry_failed=retry_failed)
+                           img2dataset_options=list(img2dataset_option or []), retry_failed=retry_failed,
+                           break_lock=break_lock)
     try:
         data = fetch(name.value, options)
     except FetchError as err:

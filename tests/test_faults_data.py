@@ -465,14 +465,31 @@ def test_an_extreme_aspect_image_is_refused_before_it_takes_memory(tmp_path):
     assert reason == "unusable_image" and int(grown_mb) < 50, run.stdout + run.stderr
 
 
-def test_a_decompression_bomb_is_refused_from_its_header():
+def png_bomb(side: int) -> bytes:
+    """A real PNG bomb: a side x side black 1-bit image, a few kB of zlib (no pixels drawn here)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(bytes(side * (1 + (side + 7) // 8)), 9)  # each row: filter byte 0, then zeros
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(monkeypatch):
     from grr_data.shard.samples import prepare_image
 
-    bomb = io.BytesIO()
-    Image.new("1", (10_000, 10_000)).save(bomb, format="PNG")  # 100 Mpixel, a few kB of PNG
+    bomb = png_bomb(15_000)  # 225 Mpixel in 28 kB: past Pillow's error threshold (2 x 89,478,485 pixels)
     with pytest.raises(ValueError) as err:
-        prepare_image(bomb.getvalue())
-    assert err.value.args[0] == "unusable_image" and "more than 89,478,485 pixels" in err.value.args[1]
+        prepare_image(bomb)
+    assert err.value.args[0] == "unusable_image" and "exceeds limit of 178956970 pixels" in err.value.args[1]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a program that switched Pillow's check off
+    with pytest.raises(ValueError) as err:
+        prepare_image(bomb)
+    assert err.value.args == ("unusable_image", "15000x15000: more than 178,956,970 pixels (Pillow's "
+                                                "decompression-bomb limit)")
 
 
 def test_loader_skip_counts_are_there_for_the_trainer(tmp_path):

@@ -181,6 +181,7 @@ def test_ctrl_c_exits_130_and_a_rerun_continues(tmp_path):
         assert proc.returncode == 130, stdout + stderr
         assert "interrupted" in stderr and "rerun the same command to continue" in stderr
         assert not (out / "fetch_manifest.json").exists()
+        assert not (out / ".grr.lock").exists()  # Ctrl-C released the folder's lock
         rerun = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     finally:
         server.shutdown()

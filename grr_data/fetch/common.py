@@ -44,6 +44,7 @@ class FetchOptions:
     num_pairs: int | None = None  # shapes only (default there: 2000)
     seed: int | None = None  # shapes only (default there: 0)
     quiet: bool = True  # send img2dataset's chatter to OUT/_work/*.log
+    break_lock: bool = False  # take over OUT's lock left by a fetch on another host (grr_data.infra.lock)
 
 
 @dataclass

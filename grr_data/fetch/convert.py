@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from grr_data.format.image import to_stored_jpeg
+from grr_data.format.image import open_image, to_stored_jpeg
 from grr_data.infra.files import publish, tmp_path_for, write_json_atomic
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count
@@ -44,8 +43,9 @@ class SourceImage:
 
 
 def resize_to_jpeg(raw: bytes) -> tuple[bytes, dict]:
-    """Resize so the shorter side is IMAGE_SIZE (grr_data.format.image: as img2dataset's keep_ratio)."""
-    with Image.open(io.BytesIO(raw)) as img:
+    """Resize so the shorter side is IMAGE_SIZE (grr_data.format.image: as img2dataset's keep_ratio; a
+    large image within its memory bound)."""
+    with open_image(raw) as img:
         jpg, (width, height), size = to_stored_jpeg(img)
     info = {"width": size[0], "height": size[1], "original_width": width, "original_height": height,
             "sha256": sha256(raw).hexdigest()}

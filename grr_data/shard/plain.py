@@ -7,8 +7,14 @@ The main process only lists (names, sizes, times; never image bytes) and cuts th
 sorted path order (a list: its line order), into chunks of `CHUNK_SIZE` samples. A chunk plays the
 role of an input tar: one worker job (`TarJob.items`), one completion record, one resume unit,
 so worker counts and resume behave as they do for tars. Listing problems (an image without its
-caption, a caption without its image, a bad list line) travel in the chunk and are counted as
-bad samples by the worker, like a corrupt image.
+caption, a caption without its image, a bad list line, a caption that is not UTF-8) travel in
+the chunk and are counted as bad samples by the worker, like a corrupt image.
+
+A list file is read as UTF-8 with each byte that is not UTF-8 kept aside (`surrogateescape`), so
+one bad row of a scraped list is one skipped sample (`invalid_utf8_caption`, or `bad_line` when
+it is the path), not a refused file. A file that is not UTF-8 text at all is refused whole: one
+holding a NUL byte (binary, or UTF-16 as some spreadsheets save), or one where most rows are not
+UTF-8 (another encoding: skipping them would drop most of the data).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ log = logging.getLogger(__name__)
 # run loses little and two workers share a small folder
 CHUNK_SIZE = 1000
 LIST_SUFFIXES = (".csv", ".jsonl")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a byte that was not UTF-8 (surrogateescape), or a lone surrogate
 _KEY_STEM_CHARS = 40  # the file name part of a sample key (the key is the index of a tar member)
 
 
@@ -127,9 +134,49 @@ def _list_folder(root: Path) -> list[PlainItem]:
 
 def _list_item(list_path: Path, number: int, line: int, image: str, caption: str) -> PlainItem:
     name = f"{list_path.name}:{line}"
+    if _SURROGATE.search(image):
+        return PlainItem(_key(number, "line"), name, None, None, None,
+                         ("bad_line", f"its path is not UTF-8 ({_not_utf8(image)})"))
     if not image.strip():
         return PlainItem(_key(number, "line"), name, None, None, None, ("bad_line", "its path is empty"))
+    if _SURROGATE.search(caption):  # the reason and detail a tar's caption gets (samples.read_caption)
+        return PlainItem(_key(number, image), name, None, None, None, ("invalid_utf8_caption", _not_utf8(caption)))
     return PlainItem(_key(number, image), name, str(list_path.parent / image), None, caption)
+
+
+def _not_utf8(text: str) -> str:
+    """What UTF-8 says about the bytes of `text`, read with errors="surrogateescape"."""
+    try:
+        text.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError as err:
+        return str(err)
+    return "not UTF-8"
+
+
+def _list_text(path: Path, data: bytes) -> str:
+    """A list file's text, bytes that are not UTF-8 kept as lone surrogates (their rows are skipped);
+    a NUL byte means the file is not text at all."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise InputError(f"{path}: not UTF-8 text (a NUL byte at byte {nul}: a binary file, or UTF-16); "
+                         "save it as UTF-8")
+    return data.decode("utf-8-sig", errors="surrogateescape")  # -sig: a spreadsheet's byte-order mark
+
+
+def _check_mostly_text(path: Path, data: bytes, items: list[PlainItem], num_not_utf8: int) -> None:
+    """Refuse a list most of whose rows are not UTF-8 (a file in another encoding); name the few."""
+    if not num_not_utf8:
+        return
+    try:
+        data.decode("utf-8-sig")
+        start = "?"
+    except UnicodeDecodeError as err:
+        start = err.start
+    if 2 * num_not_utf8 > len(items):
+        raise InputError(f"{path}: not UTF-8 text (byte {start}); save it as UTF-8 ({num_not_utf8} of its "
+                         f"{len(items)} rows are not UTF-8)")
+    log.warning("%s: %d of %d rows are not UTF-8 (the first at byte %s) and are skipped; if the file is in "
+                "another encoding, save it as UTF-8", path, num_not_utf8, len(items), start)
 
 
 def _bad_line(list_path: Path, number: int, line: int, detail: str) -> PlainItem:
@@ -137,12 +184,10 @@ def _bad_line(list_path: Path, number: int, line: int, detail: str) -> PlainItem
 
 
 def _list_csv(path: Path) -> list[PlainItem]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+    data = path.read_bytes()
     # newline="": lines end only at \n, \r, \r\n (str.splitlines would also cut a caption at \u2028)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(_list_text(path, data), newline=""))
+    num_not_utf8 = 0
     try:
         header = reader.fieldnames or []
         if "path" not in header or "caption" not in header:
@@ -156,31 +201,33 @@ def _list_csv(path: Path) -> list[PlainItem]:
                 items.append(_bad_line(path, number, line, "no caption field"))
             else:
                 items.append(_list_item(path, number, line, row["path"], row["caption"]))
+                num_not_utf8 += bool(_SURROGATE.search(row["path"] + row["caption"]))
             line = reader.line_num + 1  # a quoted caption may span lines: a row starts after the last
     except csv.Error as err:
         raise InputError(f"{path}:{reader.line_num}: not valid CSV ({err}); fix that line") from err
+    _check_mostly_text(path, data, items, num_not_utf8)
     return items
 
 
 def _list_jsonl(path: Path) -> list[PlainItem]:
-    items = []
-    with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            number = len(items)
-            try:
-                row = json.loads(raw.decode("utf-8-sig" if line == 1 else "utf-8"))
-            except UnicodeDecodeError as err:
-                items.append(_bad_line(path, number, line, f"not UTF-8 (byte {err.start} of the line)"))
-                continue
-            except json.JSONDecodeError as err:
-                items.append(_bad_line(path, number, line, f"not valid JSON ({err.msg} at column {err.colno})"))
-                continue
-            if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("path", "caption"))):
-                items.append(_bad_line(path, number, line, 'not an object with strings "path" and "caption"'))
-                continue
-            items.append(_list_item(path, number, line, row["path"], row["caption"]))
+    data = path.read_bytes()
+    items, num_not_utf8 = [], 0
+    # one JSON value a line: lines end at \n only (JSON text holds no raw line breaks)
+    for line, text in enumerate(_list_text(path, data).split("\n"), start=1):
+        if not text.strip():
+            continue
+        number = len(items)
+        num_not_utf8 += bool(_SURROGATE.search(text))
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            items.append(_bad_line(path, number, line, f"not valid JSON ({err.msg} at column {err.colno})"))
+            continue
+        if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("path", "caption"))):
+            items.append(_bad_line(path, number, line, 'not an object with strings "path" and "caption"'))
+            continue
+        items.append(_list_item(path, number, line, row["path"], row["caption"]))
+    _check_mostly_text(path, data, items, num_not_utf8)
     return items
 
 

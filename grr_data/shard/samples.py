@@ -9,8 +9,6 @@ is not an upright RGB/greyscale JPEG) is resized and re-encoded (grr_data.format
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
@@ -18,7 +16,7 @@ from typing import BinaryIO, Protocol
 import numpy as np
 from PIL import Image
 
-from grr_data.format.image import UnusableImage, check_usable, is_stored_form, to_stored_jpeg
+from grr_data.format.image import UnusableImage, check_usable, decode, is_stored_form, open_image, store
 from grr_data.shard.split import SampleIdentity
 from grr_data.tokenizer import load_tokenizer
 
@@ -95,14 +93,14 @@ def prepare_image(data: bytes) -> tuple[bytes, tuple[int, int], bool]:
     """(JPEG bytes of the stored form, decoded upright size, whether it was re-encoded).
 
     Raises ValueError("truncated_image" | "corrupt_image" | "unusable_image", detail) when it does
-    not decode fully or cannot be stored; the size limits are checked before decoding.
+    not decode fully or cannot be stored; the size limits are checked before decoding, and a large
+    image is decoded within grr_data.format.image's memory bound.
     """
     try:
-        with warnings.catch_warnings():  # the size limit below says it once, as a skip reason
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = open_image(data)
         check_usable(image.size)
-        image.load()
+        as_is = is_stored_form(image)
+        decoded = decode(image)
     except UnusableImage as err:
         raise ValueError("unusable_image", str(err)) from err
     except Image.DecompressionBombError as err:
@@ -111,10 +109,10 @@ def prepare_image(data: bytes) -> tuple[bytes, tuple[int, int], bool]:
         # PIL says this only when the data ended mid-image; garbage headers read as corrupt
         reason = "truncated_image" if "image file is truncated" in str(err) else "corrupt_image"
         raise ValueError(reason, f"{type(err).__name__}: {err}") from err
-    if is_stored_form(image):
+    if as_is:
         return data, image.size, False
     try:
-        jpg, size, _ = to_stored_jpeg(image)
+        jpg, size, _ = store(decoded)
     except Exception as err:  # an encoder failure belongs to this image, not to the run
         raise ValueError("unusable_image", f"cannot store it as JPEG: {type(err).__name__}: {err}") from err
     return jpg, size, True

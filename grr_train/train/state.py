@@ -3,11 +3,12 @@ beside the Trainer so the trainer file holds the loop: where the run is (`Progre
 `RunState` that saves and restores everything a resumed run needs to continue bit for bit.
 
 A checkpoint saves the model and optimizer (whole by the main process, or sharded by every
-process under FSDP2), the progress, the early stopper, the schedule's steps per epoch and lr
-scale, and per rank the loader position and RNG states; `meta.json` records the batch plan, both
-configs, the special ids and the tokenizer. Resuming on the same number of processes is exact;
-on another number, the epoch continues at the same sample where the contrastive batch is the
-same (the plan's order does not depend on the world size), and restarts otherwise.
+process under FSDP2), the progress (with whether a stop interrupted the step's validation), the
+early stopper, the schedule's steps per epoch and lr scale, and per rank the loader position and
+RNG states; `meta.json` records the batch plan, both configs, the special ids and the tokenizer.
+Resuming on the same number of processes is exact; on another number, the epoch continues at the
+same sample where the contrastive batch is the same (the plan's order does not depend on the
+world size), and restarts otherwise.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class Progress:
     epoch: int = 0  # whole epochs done
     step_in_epoch: int = 0
     num_skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    # A stop came before this step's in-epoch validation (`val_every`) finished: the resumed run
+    # validates the step before its next one (an epoch-end validation needs no flag: a checkpoint
+    # with step_in_epoch == steps_per_epoch is one whose epoch end is still to do).
+    validation_pending: bool = False
 
 
 @dataclass
@@ -122,8 +127,8 @@ class RunState:
                              f"had {state['schedule']['steps_per_epoch']}; resume on the same data")
         self._load(latest, state)
         self.stopper.load_state_dict(state["early_stop"])
-        for name in asdict(self.progress):
-            setattr(self.progress, name, state[name])
+        for name, default in asdict(Progress()).items():
+            setattr(self.progress, name, state.get(name, default))  # a field newer than the checkpoint: its default
         self.last_saved_step = self.progress.step
         if meta["world_size"] == self.info.world_size:
             mine = state["ranks"][self.info.rank]

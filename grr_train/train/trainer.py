@@ -18,9 +18,13 @@ AdamW, the one read-back) is `grr_train/train/step.py`; what a checkpoint saves 
 - Stopping: SIGTERM or SIGINT (Ctrl-C) only sets `_signal`. `_stop_signalled` is the one place
   that turns it into `stop_reason` (the one stop state), with every rank agreeing: after each
   step (its flag rides on the step's read-back), between validation batches and after a save.
-  The run then saves and exits 0 (an interrupted epoch-end validation is redone on resume). A
-  second signal of the same kind is not caught: a second Ctrl-C interrupts at once, a second
-  SIGTERM kills.
+  The run then saves and exits 0. A validation the stop cut short (or came before) is redone on
+  resume, before the next step, so the resumed run logs every record an unbroken run does: at the
+  epoch's end the checkpoint's step_in_epoch says the epoch end (validation, early stopping) is
+  still to do; at a `val_every` step `Progress.validation_pending` says so, and the checkpoint is
+  saved again once the step is validated. Redone rather than finished first: validating a large
+  split takes minutes, longer than a scheduler waits after its SIGTERM. A second signal of the
+  same kind is not caught: a second Ctrl-C interrupts at once, a second SIGTERM kills.
 - A data store that stops answering (a set in s3:// or gs://: grr_data/infra/store.py retries for
   its budget first) stops the run with its StoreError; a single-process run first saves the last
   whole step, with the loader back at that step, so `--resume` continues exactly. Under several
@@ -204,7 +208,11 @@ class Trainer:
 
     def run_epoch(self) -> None:
         """Train the rest of this epoch, then validate and save; returns early once stop_reason is set."""
-        batches = self._epoch_batches()
+        batches = self._epoch_batches()  # first: a save below records the restored loader position
+        if self.state.validation_pending and self.val_loader is not None:  # none: resumed on data without it
+            self._finish_interrupted_validation()
+            if self.stop_reason:
+                return
         last_time = time.perf_counter()
         while self.state.step_in_epoch < self.steps_per_epoch:
             if self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps:
@@ -213,6 +221,9 @@ class Trainer:
             metrics = self.train_step([self._next_batch(batches) for _ in range(self.plan.accumulation)])
             self.state.step += 1
             self.state.step_in_epoch += 1
+            self.state.validation_pending = bool(  # until it is done: a stop before then saves it as pending
+                self.val_loader is not None and self.cfg.val_every and self.state.step % self.cfg.val_every == 0
+                and self.state.step_in_epoch < self.steps_per_epoch)
             self._log_train(metrics, time.perf_counter() - last_time)
             if not self._stop_signalled(metrics["stop_requested"]) and self.state.step_in_epoch < self.steps_per_epoch:
                 self._between_steps()
@@ -241,14 +252,23 @@ class Trainer:
 
     def _between_steps(self) -> None:
         """Validation and saves that fall inside an epoch (the epoch's end has its own)."""
-        validating = self.val_loader is not None and self.cfg.val_every and self.state.step % self.cfg.val_every == 0
+        validating = self.state.validation_pending
         saving = self.state.step % self.cfg.checkpoint_every == 0
         if validating:
-            self.run_validation()
+            self.state.validation_pending = self.run_validation() is None
         if saving and not self.stop_reason:
             self.save()
         if (validating or saving) and not self.stop_reason:
             self._stop_signalled()  # a signal that came while validating or saving
+
+    def _finish_interrupted_validation(self) -> None:
+        """The run resumed from a checkpoint saved by a stop before this step's validation finished:
+        validate now, and save again so that no later resume from it validates the step twice."""
+        if self.run_validation() is None:
+            return  # stopped again: the checkpoint still says pending
+        self.state.validation_pending = False
+        self.save()
+        self._stop_signalled()
 
     def end_epoch(self) -> None:
         result = self.run_validation() if self.val_loader is not None else None
