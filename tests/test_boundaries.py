@@ -9,8 +9,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # What grr_train may use of grr_data: the token layout, the loader, the manifest's one reader,
-# and infrastructure kept once: atomic file writes, folder locks.
-DATA_CONTRACT = ("grr_data.format.layout", "grr_data.loader", "grr_data.format.manifest", "grr_data.infra.files", "grr_data.infra.lock")
+# and infrastructure kept once: atomic file writes, folder locks, console progress.
+DATA_CONTRACT = ("grr_data.format.layout", "grr_data.loader", "grr_data.format.manifest", "grr_data.infra.files",
+                 "grr_data.infra.lock", "grr_data.infra.progress")
 # The grr_train modules that need more of grr_data, and what: turning caption ids into text
 # needs the tokenizer (and a run keeps its own copy of it); the demo runs every stage, fetch and
 # shard included.

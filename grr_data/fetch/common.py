@@ -17,6 +17,7 @@ from pathlib import Path
 from grr_data.fetch.catalog import load_manifest
 from grr_data.format.image import IMAGE_SIZE, JPEG_QUALITY
 from grr_data.infra.files import publish, sha256_file, write_json_atomic
+from grr_data.infra.progress import progress
 
 FETCH_MANIFEST = "fetch_manifest.json"
 WORK_DIR = "_work"  # URL lists and logs; holds no tars, so readers of OUT/*.tar never see it
@@ -229,8 +230,6 @@ def download_file(url: str, dest: Path, timeout: float = 60) -> Path:
     import urllib.error
     import urllib.request
 
-    from tqdm import tqdm
-
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +237,7 @@ def download_file(url: str, dest: Path, timeout: float = 60) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+            with progress(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                 while block := response.read(1 << 20):
                     f.write(block)
                     bar.update(len(block))

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from grr_data.format.layout import CLS_INDEX
 from grr_data.format.manifest import Manifest
@@ -34,6 +33,7 @@ from grr_data.format.records import (
     read_checksums,
     read_index,
 )
+from grr_data.infra.progress import progress
 
 MAX_OPEN = 128
 
@@ -128,7 +128,7 @@ class ShardSet:
         """Parse every shard's index now (~2 s per million samples), so that forked workers share
         them instead of each parsing them again every epoch."""
         todo = [s for s in range(len(self.paths)) if s not in self._indexes]
-        for shard in tqdm(todo, desc="reading shard indexes", unit="shard", disable=len(todo) < 64):
+        for shard in progress(todo, desc="reading shard indexes", unit="shard", disable=len(todo) < 64):
             self._index(shard)
 
     def _fd(self, shard: int) -> int:

@@ -32,10 +32,10 @@ import os
 from collections.abc import Callable, Iterator
 
 import torch
-from tqdm import tqdm
 
 from grr_data.format.layout import caption_word_ids
 from grr_data.format.manifest import Manifest
+from grr_data.infra.progress import progress
 from grr_data.loader import make_loader
 from grr_train.eval.caption_metrics import caption_scores
 from grr_train.eval.retrieval import group_by_image, recall_at_k
@@ -62,7 +62,7 @@ class RealSamples:
 
     def __iter__(self) -> Iterator[dict]:
         left = self.max_samples if self.max_samples is not None else math.inf
-        with tqdm(total=len(self.loader), desc=self.desc, unit="batch", leave=False) as bar:
+        with progress(total=len(self.loader), desc=self.desc, unit="batch", leave=False) as bar:
             for batch in self.loader:
                 bar.update(1)
                 rows = batch["real"].nonzero()[:, 0][: int(min(batch["real"].sum(), left))].tolist()

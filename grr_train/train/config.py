@@ -33,7 +33,7 @@ TRIM_NEEDS_EAGER = ("trim_text_padding=true runs the model eagerly (a host read 
 RESUMABLE_KEYS = frozenset(
     {"data", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "loader", "compile",
      "val_every", "tensorboard", "activation_checkpointing", "break_lock", "allow_other_tokenizer",
-     "max_skipped_fraction", "trim_text_padding"}
+     "max_skipped_fraction", "trim_text_padding", "log_every", "log_every_s"}
 )
 
 
@@ -115,6 +115,10 @@ class TrainConfig:
     # Accept data whose tokenizer fingerprint differs from the one the run (or --from) recorded.
     allow_other_tokenizer: bool = False
     tensorboard: bool = True
+    # Where output is not a terminal (a Slurm log, nohup, a pipe) progress is plain lines, not a
+    # bar: one for each of the first 3 steps, then every log_every steps or log_every_s seconds.
+    log_every: int = 50
+    log_every_s: float = 30.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +160,8 @@ class TrainConfig:
             raise ValueError(f"lr_cycle_steps must be at least 1, got {self.lr_cycle_steps}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.log_every < 0 or self.log_every_s < 0:
+            raise ValueError(f"log_every and log_every_s must be >= 0, got {self.log_every} and {self.log_every_s}")
         for name in ("global_batch_size", "contrastive_batch_size", "epochs", "val_batch_size",
                      "val_contrastive_batch_size", "checkpoint_every", "keep_checkpoints",
                      "patience_per_level", "num_lr_levels"):
@@ -218,6 +224,8 @@ SETTING_HELP: dict[str, str] = {
     "break_lock": "take over a run folder's lock left by a run on another host",
     "allow_other_tokenizer": "accept data whose tokenizer differs from the one the run (or --from) recorded",
     "tensorboard": "also write TensorBoard events to RUN/tensorboard",
+    "log_every": "output not a terminal: a progress line every this many steps (0: by time only)",
+    "log_every_s": "output not a terminal: a progress line at least every this many seconds",
 }
 
 def recipe(name: str) -> TrainConfig:
