@@ -16,6 +16,8 @@ import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from grr_train.runs.wandb_sink import check_available as check_wandb
+
 RECIPES = ("pretrain", "finetune")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOADERS = ("auto", "dali", "cpu")
@@ -33,7 +35,8 @@ TRIM_NEEDS_EAGER = ("trim_text_padding=true runs the model eagerly (a host read 
 RESUMABLE_KEYS = frozenset(
     {"data", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "loader", "compile",
      "val_every", "tensorboard", "activation_checkpointing", "break_lock", "allow_other_tokenizer",
-     "max_skipped_fraction", "trim_text_padding", "log_every", "log_every_s"}
+     "max_skipped_fraction", "trim_text_padding", "log_every", "log_every_s",
+     "wandb_project", "wandb_entity", "wandb_mode"}
 )
 
 
@@ -119,6 +122,11 @@ class TrainConfig:
     # bar: one for each of the first 3 steps, then every log_every steps or log_every_s seconds.
     log_every: int = 50
     log_every_s: float = 30.0
+    # Weights & Biases (the wandb extra): on when a project is named; the run folder keeps the W&B
+    # run's id, so a resumed run continues it (grr_train/runs/wandb_sink.py).
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_mode: str | None = None  # online, offline or disabled; none: W&B's default (WANDB_MODE)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,6 +168,7 @@ class TrainConfig:
             raise ValueError(f"lr_cycle_steps must be at least 1, got {self.lr_cycle_steps}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        check_wandb(self.wandb_project, self.wandb_mode)
         if self.log_every < 0 or self.log_every_s < 0:
             raise ValueError(f"log_every and log_every_s must be >= 0, got {self.log_every} and {self.log_every_s}")
         for name in ("global_batch_size", "contrastive_batch_size", "epochs", "val_batch_size",
@@ -226,6 +235,9 @@ SETTING_HELP: dict[str, str] = {
     "tensorboard": "also write TensorBoard events to RUN/tensorboard",
     "log_every": "output not a terminal: a progress line every this many steps (0: by time only)",
     "log_every_s": "output not a terminal: a progress line at least every this many seconds",
+    "wandb_project": "log to Weights & Biases under this project (pip install 'grr-coca[wandb]'; none: off)",
+    "wandb_entity": "W&B entity (team or user) of the project (none: your default)",
+    "wandb_mode": "W&B mode: online, offline (no network; wandb sync later) or disabled (none: WANDB_MODE or online)",
 }
 
 def recipe(name: str) -> TrainConfig:

@@ -59,6 +59,7 @@ from grr_train.runtime.precision import autocast_dtype
 from grr_train.train import setup as checks
 from grr_train.train.config import TrainConfig
 from grr_train.train.early_stop import IMPROVED, RESET, STOP, SoftResetEarlyStopper
+from grr_train.train.examples import ExampleCaptions
 from grr_train.train.plan import BatchPlan
 from grr_train.train.report import RunFacts, RunOutcome, end_summary, start_banner
 from grr_train.train.schedule import lr_at, set_lr
@@ -158,8 +159,16 @@ class Trainer:
                                          "special": self.special.to_dict(), "tokenizer": tokenizer_record}
         barrier()
         # On resume, TensorBoard drops the events past the checkpoint, as truncate_metrics does.
+        wandb = None if not cfg.wandb_project else {
+            "project": cfg.wandb_project, "entity": cfg.wandb_entity, "mode": cfg.wandb_mode,
+            "config": {"train": cfg.to_dict(), "model": self.model_config.to_dict()}}
         self.log = MetricsLog(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
-                              purge_step=self.state.step + 1 if resume else None)
+                              purge_step=self.state.step + 1 if resume else None, wandb=wandb)
+        if not resume:
+            self.log.log_settings({"train": cfg.to_dict(), "model": self.model_config.to_dict()})
+        # Example captions at each validation, where TensorBoard or W&B shows them (examples.py says when).
+        self.examples = ExampleCaptions(run_dir, self.data, cfg.val_split, self.device, self.autocast_dtype) \
+            if self.log.has_viewers and self.val_loader is not None and not sharded else None
         self._resumed = resume
         self._announce()
 
@@ -307,7 +316,18 @@ class Trainer:
             say(f"step {self.state.step} {self.cfg.val_split}: loss {result['loss']:.4f} "
                        f"contrastive {result['contrastive']:.4f} (batch {result['contrastive_batch_size']}) "
                        f"perplexity {result['perplexity']:.2f}")
+            self._log_examples()
         return result
+
+    def _log_examples(self) -> None:
+        if self.examples is None:
+            return
+        rows = self.examples.rows(unwrap(self.model))
+        if rows:
+            self.log.log_captions(self.state.step, f"{self.cfg.val_split}/examples", rows)
+        elif self.examples.unavailable:
+            say(f"note: no example captions for TensorBoard/W&B: {self.examples.unavailable}")
+            self.examples = None
 
     def save(self) -> None:
         if self.info.is_main:
