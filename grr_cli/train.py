@@ -73,7 +73,8 @@ def _is_main() -> bool:
 
 
 # Options both recipes take, declared once. metavar="" keeps typer from showing <bool> after a flag.
-ConfigFile = Annotated[Path | None, typer.Option("--config", metavar="FILE", help="JSON file of settings.")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", metavar="FILE", help=(
+    "Settings file: JSON, TOML (.toml) or YAML (.yaml); a run's config.json works as a template."))]
 Sets = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help=(
     "Override a setting (repeatable); `grr train settings` lists the names, defaults and meanings."))]
 MaxSteps = Annotated[int | None, typer.Option(metavar="N", help="Stop after this many optimizer steps in total.")]
