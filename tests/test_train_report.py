@@ -19,10 +19,8 @@ from shardset import make_shardset  # noqa: E402
 
 
 class FakeCpuLoader:
+    name = "cpu"
     num_workers = 3
-
-
-FakeCpuLoader.__name__ = "CpuLoader"
 
 
 def test_banner_names_model_data_batch_devices_precision_compile_and_loader(tmp_path):

@@ -461,6 +461,11 @@ def plan_run(recipe_name: str, run_dir: str | Path, resume: str = "no", config_f
             raise FileNotFoundError(f"--from {cfg.init_from}: no such run or checkpoint folder")
     if cfg.recipe != recipe_name:
         raise ValueError(f"{run_dir} holds a {cfg.recipe} run, not a {recipe_name} one")
+    if cfg.loader == "dali":
+        from grr_data.loader import dali_problem
+
+        if problem := dali_problem(need_gpu=True):
+            raise ValueError(problem)
     data = check_data(cfg.data, cfg.dataset if cfg.recipe == "finetune" else None)
     if cfg.recipe == "finetune" and resume != "yes":
         check_dataset_name(cfg.dataset, data)

@@ -39,7 +39,7 @@ class RunFacts:
     device: torch.device
     autocast: torch.dtype | None
     compile_mode: str
-    loader: object  # the train loader: its class names the kind, a CPU loader has num_workers
+    loader: object  # the train loader: its name is the kind (cpu, dali), a CPU loader has num_workers
 
 
 def num_parameters(model_config: ModelConfig) -> int:
@@ -58,7 +58,7 @@ def start_banner(f: RunFacts) -> list[str]:
         else f"{cfg.epochs} epochs"
     processes = f"{f.plan.world_size} process{'es' if f.plan.world_size > 1 else ''}"
     precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(f.autocast, "fp32")
-    loader = type(f.loader).__name__.removesuffix("Loader").lower()
+    loader = str(getattr(f.loader, "name", type(f.loader).__name__))
     if hasattr(f.loader, "num_workers"):
         workers = f.loader.num_workers
         loader += f" ({workers} worker{'s' if workers != 1 else ''})"

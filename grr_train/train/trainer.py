@@ -80,13 +80,19 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) ->
     takes the lock over.
     """
     info = init_distributed(cfg.process_group_timeout_minutes)
+    created = not Path(run_dir).exists()
+    started = False
     try:
         lock = hold_lock(run_dir, what=f"grr train {cfg.recipe}", break_lock=cfg.break_lock) \
             if info.is_main else nullcontext()
         with lock:
-            return Trainer(cfg, Path(run_dir), info, resume=resume).train()
+            trainer = Trainer(cfg, Path(run_dir), info, resume=resume)
+            started = True
+            return trainer.train()
     finally:
         destroy_distributed()
+        if created and not started and info.is_main:  # refused while setting up: leave no empty run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class Trainer:
@@ -418,6 +424,8 @@ class Trainer:
         for line in start_banner(RunFacts(cfg, self.run_dir, self.model_config, self.data, self.plan,
                                           self.steps_per_epoch, total, self.state.step, self._resumed, self.device,
                                           self.autocast_dtype, self.compile_mode, self.train_loader)):
+            say(line)
+        for line in checks.setting_warnings(cfg, self.plan, self.device, total):
             say(line)
         if self.val_loader is None:
             extra = f" (val_every {cfg.val_every} is ignored)" if cfg.val_every else ""
