@@ -9,6 +9,7 @@ tokenizer copy logs no examples and says so once.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,7 +38,9 @@ class ExampleCaptions:
         if self.unavailable is not None or not self._prepare():
             return []
         batch = self._batch
-        with torch.random.fork_rng(devices=[]), autocast_context(self.autocast, self.device):
+        # Compiled blocks run eagerly here: decoding's growing lengths would recompile them, and past
+        # dynamo's recompile limit the training step itself would lose its compiled graphs.
+        with torch.random.fork_rng(devices=[]), autocast_context(self.autocast, self.device), _eager():
             generated = generate(model, batch["images"].to(self.device), self.data.special, self.options)
         decode = self._tokenizer.decode_words
         special = self.data.special
@@ -60,3 +63,9 @@ class ExampleCaptions:
         self._batch = {"images": first["images"][real], "ids": first["ids"][real],
                        "keys": [first["keys"][i] for i in real]}
         return True
+
+
+def _eager():
+    """torch.compile'd modules run as plain Python inside (torch 2.6 and later)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
