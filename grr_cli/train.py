@@ -115,7 +115,8 @@ def pretrain(
 @train_app.command(context_settings=EXTRA_ARGS)
 def finetune(
     ctx: typer.Context,
-    dataset: str = typer.Argument(..., help="Dataset name: its shards default to data/DATASET/shards."),
+    dataset: str = typer.Argument(..., help="Dataset name: its shards default to data/DATASET/shards, the run to "
+                                            "runs/finetune-DATASET; a set from grr data fetch must be this dataset."),
     from_: Path = typer.Option(None, "--from", metavar="DIR", help="Pretrained run folder or checkpoint."),
     data: Path = typer.Option(None, metavar="DIR", help="Sharded set (default data/DATASET/shards)."),
     out: Path = typer.Option(None, metavar="DIR", help="Run folder (default runs/finetune-DATASET)."),
