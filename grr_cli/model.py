@@ -43,8 +43,11 @@ def summary(
             typer.echo(f"{r['preset']:<18} {r['total_params']:>13,}  {r['flops_per_sample']:.4e}")
         return
     if preset not in PRESETS:
-        typer.echo(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}", err=True)
-        raise typer.Exit(2)
+        from grr_train.train.config import did_you_mean
+
+        typer.echo(f"error: unknown preset {preset!r}{did_you_mean(preset, PRESETS)}; known: {', '.join(PRESETS)}",
+                   err=True)
+        raise typer.Exit(1)
     info = summarize(preset)
     if count_flops:
         info["counted_flops_per_sample"] = counted_training_flops(PRESETS[preset])

@@ -75,7 +75,8 @@ def _is_main() -> bool:
 
 
 # Options both recipes take, declared once. metavar="" keeps typer from showing <bool> after a flag.
-ConfigFile = Annotated[Path | None, typer.Option("--config", metavar="FILE", help="JSON file of settings.")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", metavar="FILE", help=(
+    "Settings file: JSON, TOML (.toml) or YAML (.yaml); a run's config.json works as a template."))]
 Sets = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help=(
     "Override a setting (repeatable); `grr train settings` lists the names, defaults and meanings."))]
 MaxSteps = Annotated[int | None, typer.Option(metavar="N", help="Stop after this many optimizer steps in total.")]
@@ -116,7 +117,8 @@ def pretrain(
 @train_app.command(context_settings=EXTRA_ARGS)
 def finetune(
     ctx: typer.Context,
-    dataset: str = typer.Argument(..., help="Dataset name: its shards default to data/DATASET/shards."),
+    dataset: str = typer.Argument(..., help="Dataset name: its shards default to data/DATASET/shards, the run to "
+                                            "runs/finetune-DATASET; a set from grr data fetch must be this dataset."),
     from_: Path = typer.Option(None, "--from", metavar="DIR", help="Pretrained run folder or checkpoint."),
     data: str = typer.Option(None, metavar="DIR", help="Sharded set (default data/DATASET/shards)."),
     out: str = typer.Option(None, metavar="DIR", help="Run folder (default runs/finetune-DATASET)."),

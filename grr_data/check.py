@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from tqdm import tqdm
-
 from grr_data.format.layout import LAYOUT_VERSION, SEQ_LEN, SpecialIds, check_layout
 from grr_data.format.manifest import MANIFEST, Manifest, ShardEntry
 from grr_data.format.records import (
@@ -39,6 +37,7 @@ from grr_data.format.records import (
 from grr_data.infra import store
 from grr_data.infra.files import sha256_file
 from grr_data.infra.procs import make_pool, usable_cores
+from grr_data.infra.progress import progress as progress_bar
 from grr_data.infra.store import Location, StorePath, location
 from grr_data.shard.split import pair_name
 
@@ -187,8 +186,9 @@ def check_dataset(data_dir: str | os.PathLike | StorePath, progress: bool = True
     # the report is the same for any worker count
     with make_pool(partial(_check_shard, root, special, manifest.sample_checksums), workers) as pool:
         results = pool.imap([entry for _, entry in entries])
-        for (name, entry), (problems, keys, hashes) in tqdm(zip(entries, results, strict=True), total=len(entries),
-                                                            desc="check", unit="shard", disable=not progress):
+        for (name, entry), (problems, keys, hashes) in progress_bar(zip(entries, results, strict=True),
+                                                                    total=len(entries), desc="check", unit="shard",
+                                                                    disable=not progress):
             report.problems += problems
             across.add(name, entry, keys, hashes, report)
     _compare_overlaps(manifest, across.declared, across.shared, report)

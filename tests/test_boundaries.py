@@ -1,7 +1,7 @@
 """The import direction of docs/DESIGN.md ("The code by role"), checked on the source.
 
 grr_data never imports grr_train; grr_train's packages import only packages below them
-(demo -> eval -> infer | train -> runs -> model | runtime, api.py on top) and only grr_data's
+(demo -> eval -> train -> infer -> runs -> model | runtime, api.py on top) and only grr_data's
 formats, tokenizer, loader and infrastructure (the demo also fetch and shard); only
 grr_data/format/manifest.py reads a set's manifest.json; no import circle anywhere, counting the
 imports made inside functions; no private name imported from another module; the CLI's modules
@@ -21,7 +21,7 @@ TRAIN_LAYERS = {
     "model": set(),
     "runtime": set(),
     "runs": {"model", "runtime"},
-    "train": {"model", "runtime", "runs"},
+    "train": {"model", "runtime", "runs", "infer"},  # example captions at validation
     "infer": {"model", "runtime", "runs"},
     "eval": {"model", "runtime", "runs", "train", "infer"},
     "demo": {"model", "runtime", "runs", "train", "infer", "eval"},

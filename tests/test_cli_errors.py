@@ -93,8 +93,10 @@ def test_model_summary_unknown_preset_lists_the_presets():
     from grr_train.model import PRESETS
 
     code, line = grr("model", "summary", "grr-huge")
-    assert code == 2
-    assert line == f"unknown preset 'grr-huge'; known: {', '.join(PRESETS)}"
+    assert code == 1
+    assert line == f"error: unknown preset 'grr-huge'; known: {', '.join(PRESETS)}"
+    _, line = grr("model", "summary", "grr-cocaa")
+    assert line == f"error: unknown preset 'grr-cocaa' (did you mean 'grr-coca'?); known: {', '.join(PRESETS)}"
 
 
 # ---- grr train pretrain|finetune: every argument is checked before data is read or torchrun starts.
@@ -120,6 +122,11 @@ def test_train_unknown_preset_lists_the_presets(tmp_path, no_training):
     code, line = grr("train", "pretrain", "--preset", "grr-huge", "--data", tmp_path, "--out", tmp_path / "run")
     assert code == 1
     assert line == f"error: unknown preset 'grr-huge'; known: {', '.join(PRESETS)}"
+    _, line = grr("train", "pretrain", "--preset", "basline-coca", "--data", tmp_path, "--out", tmp_path / "run")
+    assert line.startswith("error: unknown preset 'basline-coca' (did you mean 'baseline-coca'?); known: ")
+    _, line = grr("train", "pretrain", "--set", "lr_mx=1e-4", "--data", tmp_path, "--out", tmp_path / "run")
+    assert line.startswith("error: --set 'lr_mx=1e-4': unknown setting 'lr_mx' (did you mean 'lr_max'?); known: ")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("nproc", ["0", "-2"])

@@ -122,3 +122,15 @@ def test_a_set_from_another_tokenizer_of_the_same_size_is_refused(data_and_run, 
         evaluate.evaluate_run(run2, other, "val", batch_size=4, contrastive_batch_size=2)
     # the explicit override lets it through
     evaluate.evaluate_run(run2, other, "val", batch_size=4, contrastive_batch_size=2, allow_other_tokenizer=True)
+
+
+def test_a_contrastive_batch_above_the_samples_is_capped_with_a_warning(data_and_run, capsys):
+    """As training caps its batches on a small set: 5 asked for, 3 samples evaluated -> 3, said once."""
+    data, run = data_and_run
+    capped = evaluate.evaluate_run(run, data, "val", batch_size=4, contrastive_batch_size=5, max_samples=3)
+    warning = capsys.readouterr().err
+    assert "warning: contrastive batch 5 (asked for) is more than the 3 samples evaluated from split 'val'" in warning
+    assert "using 3" in warning
+    exact = evaluate.evaluate_run(run, data, "val", batch_size=4, contrastive_batch_size=3, max_samples=3)
+    assert capped["contrastive_batch_size"] == 3 and capped["contrastive"] == exact["contrastive"]
+    assert "warning" not in capsys.readouterr().err

@@ -35,9 +35,27 @@ def test_resize_makes_the_shorter_side_288():
     ("missing file: a.jpg not in x.zip", "missing_file"),
     ("image too small", "image_too_small"),
     ("something new", "other"),
+    ("<urlopen error [Errno -3] Temporary failure in name resolution>", "dns"),
+    ("<urlopen error [Errno -5] No address associated with hostname>", "dns"),
+    ("<urlopen error [Errno -2] Name or service not known>", "dns"),
 ])
 def test_failure_reasons(message, reason):
     assert failure_reason(message) == reason
+
+
+def test_dns_failures_get_resolver_advice_once():
+    from grr_data.fetch.common import summary_lines
+
+    def split(failures):
+        return {"num_samples": 5, "num_attempted": 5 + sum(failures.values()), "num_shards": 1, "failures": failures}
+
+    data = {"dataset": "cc12m", "elapsed_s": 3.0, "warnings": [],
+            "splits": {"train": split({"dns": 7, "http_404": 1}), "val": split({"dns": 2})}}
+    notes = [line for line in summary_lines(data) if "DNS" in line]
+    assert len(notes) == 1 and notes[0].startswith("  note: 9 URLs failed in the DNS look-up")
+    assert "--retry-failed" in notes[0]
+    data["splits"] = {"train": split({"http_404": 1})}
+    assert not [line for line in summary_lines(data) if "DNS" in line]
 
 
 @pytest.fixture

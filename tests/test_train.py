@@ -279,6 +279,9 @@ def test_resume_purges_tensorboard_events_past_the_checkpoint(tmp_path, small_da
         def add_scalar(self, tag, *args):
             tags.add(tag)
 
+        def add_text(self, tag, *args):  # the run's settings; example captions (none: no tokenizer copy here)
+            tags.add(tag)
+
         def close(self):
             pass
 

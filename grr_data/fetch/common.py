@@ -17,6 +17,7 @@ from pathlib import Path
 from grr_data.fetch.catalog import load_manifest
 from grr_data.format.image import IMAGE_SIZE, JPEG_QUALITY
 from grr_data.infra.files import publish, sha256_file, write_json_atomic
+from grr_data.infra.progress import progress
 
 FETCH_MANIFEST = "fetch_manifest.json"
 WORK_DIR = "_work"  # URL lists and logs; holds no tars, so readers of OUT/*.tar never see it
@@ -69,7 +70,10 @@ _REASONS = (
     (re.compile(r"cannot identify image|cannot decode|image file is truncated|not an image|decod", re.I), "not_an_image"),
     (re.compile(r"Connection refused", re.I), "connection_refused"),
     (re.compile(r"Connection reset|RemoteDisconnected|IncompleteRead", re.I), "connection_reset"),
-    (re.compile(r"Name or service not known|getaddrinfo|nodename nor servname", re.I), "dns"),
+    # getaddrinfo's errors: EAI_NONAME (-2), EAI_AGAIN (-3, a resolver that timed out or is overloaded),
+    # EAI_NODATA (-5), and their macOS and musl spellings
+    (re.compile(r"Name or service not known|Temporary failure in name resolution|No address associated with "
+                r"hostname|Name does not resolve|getaddrinfo|nodename nor servname", re.I), "dns"),
     (re.compile(r"CERTIFICATE|SSL", re.I), "ssl"),
     (re.compile(r"X-Robots-Tag", re.I), "disallowed_by_robots_tag"),
     (re.compile(r"unknown url type|no host given", re.I), "bad_url"),
@@ -209,7 +213,16 @@ def summary_lines(data: dict) -> list[str]:
         lines.append(f"  retry pass {last['pass']}: {last['retried']} failed URLs fetched again, "
                      f"{last['recovered']} recovered (counts above are per URL, all passes merged)")
     lines += [f"  warning: {w}" for w in data["warnings"]]
+    dns = sum(split["failures"].get("dns", 0) for split in data["splits"].values())
+    if dns:
+        lines.append(DNS_ADVICE.format(count=dns))
     return lines
+
+
+# img2dataset's most repeated support question: a resolver that cannot keep up with its threads.
+DNS_ADVICE = ("  note: {count} URLs failed in the DNS look-up. Many such failures mean a slow or overloaded resolver: "
+              "run a local caching one (img2dataset's README sets up knot-resolver, kresd) and point /etc/resolv.conf "
+              "at it, or lower --threads; then fetch them again with --retry-failed")
 
 
 def source_or_download(options: FetchOptions, url: str, what: str, folder_ok: bool = False) -> Path:
@@ -230,8 +243,6 @@ def download_file(url: str, dest: Path, timeout: float = 60) -> Path:
     import urllib.error
     import urllib.request
 
-    from tqdm import tqdm
-
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +250,7 @@ def download_file(url: str, dest: Path, timeout: float = 60) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+            with progress(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                 while block := response.read(1 << 20):
                     f.write(block)
                     bar.update(len(block))

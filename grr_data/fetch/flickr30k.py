@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tqdm import tqdm
-
 from grr_data.fetch.archives import iter_archive
 from grr_data.fetch.common import FetchError, FetchOptions, FetchReport, SplitCounts, describe_source
 from grr_data.fetch.convert import PairWriter, SourceImage
+from grr_data.infra.progress import progress
 
 KARPATHY_NAME = "dataset_flickr30k.json"
 
@@ -67,7 +66,7 @@ def fetch(options: FetchOptions) -> dict:
     report.count_unit = "images"
 
     total = sum(len(im["captions"]) for im in images.values())
-    with tqdm(total=total, desc="pairs", unit="pair") as bar:
+    with progress(total=total, desc="pairs", unit="pair") as bar:
         writers = {s: PairWriter(out / s, options.shard_size, bar.update) for s in splits}
         seen = set()
         for name, read in iter_archive(source):

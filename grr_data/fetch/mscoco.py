@@ -20,8 +20,6 @@ import zipfile
 from collections import defaultdict
 from pathlib import Path
 
-from tqdm import tqdm
-
 from grr_data.fetch.common import (
     FETCH_MANIFEST,
     FetchError,
@@ -34,6 +32,7 @@ from grr_data.fetch.common import (
 from grr_data.fetch.convert import PairWriter, SourceImage
 from grr_data.fetch.flickr30k import find_karpathy
 from grr_data.fetch.staged import fetch_staged
+from grr_data.infra.progress import progress
 
 SPLITS = ("train", "val")
 SPLIT_CHOICES = ("official", "karpathy")
@@ -132,7 +131,7 @@ def _convert_local(images: dict[str, list[dict]], folders: dict[str, Path], opti
                    report: FetchReport) -> None:
     out = Path(options.out)
     total = sum(len(im["captions"]) for split in images.values() for im in split)
-    with tqdm(total=total, desc="pairs", unit="pair") as bar:
+    with progress(total=total, desc="pairs", unit="pair") as bar:
         for split, split_images in images.items():
             writer = PairWriter(out / split, options.shard_size, bar.update)
             for im in split_images:

@@ -12,12 +12,11 @@ import csv
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from grr_data.fetch.archives import iter_archive
 from grr_data.fetch.catalog import load_manifest
 from grr_data.fetch.common import FetchError, FetchOptions, FetchReport, SplitCounts, describe_source
 from grr_data.fetch.convert import PairWriter, SourceImage
+from grr_data.infra.progress import progress
 
 PAPER_SPLIT_WARNING = ("--paper-split: the paper's split puts ROCO's validation pairs inside its training "
                        "pairs (train = train + valid, val = valid); validation figures on it measure "
@@ -78,7 +77,7 @@ def fetch(options: FetchOptions) -> dict:
     report.source_counts = {s: SplitCounts(num_attempted=len(c)) for s, (c, _) in sources.items()}
 
     total = sum(len(sources[s][0]) for targets in routing.values() for s in targets)
-    with tqdm(total=total, desc="pairs", unit="pair") as bar:
+    with progress(total=total, desc="pairs", unit="pair") as bar:
         writers = {split: PairWriter(out / split, options.shard_size, bar.update) for split in routing}
         for source_split, (captions, images) in sources.items():
             targets = [writers[out_split] for out_split, srcs in routing.items() if source_split in srcs]

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from grr_data.fetch.common import WORK_DIR, FetchError, FetchOptions, FetchReport
 from grr_data.fetch.convert import PairWriter, SourceImage
 from grr_data.fetch.shapes_tokenizer import write_shapes_tokenizer
 from grr_data.infra.files import write_json_atomic
+from grr_data.infra.progress import progress
 
 DEFAULT_NUM_PAIRS = 2000
 SUPERSAMPLE = 2  # drawn at twice the size and reduced: smooth edges without a blur
@@ -298,7 +298,7 @@ def fetch(options: FetchOptions) -> dict:
     seed = params["seed"]
     scenes = [make_scene(spec, seed, i) for i in range(params["num_pairs"])]
     splits = ("train", "val", "test")
-    with tqdm(total=len(scenes), desc="pairs", unit="pair") as bar:
+    with progress(total=len(scenes), desc="pairs", unit="pair") as bar:
         writers = {s: PairWriter(out / s, options.shard_size, bar.update) for s in splits}
         for scene in scenes:
             writers[scene.split].add(SourceImage(

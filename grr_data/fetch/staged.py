@@ -13,11 +13,11 @@ import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from grr_data.fetch.common import WORK_DIR, FetchOptions, FetchReport, complete_shards
 from grr_data.fetch.convert import PairWriter, SourceImage
 from grr_data.fetch.img2ds import run_img2dataset, write_url_list
+from grr_data.infra.progress import progress
 
 STAGED_COLUMNS = ["image_id", "source_split", "captions"]
 
@@ -89,7 +89,7 @@ def fetch_staged(images: list[dict], options: FetchOptions, report: FetchReport,
     splits = sorted({split_of.get(im["source_split"], im["source_split"]) if split_of else im["source_split"]
                      for im in images})
     total = sum(len(im["captions"]) for im in images)
-    with tqdm(total=total, desc="pairs", unit="pair") as bar:
+    with progress(total=total, desc="pairs", unit="pair") as bar:
         writers = {s: PairWriter(out / s, options.shard_size, bar.update) for s in splits}
         for image in _staged_images(staging):
             split = image.extra["source_split"]

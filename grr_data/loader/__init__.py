@@ -18,7 +18,8 @@ from grr_data.loader.cpu import preprocess_image
 from grr_data.loader.plan import Plan
 from grr_data.loader.source import ShardSet
 
-__all__ = ["IMAGE_SIZE", "LoaderBase", "Plan", "ShardSet", "make_loader", "pick_kind", "preprocess_image"]
+__all__ = ["IMAGE_SIZE", "LoaderBase", "Plan", "ShardSet", "dali_problem", "make_loader", "pick_kind",
+           "preprocess_image"]
 log = logging.getLogger("grr.loader")
 
 
@@ -31,11 +32,36 @@ def pick_kind(kind: str, device: str) -> str:
         kind = "dali" if gpu and dali_available() else "cpu"
         why = "GPU target and DALI present" if kind == "dali" else "no CUDA target or no DALI"
         log.info("loader: picked %s (%s)", kind, why)
-    elif kind == "dali" and not dali_available():
-        raise ImportError("kind='dali' but nvidia.dali does not import: pip install nvidia-dali-cuda120")
+    elif kind == "dali" and (problem := dali_problem(need_gpu=False)):
+        raise ValueError(problem)
     elif kind not in ("cpu", "dali"):
         raise ValueError(f"loader kind must be auto, dali or cpu, got {kind!r}")
     return kind
+
+
+def dali_problem(need_gpu: bool = True) -> str | None:
+    """Why the DALI loader cannot run here, in one line with what to do; None when it can.
+
+    DALI is a wheel per CUDA major version of torch (the extras gpu-cu12 and gpu-cu13, what
+    scripts/choose_dali.py picks); `need_gpu`: a training run's DALI loader decodes on the GPU (the
+    CPU path is for tests)."""
+    from grr_data.loader.dali import dali_available
+
+    gpu = torch.cuda.is_available()
+    if need_gpu and not gpu:
+        return "the DALI loader needs a CUDA GPU and none is usable here: use --loader cpu (or auto)"
+    if dali_available():
+        return None
+    cuda = torch.version.cuda
+    major = cuda.split(".")[0] if cuda else None
+    if major in ("12", "13"):
+        return (f"the DALI loader needs NVIDIA DALI, which is not installed: pip install 'grr-coca[gpu-cu{major}]' "
+                f"(torch is built for CUDA {cuda}), or use --loader cpu")
+    if cuda is None:
+        return ("the DALI loader needs NVIDIA DALI and a CUDA build of torch (this torch is CPU-only): "
+                "use --loader cpu")
+    return (f"the DALI loader needs NVIDIA DALI, whose extras are for CUDA 12 (gpu-cu12) and 13 (gpu-cu13), but "
+            f"torch is built for CUDA {cuda}: use --loader cpu, or a torch built for CUDA 12 or 13")
 
 
 def make_loader(

@@ -30,7 +30,6 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from grr_data.format.layout import CLS_INDEX
 from grr_data.format.manifest import Manifest
@@ -45,6 +44,7 @@ from grr_data.format.records import (
     read_index,
 )
 from grr_data.infra import store
+from grr_data.infra.progress import progress
 from grr_data.infra.store import Location
 
 READ_AHEAD = 2  # batches a reader of a set in a store fetches ahead of the one it decodes
@@ -173,7 +173,7 @@ class ShardSet:
         """Parse every shard's index now (~2 s per million samples), so that forked workers share
         them instead of each parsing them again every epoch."""
         todo = [s for s in range(len(self.paths)) if s not in self._indexes]
-        with tqdm(total=len(todo), desc="reading shard indexes", unit="shard", disable=len(todo) < 64) as bar:
+        with progress(total=len(todo), desc="reading shard indexes", unit="shard", disable=len(todo) < 64) as bar:
             for start in range(0, len(todo), _INDEX_BATCH):
                 self._load(todo[start : start + _INDEX_BATCH])
                 bar.update(len(todo[start : start + _INDEX_BATCH]))

@@ -47,14 +47,13 @@ from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 
-from tqdm import tqdm
-
 from grr_data.format.layout import LAYOUT_VERSION
 from grr_data.format.manifest import MANIFEST, Manifest, write_manifest
 from grr_data.infra import store
 from grr_data.infra.files import write_json_atomic
 from grr_data.infra.lock import LOCK_NAME, hold_lock, hold_store_lock
 from grr_data.infra.procs import make_pool, usable_cores
+from grr_data.infra.progress import progress as progress_bar
 from grr_data.infra.skips import SkipLog
 from grr_data.infra.store import Location, local_folder, location
 from grr_data.shard.inputs import find_inputs
@@ -322,7 +321,7 @@ def _shard_dataset(input_dir, out_dir, work, split, tokenizer, shard_size, worke
     if workers > 1:
         # workers tokenize one tar each; Rust threads inside them would only contend for the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    bar = tqdm(total=len(jobs), unit=inputs.kind.unit_name, desc="shard", disable=not progress)
+    bar = progress_bar(total=len(jobs), unit=inputs.kind.unit_name, desc="shard", disable=not progress)
     try:
         # pool workers leave SIGTERM and SIGINT to this process and die with it (grr_data.infra.procs)
         with make_pool(ShardWork(jobs, inputs.kind, staging), workers) as pool:

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from grr_data.infra.progress import progress
 from grr_train.train.config import TrainConfig
 from grr_train.train.trainer import run_training
 
@@ -171,16 +171,18 @@ def _run_together(jobs: list[Job], say: Callable[[str], None]) -> None:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     outcome: dict[str, dict] = {}
-    bars = {j.short: tqdm(total=j.pretrain.max_steps + j.finetune.max_steps, desc=j.name, unit="step",
-                          position=k, leave=True) for k, j in enumerate(jobs)}
+    bars = {j.short: progress(total=j.pretrain.max_steps + j.finetune.max_steps, desc=j.name, unit="step",
+                              position=k, leave=True) for k, j in enumerate(jobs)}
     try:
         for job in jobs:
             procs[job.short] = _start(job)
         while len(outcome) < len(jobs):
             time.sleep(1.0)
             for job in jobs:
-                bars[job.short].n = _last_step(job.pretrain_run) + _last_step(job.finetune_run)
-                bars[job.short].refresh()
+                bar = bars[job.short]
+                steps = _last_step(job.pretrain_run) + _last_step(job.finetune_run)
+                if steps != bar.n:
+                    bar.update(steps - bar.n)
                 proc = procs[job.short]
                 if job.short not in outcome and proc.poll() is not None:
                     outcome[job.short] = _outcome(job, proc)

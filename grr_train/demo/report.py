@@ -67,7 +67,8 @@ def mean_eval(results: list[dict]) -> tuple[dict, dict]:
 
 def preface(*, num_pairs: int, splits: dict[str, int], pretrain_steps: int, finetune_steps: int, batch_size: int,
             seeds: list[int], minutes: float, grid: str | None, kinds: dict[str, dict[str, tuple[int, int]]],
-            parameters: tuple[int, int] = (0, 0)) -> str:
+            parameters: tuple[int, int] = (0, 0), device: str = "cpu",
+            presets: tuple[str, str] = ("baseline-tiny-p16", "grr-tiny-p16")) -> str:
     """The report's opening: what was run, what it can and cannot show, and exact match by kind."""
     val, test = splits.get("val", 0), splits.get("test", 0)
     seed_text = (f"one seed ({seeds[0]}): a difference between the models smaller than the spread between "
@@ -76,8 +77,8 @@ def preface(*, num_pairs: int, splits: dict[str, int], pretrain_steps: int, fine
                  "their mean, with the standard deviation beside it")
     lines = [
         "# grr demo: Baseline CoCa against GRR-CoCa on the shapes set\n",
-        f"Two tiny models ({parameters[0]:,} and {parameters[1]:,} parameters) trained for {minutes:.0f} "
-        "minutes in all on "
+        f"Two models ({presets[0]} and {presets[1]}: {parameters[0]:,} and {parameters[1]:,} parameters) trained "
+        f"on {'the CPU' if device == 'cpu' else device} for {minutes:.0f} minutes in all on "
         f"{splits.get('train', 0)} synthetic image-caption pairs (of {num_pairs} drawn): {pretrain_steps} "
         f"pretraining and at most {finetune_steps} fine-tuning steps of {batch_size} pairs, {seed_text}.\n",
         "**What these numbers can show**: that the whole pipeline learns. Captions of held-out images "
@@ -86,7 +87,8 @@ def preface(*, num_pairs: int, splits: dict[str, int], pretrain_steps: int, fine
         f"{100 / max(val, 1):.1f}%). The test split ({test} images) shows colour-shape pairs that no "
         "training image shows: how far the models compose what they learned.\n",
         "**What they cannot show**: which architecture is better at the paper's scale. Models of "
-        "well under a million parameters trained for minutes on one synthetic set are not the paper's 394M-parameter "
+        f"{'well under a million' if max(parameters) < 1e6 else f'{max(parameters) / 1e6:.0f} million'} "
+        "parameters trained for minutes on one synthetic set are not the paper's 394M-parameter "
         "models trained on CC12M and ROCO; at this size GRR-CoCa's changes (GEGLU, RMSNorm, RoPE in the "
         "ViT) may help, hurt or do nothing, and the % change column says only which run came out ahead "
         "here.\n",

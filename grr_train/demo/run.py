@@ -26,6 +26,9 @@ On a CPU each model trains on one thread, the two models at once (grr_train/demo
 this small gains nothing from more, and on a busy 2-core machine two threads cost ~10x the CPU
 time per step (docs/LOG.md).
 
+On a GPU the demo trains larger presets (`*-small-p16`) on more pairs with three seeds, sized
+from the card's memory (grr_train/demo/sizing.py; those sizes are not measured on a GPU yet).
+
 It runs every stage of the pipeline, so this one module of `grr_train` also imports
 `grr_data`'s fetch and shard steps (tests/test_boundaries.py names it).
 """
@@ -35,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,6 +48,7 @@ from grr_data.infra.procs import usable_cores
 from grr_data.shard.run import shard_dataset
 from grr_train.demo.jobs import Job, run_jobs
 from grr_train.demo.report import exact_by_kind, example_grid, mean_eval, preface
+from grr_train.demo.sizing import FULL, DemoPlan
 from grr_train.eval.compare import Section, write_report
 from grr_train.eval.evaluate import evaluate_run
 from grr_train.infer.captioning import decode_words_for
@@ -54,32 +57,14 @@ from grr_train.runs.weights import load_model
 from grr_train.runtime.device import resolve_device
 from grr_train.train.config import resolve_config
 
-PRESETS = (("Baseline CoCa", "baseline", "baseline-tiny-p16"), ("GRR-CoCa", "grr", "grr-tiny-p16"))
-
-
-@dataclass(frozen=True)
-class DemoPlan:
-    num_pairs: int
-    pretrain_steps: int
-    finetune_steps: int
-    batch_size: int = 32
-    lr: float = 5e-4  # pretraining peak; fine-tuning peaks at a tenth (the paper: 1e-4, 1e-5)
-    caption_tokens: int = 16  # the longest shapes caption is 12 words, one token each
-    beams: int = 3  # beam search: 15.5% exact against greedy's 13.0% on the same run (docs/LOG.md)
-    seeds: tuple[int, ...] = (0,)
-    data_seed: int = 0
-    parallel: bool | None = None  # the two models at once; None: on a CPU with two or more cores
-
-
-FULL = DemoPlan(num_pairs=2000, pretrain_steps=800, finetune_steps=100)
-QUICK = DemoPlan(num_pairs=600, pretrain_steps=300, finetune_steps=30, batch_size=16)
+MODELS = (("Baseline CoCa", "baseline"), ("GRR-CoCa", "grr"))  # with the plan's presets, in this order
 
 
 def _common(plan: DemoPlan, seed: int, steps: int, val_size: int) -> list[str]:
     return [
         f"global_batch_size={plan.batch_size}", f"per_device_batch_size={plan.batch_size}",
         f"val_batch_size={val_size}", f"val_contrastive_batch_size={val_size}", f"seed={seed}",
-        f"checkpoint_every={steps}", "keep_checkpoints=1", "num_workers=1", "tensorboard=false", "epochs=100000",
+        f"checkpoint_every={steps}", "keep_checkpoints=1", f"num_workers={plan.num_workers}", "tensorboard=false", "epochs=100000",
         # Text decoders over the used caption positions only; that needs eager mode, which also
         # suits models this small on a GPU (compile=auto would compile them there and be refused).
         "trim_text_padding=true", "compile=off",
@@ -128,6 +113,7 @@ def run_demo(out: str | Path, plan: DemoPlan = FULL, say: Callable[[str], None] 
     started = time.time()
     out = Path(out)
     device = resolve_device("auto")
+    presets = [(name, short, preset) for (name, short), preset in zip(MODELS, plan.presets, strict=True)]
     runs = out / "runs"
     if runs.exists() and any(runs.iterdir()):
         raise FileExistsError(f"{runs} holds runs of an earlier demo; pass another --out or delete that folder")
@@ -143,7 +129,7 @@ def run_demo(out: str | Path, plan: DemoPlan = FULL, say: Callable[[str], None] 
     jobs = []
     for seed in plan.seeds:
         folder = runs if len(plan.seeds) == 1 else runs / f"seed{seed}"
-        for name, short, preset in PRESETS:
+        for name, short, preset in presets:
             pre, fine = folder / f"pretrain-{short}", folder / f"finetune-{short}"
             pretrain = resolve_config("pretrain", None, _pretrain_settings(plan, seed, val_size), preset=preset,
                                       data=str(shards), max_steps=plan.pretrain_steps)
@@ -169,25 +155,26 @@ def run_demo(out: str | Path, plan: DemoPlan = FULL, say: Callable[[str], None] 
             what = "seen" if split == "val" else "unseen"
             title = f"{stage}: shapes {split} ({what} colour-shape pairs)"
             evals = {short: [evaluate(trained[short, seed][index], split) for seed in plan.seeds]
-                     for _, short, _ in PRESETS}
+                     for _, short, _ in presets}
             (eval_a, sd_a), (eval_b, sd_b) = mean_eval(evals["baseline"]), mean_eval(evals["grr"])
             first = plan.seeds[0]
             sections.append(Section(title, eval_a, eval_b, str(trained["baseline", first][index]),
                                     str(trained["grr", first][index]), sd_a or None, sd_b or None))
             if index == 1:
                 panels.append((f"{split}: {what} pairs", split, evals["baseline"][0], evals["grr"][0]))
-                for (name, short, _) in PRESETS:
+                for (name, short, _) in presets:
                     kinds[f"{name}, {split} ({what})"] = exact_by_kind(evals[short][0])
 
     parameters = {short: sum(p.numel() for p in load_model(trained[short, plan.seeds[0]][1])[0].parameters())
-                  for _, short, _ in PRESETS}
+                  for _, short, _ in presets}
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
-    names = (PRESETS[0][0], PRESETS[1][0])
+    names = (MODELS[0][0], MODELS[1][0])
     grid = example_grid(shards, panels, names, report / "examples.png")
     text = preface(num_pairs=plan.num_pairs, splits=splits, pretrain_steps=plan.pretrain_steps,
                    finetune_steps=plan.finetune_steps, batch_size=plan.batch_size, seeds=list(plan.seeds),
                    minutes=(time.time() - started) / 60, grid=str(grid), kinds=kinds,
-                   parameters=(parameters["baseline"], parameters["grr"]))
+                   parameters=(parameters["baseline"], parameters["grr"]), device=plan.device_name,
+                   presets=plan.presets)
     paths = write_report(sections, report, names, preface=text)
     return {**paths, "examples": str(grid)}

@@ -29,13 +29,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
-from tqdm import tqdm
 
 from grr_data.format.layout import caption_word_ids
 from grr_data.format.manifest import Manifest
+from grr_data.infra.progress import progress
 from grr_data.loader import make_loader
 from grr_train.eval.caption_metrics import caption_scores
 from grr_train.eval.retrieval import group_by_image, recall_at_k
@@ -62,7 +63,7 @@ class RealSamples:
 
     def __iter__(self) -> Iterator[dict]:
         left = self.max_samples if self.max_samples is not None else math.inf
-        with tqdm(total=len(self.loader), desc=self.desc, unit="batch", leave=False) as bar:
+        with progress(total=len(self.loader), desc=self.desc, unit="batch", leave=False) as bar:
             for batch in self.loader:
                 bar.update(1)
                 rows = batch["real"].nonzero()[:, 0][: int(min(batch["real"].sum(), left))].tolist()
@@ -184,13 +185,17 @@ def evaluate_run(
     manifest = Manifest.of(data)
     size = manifest.num_samples(split)
     num_samples = min(size, max_samples) if max_samples is not None else size
+    whose = "asked for"
     if contrastive_batch_size is None:
-        contrastive_batch_size = int(train_cfg.get("val_contrastive_batch_size", 192))
-    if not 1 <= contrastive_batch_size <= num_samples:
-        raise ValueError(
-            f"contrastive batch size {contrastive_batch_size} does not fit the {num_samples} samples "
-            f"evaluated from split {split!r} of {manifest.root}; pass --contrastive-batch-size {num_samples} or less"
-        )
+        contrastive_batch_size, whose = int(train_cfg.get("val_contrastive_batch_size", 192)), "the run's validation one"
+    if contrastive_batch_size < 1 or num_samples < 1:
+        raise ValueError(f"contrastive batch size {contrastive_batch_size} and {num_samples} samples evaluated from "
+                         f"split {split!r} of {manifest.root}: both must be at least 1")
+    if contrastive_batch_size > num_samples:  # capped, as training caps its batches on a small set
+        print(f"warning: contrastive batch {contrastive_batch_size} ({whose}) is more than the {num_samples} samples "
+              f"evaluated from split {split!r} of {manifest.root}: using {num_samples} (a contrastive loss over "
+              f"another batch size is not comparable)", file=sys.stderr)
+        contrastive_batch_size = num_samples
     decode_options = decode_options or DecodeOptions()
     decode_options.check()
 

@@ -113,6 +113,7 @@ _TINY = dict(patch_size=48, width=64, depth=2, heads=4, text_depth=2, multimodal
 # GEGLU and equal unimodal and multimodal depths, the depth that puts the GRR total nearest 1B (16)
 # and 2B (13). As in CoCa's own Large and giant models, the text stacks grow less than the image one.
 # Head size 64 and 88: both multiples of 4, as 2D RoPE needs. Counts: `grr model summary`.
+_SMALL_P16 = dict(patch_size=16, width=256, depth=6, heads=8, text_depth=4, multimodal_depth=4)
 _1B = dict(width=1024, depth=24, heads=16, text_depth=16, multimodal_depth=16)
 _2B = dict(width=1408, depth=40, heads=16, text_depth=13, multimodal_depth=13)
 
@@ -137,6 +138,10 @@ PRESETS: dict[str, ModelConfig] = {
     # contrastive loss never left chance in that run), docs/LOG.md; a step costs ~2x the 32px one.
     "baseline-tiny-p16": dataclasses.replace(_BASELINE, **{**_TINY, "patch_size": 16}),
     "grr-tiny-p16": dataclasses.replace(_GRR, **{**_TINY, "patch_size": 16}),
+    # `grr demo` on a GPU (grr_train/demo/sizing.py): the tiny ones 4x wider and 3x deeper, still 16px
+    # patches and heads of 32 (a multiple of 4, as 2D RoPE needs). Our choice; not measured on a GPU yet.
+    "baseline-small-p16": dataclasses.replace(_BASELINE, **_SMALL_P16),
+    "grr-small-p16": dataclasses.replace(_GRR, **_SMALL_P16),
 }
 
 

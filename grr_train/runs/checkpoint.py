@@ -254,6 +254,17 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(text: str) -> None:
+    """A damaged-checkpoint warning, once per process: a command looks a checkpoint up several
+    times (a resume: the settings check, the trainer, the model; `grr eval`: tokenizer, weights)."""
+    if text not in _warned:
+        _warned.add(text)
+        print(text, file=sys.stderr)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint `checkpoints/latest` names or, when that one is incomplete or damaged, the
     newest intact `step-*` folder (with a warning on stderr); None when the run has none."""
@@ -266,8 +277,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return ckpt
     for other in sorted((p for p in latest.parent.glob("step-*") if p.is_dir() and p != ckpt), reverse=True):
         if checkpoint_problem(other) is None:
-            print(f"warning: {latest} names {ckpt.name}, which cannot be used ({problem}); "
-                  f"using {other.name}, the newest intact checkpoint", file=sys.stderr)
+            _warn_once(f"warning: {latest} names {ckpt.name}, which cannot be used ({problem}); "
+                       f"using {other.name}, the newest intact checkpoint")
             return other
     raise FileNotFoundError(f"{latest} names {ckpt.name}, which cannot be used ({problem}), and no other "
                             f"checkpoint in {latest.parent} is intact; start a new run (another --out)")
@@ -294,8 +305,8 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
         problem = checkpoint_problem(best)
         if problem is None:
             return best
-        print(f"warning: {best} cannot be used ({problem}); using the run's newest intact checkpoint "
-              "instead (the latest saved, not the best by validation)", file=sys.stderr)
+        _warn_once(f"warning: {best} cannot be used ({problem}); using the run's newest intact checkpoint "
+                   "instead (the latest saved, not the best by validation)")
     ckpt = latest_checkpoint(path) if path.is_dir() else None
     if ckpt is None:
         raise FileNotFoundError(

@@ -1,5 +1,9 @@
-"""The run's metrics log: `metrics.jsonl` (CONTRACTS.md "Metrics log") and TensorBoard if installed.
+"""The run's metrics log: `metrics.jsonl` (CONTRACTS.md "Metrics log"), TensorBoard if installed, and
+Weights & Biases when a run asks for it (grr_train/runs/wandb_sink.py).
 
+Training and validation records go to all three under the same names (`train/loss`,
+`val/perplexity`); the run's settings go to TensorBoard as a text table and to W&B as its config,
+and example captions at each validation (`log_captions`) to both as a table.
 Only the process that writes (rank 0) opens one; the others get a log with `enabled=False`.
 `read_metrics` is the one reader of the file, for the trainer's tests and `grr compare`.
 
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from grr_data.infra.files import write_text_atomic
+from grr_train.runs.wandb_sink import WandbSink
 
 # Records are flushed at once and fsync'ed at most this often (and on `sync` and `close`): an
 # fsync costs 0.5-3.5 ms on the dev machine's disk, more on network file systems, per record.
@@ -27,12 +32,15 @@ SYNC_EVERY_S = 10.0
 
 class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True,
-                 purge_step: int | None = None):
-        """`purge_step`: a resumed run's first new step; TensorBoard hides its events from there on."""
+                 purge_step: int | None = None, wandb: dict | None = None):
+        """`purge_step`: a resumed run's first new step; TensorBoard hides its events from there on.
+        `wandb`: WandbSink's project, entity, mode and config, when the run logs to W&B (a resumed
+        run, one with a purge_step, continues its W&B run)."""
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         _end_with_a_whole_line(self.path)  # so the first record does not join a torn one
@@ -46,6 +54,13 @@ class MetricsLog:
             if SummaryWriter is not None:
                 kwargs: dict[str, Any] = {} if purge_step is None else {"purge_step": purge_step}
                 self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), **kwargs)
+        if wandb:
+            self._wandb = WandbSink(Path(run_dir), resume=purge_step is not None, **wandb)
+
+    @property
+    def has_viewers(self) -> bool:
+        """Whether TensorBoard or W&B receive what is logged (example captions cost a decode)."""
+        return self._tb is not None or self._wandb is not None
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -57,14 +72,32 @@ class MetricsLog:
                 self.sync()
         except OSError as err:
             raise _explain(err, self.path) from err
-        if self._tb is not None and "step" in record and record.get("kind") in ("train", "val"):
+        if self.has_viewers and "step" in record and record.get("kind") in ("train", "val"):
             # "train/loss", "val/perplexity" (a validation record's tag group is its split's name)
             group = record.get("split") or record["kind"]
-            for key, value in record.items():
-                if key in ("step", "kind", "time", "epoch") or isinstance(value, bool):
-                    continue
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"{group}/{key}", value, record["step"])
+            scalars = {f"{group}/{key}": value for key, value in record.items()
+                       if key not in ("step", "kind", "time", "epoch") and not isinstance(value, bool)
+                       and isinstance(value, (int, float)) and math.isfinite(value)}
+            for tag, value in scalars.items():
+                if self._tb is not None:
+                    self._tb.add_scalar(tag, value, record["step"])
+            if self._wandb is not None:
+                self._wandb.log(scalars, step=record["step"])
+
+    def log_settings(self, settings: dict) -> None:
+        """The run's settings as a TensorBoard text table (W&B has them as its config already)."""
+        if self._tb is not None:
+            rows = "\n".join(f"| {group}.{key} | {value} |" for group, values in settings.items()
+                             for key, value in values.items())
+            self._tb.add_text("settings", "| setting | value |\n|---|---|\n" + rows, 0)
+
+    def log_captions(self, step: int, tag: str, rows: list[tuple[str, str, str]]) -> None:
+        """A few (sample, reference, generated) captions, as a table at `step`."""
+        if self._tb is not None:
+            text = "\n".join(f"| {key} | {ref} | {gen} |" for key, ref, gen in rows)
+            self._tb.add_text(tag, "| sample | reference | generated |\n|---|---|---|\n" + text, step)
+        if self._wandb is not None:
+            self._wandb.log_table(tag, ["sample", "reference", "generated"], [list(r) for r in rows], step)
 
     def sync(self) -> None:
         """Make every record logged so far durable (call before saving a checkpoint)."""
@@ -87,6 +120,9 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
 
 def _explain(err: OSError, path: Path) -> OSError:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm import tqdm
 
 from grr_data.format.layout import SpecialIds, build_layout
+from grr_data.infra.progress import progress
 from grr_train.model import build_model, get_config
 from grr_train.model.summary import flops_per_sample
 from grr_train.runtime.device import resolve_device
@@ -101,7 +101,7 @@ def run_steps(step: BenchStep, steps: int, defer: bool, desc: str = "bench") -> 
     done. `defer`: each step's metrics are read after the next step is launched."""
     pending = None
     last = None
-    for _ in tqdm(range(steps), desc=desc, leave=False):
+    for _ in progress(range(steps), desc=desc, leave=False):
         if not defer:
             last = step()
             continue

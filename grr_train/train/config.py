@@ -2,7 +2,8 @@
 
 Every setting has one flat name, so `--set name=value` reaches all of them and a run's
 `config.json` records every value it ran with. Overrides apply in this order: recipe
-defaults, then `--config FILE` (a JSON object of settings), then `--set`, then the few
+defaults, then `--config FILE` (settings in JSON, TOML or YAML: flat, or under `train` as in a
+run's config.json, which serves as a template), then `--set`, then the few
 dedicated command-line flags (`--data`, `--preset`, `--max-steps`, fine-tuning's DATASET
 and `--from`). A default derived from the command line (fine-tuning's data/DATASET/shards)
 applies only when none of these gave the setting.
@@ -10,11 +11,14 @@ applies only when none of these gave the setting.
 
 from __future__ import annotations
 
+import difflib
 import json
 import types
 import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+
+from grr_train.runs.wandb_sink import check_available as check_wandb
 
 RECIPES = ("pretrain", "finetune")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -33,7 +37,8 @@ TRIM_NEEDS_EAGER = ("trim_text_padding=true runs the model eagerly (a host read 
 RESUMABLE_KEYS = frozenset(
     {"data", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "loader", "compile",
      "val_every", "tensorboard", "activation_checkpointing", "break_lock", "allow_other_tokenizer",
-     "max_skipped_fraction", "trim_text_padding"}
+     "max_skipped_fraction", "trim_text_padding", "log_every", "log_every_s",
+     "wandb_project", "wandb_entity", "wandb_mode"}
 )
 
 
@@ -115,6 +120,15 @@ class TrainConfig:
     # Accept data whose tokenizer fingerprint differs from the one the run (or --from) recorded.
     allow_other_tokenizer: bool = False
     tensorboard: bool = True
+    # Where output is not a terminal (a Slurm log, nohup, a pipe) progress is plain lines, not a
+    # bar: one for each of the first 3 steps, then every log_every steps or log_every_s seconds.
+    log_every: int = 50
+    log_every_s: float = 30.0
+    # Weights & Biases (the wandb extra): on when a project is named; the run folder keeps the W&B
+    # run's id, so a resumed run continues it (grr_train/runs/wandb_sink.py).
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_mode: str | None = None  # online, offline or disabled; none: W&B's default (WANDB_MODE)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,7 +137,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+            raise ValueError(f"unknown training settings: {_unknown_names(unknown)}")
         cfg = cls()
         for key, value in d.items():
             setattr(cfg, key, _check_type(key, value))
@@ -136,7 +150,8 @@ class TrainConfig:
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+            raise ValueError(f"unknown preset {self.preset!r}{did_you_mean(self.preset, PRESETS)}; "
+                             f"known: {', '.join(PRESETS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.loader not in LOADERS:
@@ -156,6 +171,9 @@ class TrainConfig:
             raise ValueError(f"lr_cycle_steps must be at least 1, got {self.lr_cycle_steps}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        check_wandb(self.wandb_project, self.wandb_mode)
+        if self.log_every < 0 or self.log_every_s < 0:
+            raise ValueError(f"log_every and log_every_s must be >= 0, got {self.log_every} and {self.log_every_s}")
         for name in ("global_batch_size", "contrastive_batch_size", "epochs", "val_batch_size",
                      "val_contrastive_batch_size", "checkpoint_every", "keep_checkpoints",
                      "patience_per_level", "num_lr_levels"):
@@ -218,6 +236,11 @@ SETTING_HELP: dict[str, str] = {
     "break_lock": "take over a run folder's lock left by a run on another host",
     "allow_other_tokenizer": "accept data whose tokenizer differs from the one the run (or --from) recorded",
     "tensorboard": "also write TensorBoard events to RUN/tensorboard",
+    "log_every": "output not a terminal: a progress line every this many steps (0: by time only)",
+    "log_every_s": "output not a terminal: a progress line at least every this many seconds",
+    "wandb_project": "log to Weights & Biases under this project (pip install 'grr-coca[wandb]'; none: off)",
+    "wandb_entity": "W&B entity (team or user) of the project (none: your default)",
+    "wandb_mode": "W&B mode: online, offline (no network; wandb sync later) or disabled (none: WANDB_MODE or online)",
 }
 
 def recipe(name: str) -> TrainConfig:
@@ -244,26 +267,70 @@ def parse_set(items: list[str]) -> dict:
         if not sep:
             raise ValueError(f"--set {item!r}: expected --set key=value")
         if key not in known:
-            raise ValueError(f"--set {item!r}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+            raise ValueError(f"--set {item!r}: unknown setting {key!r}{did_you_mean(key, known)}; "
+                             f"known: {', '.join(sorted(known))}")
         out[key] = _parse_value(key, text.strip())
     return out
 
 
+def did_you_mean(name: str, known) -> str:
+    """" (did you mean 'x'?)" for the known name closest to a mistyped `name`, else ""."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_names(names: list[str]) -> str:
+    known = [f.name for f in fields(TrainConfig)]
+    return ", ".join(f"{name}{did_you_mean(name, known)}" for name in names)
+
+
+# A settings file's format by its suffix; anything else is read as JSON.
+FILE_FORMATS = {".toml": "TOML table", ".yaml": "YAML mapping", ".yml": "YAML mapping"}
+
+
 def load_config_file(path: str | Path) -> dict:
-    """A `--config` JSON file: an object of settings, checked like `--set`."""
+    """A `--config` file of settings, checked like `--set`: JSON, TOML (.toml) or YAML (.yaml, .yml),
+    flat or under `train` (a run's config.json is a template for another run)."""
     path = Path(path)
+    what = FILE_FORMATS.get(path.suffix.lower(), "JSON object")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--config {path}: cannot read a JSON object ({e})") from e
+        text = path.read_text()
+        data = _parse_settings_text(text, what)
+    except (OSError, ValueError) as e:  # JSONDecodeError, TOMLDecodeError and yaml's (wrapped) are ValueErrors
+        hint = "" if what != "JSON object" else "; settings files are JSON, TOML (.toml) or YAML (.yaml, .yml)"
+        raise ValueError(f"--config {path}: cannot read a {what} ({e}){hint}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a JSON object of settings")
+        raise ValueError(f"--config {path}: expected a {what} of settings, got {type(data).__name__}")
     data = data.get("train", data)  # a run's config.json works too
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"--config {path}: unknown settings {', '.join(unknown)}")
-    return {k: _check_type(k, v) for k, v in data.items()}
+        raise ValueError(f"--config {path}: unknown settings {_unknown_names(unknown)}")
+    try:
+        # TOML has no null and YAML reads 1e-4 as text: a string is parsed as --set parses it.
+        return {k: _check_type(k, _parse_value(k, v) if isinstance(v, str) else v) for k, v in data.items()}
+    except ValueError as e:
+        raise ValueError(f"--config {path}: {e}") from None
+
+
+def _parse_settings_text(text: str, what: str):
+    if what == "TOML table":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ValueError("TOML needs Python 3.11 or later, or `pip install tomli`") from None
+        return tomllib.loads(text)
+    if what == "YAML mapping":
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(str(e).replace("\n", " ")) from e
+    return json.loads(text)
 
 
 def _field_type(key: str):
@@ -394,15 +461,39 @@ def plan_run(recipe_name: str, run_dir: str | Path, resume: str = "no", config_f
             raise FileNotFoundError(f"--from {cfg.init_from}: no such run or checkpoint folder")
     if cfg.recipe != recipe_name:
         raise ValueError(f"{run_dir} holds a {cfg.recipe} run, not a {recipe_name} one")
-    check_data(cfg.data)
+    if cfg.loader == "dali":
+        from grr_data.loader import dali_problem
+
+        if problem := dali_problem(need_gpu=True):
+            raise ValueError(problem)
+    data = check_data(cfg.data, cfg.dataset if cfg.recipe == "finetune" else None)
+    if cfg.recipe == "finetune" and resume != "yes":
+        check_dataset_name(cfg.dataset, data)
     return cfg, resume == "yes", note
 
 
-def check_data(data: str | Path) -> None:
-    """Raise ValueError naming the manifest when `data` is not a readable sharded set."""
-    from grr_data.format.manifest import Manifest
+def check_data(data: str | Path, dataset: str | None = None):
+    """The set's Manifest; ValueError naming the manifest when `data` is not a readable sharded set
+    (with the local set whose name is closest, when `data` is fine-tuning's data/DATASET/shards)."""
+    from grr_data.format.manifest import Manifest, ManifestNotFound
 
-    Manifest.read(data)
+    try:
+        return Manifest.read(data)
+    except ManifestNotFound as e:
+        if dataset is None or Path(data) != Path("data", dataset, "shards"):
+            raise
+        local = [p.parent.name for p in Path("data").glob("*/shards") if p.is_dir()]
+        raise ManifestNotFound(f"{e}{did_you_mean(dataset, local)}") from None
+
+
+def check_dataset_name(dataset: str | None, data) -> None:
+    """Fine-tuning's DATASET names the set: it must be the dataset the set was fetched as, where the
+    set records one (grr data fetch does; a set sharded from a folder of one's own does not)."""
+    recorded = (data.document.get("fetch_manifest") or {}).get("dataset")
+    if dataset and recorded and dataset != recorded:
+        raise ValueError(f"DATASET {dataset!r}{did_you_mean(dataset, [recorded])}, but {data.root} holds the "
+                         f"{recorded!r} set (grr data fetch {recorded}): pass {recorded} as DATASET, or the "
+                         f"--data of {dataset}")
 
 
 def settings_table() -> list[tuple[str, str, str | None, str]]:

@@ -118,6 +118,25 @@ def fit_batches_to_data(cfg: TrainConfig, data: Manifest, world_size: int) -> tu
         f"using {now}")
 
 
+# A global batch this large on a CPU is the paper's GPU recipe run where it cannot go fast.
+CPU_BATCH_WARNING = 256
+
+
+def setting_warnings(cfg: TrainConfig, plan: BatchPlan, device: torch.device, total_steps: int) -> list[str]:
+    """One-line warnings about settings that run but are unlikely to be what was meant."""
+    out = []
+    if cfg.warmup_steps > total_steps > 0:
+        peak = cfg.lr_max * total_steps / cfg.warmup_steps
+        out.append(f"warning: warmup_steps {cfg.warmup_steps} is longer than the run's {total_steps} steps: the "
+                   f"learning rate peaks at {peak:.3g}, never reaching lr_max {cfg.lr_max:g}; set "
+                   f"--set warmup_steps={max(1, total_steps // 10)} (a tenth of the run) or train longer")
+    if device.type == "cpu" and plan.global_batch >= CPU_BATCH_WARNING:
+        out.append(f"warning: a global batch of {plan.global_batch} on a CPU (the paper's GPU recipe): every step "
+                   f"computes all {plan.global_batch} samples, so steps are slow; to try things out set "
+                   "--set global_batch_size=32 --set contrastive_batch_size=32 (grr demo's batch), or train on a GPU")
+    return out
+
+
 def default_num_workers(world_size_on_node: int = 1) -> int:
     """CPU loader workers when none are set: this process's share of the cores, less one, at most 8."""
     return max(0, min(8, usable_cores() // max(world_size_on_node, 1) - 1))

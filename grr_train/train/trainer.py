@@ -47,10 +47,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from grr_data.format.manifest import Manifest
 from grr_data.infra.lock import hold_lock
+from grr_data.infra.progress import progress, say
 from grr_data.infra.store import StoreError
 from grr_train.model.summary import flops_per_sample
 from grr_train.runs import checkpoint as ckpt
@@ -69,7 +69,9 @@ from grr_train.runtime.precision import autocast_dtype
 from grr_train.train import setup as checks
 from grr_train.train.config import TrainConfig
 from grr_train.train.early_stop import IMPROVED, RESET, STOP, SoftResetEarlyStopper
+from grr_train.train.examples import ExampleCaptions
 from grr_train.train.plan import BatchPlan
+from grr_train.train.report import RunFacts, RunOutcome, end_summary, start_banner
 from grr_train.train.schedule import lr_at, set_lr
 from grr_train.train.state import Progress, RunState
 from grr_train.train.step import StepSettings, TrainStep
@@ -88,13 +90,19 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) ->
     takes the lock over.
     """
     info = init_distributed(cfg.process_group_timeout_minutes)
+    created = not Path(run_dir).exists()
+    started = False
     try:
         lock = hold_lock(run_dir, what=f"grr train {cfg.recipe}", break_lock=cfg.break_lock) \
             if info.is_main else nullcontext()
         with lock:
-            return Trainer(cfg, Path(run_dir), info, resume=resume).train()
+            trainer = Trainer(cfg, Path(run_dir), info, resume=resume)
+            started = True
+            return trainer.train()
     finally:
         destroy_distributed()
+        if created and not started and info.is_main:  # refused while setting up: leave no empty run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class Trainer:
@@ -123,7 +131,8 @@ class Trainer:
         model, self.model_config, cfg = checks.build_run_model(cfg, run_dir, self.data, resume)
         self.cfg = cfg
         sharded = cfg.parallelism == "fsdp"
-        self.model = parallelize(model, info, compile=checks.compile_mode(cfg, info.device), parallelism=cfg.parallelism,
+        self.compile_mode = checks.compile_mode(cfg, info.device)
+        self.model = parallelize(model, info, compile=self.compile_mode, parallelism=cfg.parallelism,
                                  activation_checkpointing=cfg.activation_checkpointing, param_dtype=self.autocast_dtype)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2),
@@ -154,7 +163,7 @@ class Trainer:
                 self._seed_everything(resumed.reseed)
             if info.is_main:
                 dropped = truncate_metrics(run_dir, self.state.step)
-                tqdm.write(f"resumed {run_dir} at step {self.state.step} (epoch {self.state.epoch}); "
+                say(f"resumed {run_dir} at step {self.state.step} (epoch {self.state.epoch}); "
                            f"dropped {dropped} metric records logged after that checkpoint")
             tokenizer_record = json.loads((run_dir / "config.json").read_text()).get("tokenizer", tokenizer_record)
         elif info.is_main:
@@ -168,8 +177,17 @@ class Trainer:
                                          "special": self.special.to_dict(), "tokenizer": tokenizer_record}
         barrier()
         # On resume, TensorBoard drops the events past the checkpoint, as truncate_metrics does.
+        wandb = None if not cfg.wandb_project else {
+            "project": cfg.wandb_project, "entity": cfg.wandb_entity, "mode": cfg.wandb_mode,
+            "config": {"train": cfg.to_dict(), "model": self.model_config.to_dict()}}
         self.log = MetricsLog(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
-                              purge_step=self.state.step + 1 if resume else None)
+                              purge_step=self.state.step + 1 if resume else None, wandb=wandb)
+        if not resume:
+            self.log.log_settings({"train": cfg.to_dict(), "model": self.model_config.to_dict()})
+        # Example captions at each validation, where TensorBoard or W&B shows them (examples.py says when).
+        self.examples = ExampleCaptions(run_dir, self.data, cfg.val_split, self.device, self.autocast_dtype) \
+            if self.log.has_viewers and self.val_loader is not None and not sharded else None
+        self._resumed = resume
         self._announce()
 
     # ---- the loop ------------------------------------------------------------------------
@@ -180,8 +198,14 @@ class Trainer:
         total = self.cfg.epochs * self.steps_per_epoch
         if self.cfg.max_steps is not None:
             total = min(total, self.cfg.max_steps)
-        self.progress = tqdm(total=total, initial=min(self.state.step, total), disable=not self.info.is_main,
-                             desc=f"{self.cfg.recipe} x{self.info.world_size}", unit="step", dynamic_ncols=True)
+        # A bar on a terminal; elsewhere (Slurm, nohup) a plain line for the first steps, then
+        # every log_every steps or log_every_s seconds (grr_data/infra/progress.py).
+        started, first_step = time.perf_counter(), self.state.step
+        self._step_seconds = 0.0
+        self.progress = progress(total=total, initial=min(self.state.step, total), disable=not self.info.is_main,
+                                 desc=f"{self.cfg.recipe} x{self.info.world_size}", unit="step", first=3,
+                                 every_n=self.cfg.log_every or None, every_s=self.cfg.log_every_s,
+                                 dynamic_ncols=True)
         try:
             try:
                 while self.stop_reason is None and self.state.epoch < self.cfg.epochs:
@@ -200,6 +224,8 @@ class Trainer:
             self.log.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        if self.info.is_main:
+            self._say_summary(time.perf_counter() - started, self.state.step - first_step)
         self._check_skipped_fraction()
         return {"step": self.state.step, "epoch": self.state.epoch, "stop_reason": self.stop_reason,
                 "num_skipped": self.state.num_skipped, "samples_skipped": self._samples_skipped(),
@@ -301,7 +327,7 @@ class Trainer:
         elif action == STOP:
             self.stop_reason = "early_stop"
         if self.info.is_main and action != "wait":
-            tqdm.write(f"step {self.state.step}: early stopping {action.replace('_', ' ')} (best "
+            say(f"step {self.state.step}: early stopping {action.replace('_', ' ')} (best "
                        f"{self.stopper.best:.4f}, learning-rate level {self.stopper.level + 1} of "
                        f"{self.cfg.num_lr_levels})")
 
@@ -309,7 +335,8 @@ class Trainer:
         """Validate on the val split and log it; sets stop_reason (and returns None) when a stop
         signal came before it finished."""
         self.val_loader.set_epoch(0)
-        bar = tqdm(total=len(self.val_loader), desc="validate", leave=False, disable=not self.info.is_main)
+        bar = progress(total=len(self.val_loader), desc="validate", unit="batch", leave=False,
+                       disable=not self.info.is_main)
         try:
             with torch.random.fork_rng(devices=[]):
                 result = validate(unwrap(self.model), self.val_loader, self.special, self.cfg.lambda_con,
@@ -323,10 +350,21 @@ class Trainer:
         self.log.log({"kind": "val", "step": self.state.step, "epoch": self.state.epoch, "split": self.cfg.val_split,
                       **result, "time": time.time()})
         if self.info.is_main:
-            tqdm.write(f"step {self.state.step} {self.cfg.val_split}: loss {result['loss']:.4f} "
+            say(f"step {self.state.step} {self.cfg.val_split}: loss {result['loss']:.4f} "
                        f"contrastive {result['contrastive']:.4f} (batch {result['contrastive_batch_size']}) "
                        f"perplexity {result['perplexity']:.2f}")
+            self._log_examples()
         return result
+
+    def _log_examples(self) -> None:
+        if self.examples is None:
+            return
+        rows = self.examples.rows(unwrap(self.model))
+        if rows:
+            self.log.log_captions(self.state.step, f"{self.cfg.val_split}/examples", rows)
+        elif self.examples.unavailable:
+            say(f"note: no example captions for TensorBoard/W&B: {self.examples.unavailable}")
+            self.examples = None
 
     def save(self) -> None:
         if self.info.is_main:
@@ -401,6 +439,7 @@ class Trainer:
                                f"{len(self.train_loader)} batches (epoch {self.state.epoch})") from None
 
     def _log_train(self, m: dict, seconds: float) -> None:
+        self._step_seconds += seconds
         samples_per_s = self.plan.global_batch / max(seconds, 1e-9)
         record = {"kind": "train", "step": self.state.step, "epoch": self.state.epoch, "loss": m["loss"],
                   "contrastive": m["contrastive"], "caption": m["caption"], "lr": m["lr"],
@@ -411,8 +450,9 @@ class Trainer:
             record["samples_skipped"] = dict(self.train_loader.skipped)
         record["time"] = time.time()
         self.log.log(record)
+        self.progress.set_postfix({"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}",
+                                   "samples/s": f"{samples_per_s:.1f}"}, refresh=False)
         self.progress.update(1)
-        self.progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", sps=f"{samples_per_s:.1f}")
 
     def _announce(self) -> None:
         """What a user should know before the first step, on the console and in metrics.jsonl."""
@@ -423,22 +463,35 @@ class Trainer:
             return
         for note in (self._batch_note, self._epochs_note):
             if note:
-                tqdm.write(note)
-        tqdm.write(f"batch: {self.plan.describe()}; {self.steps_per_epoch} steps per epoch")
+                say(note)
+        total = self.cfg.epochs * self.steps_per_epoch
+        total = total if cfg.max_steps is None else min(total, cfg.max_steps)
+        for line in start_banner(RunFacts(cfg, self.run_dir, self.model_config, self.data, self.plan,
+                                          self.steps_per_epoch, total, self.state.step, self._resumed, self.device,
+                                          self.autocast_dtype, self.compile_mode, self.train_loader)):
+            say(line)
+        for line in checks.setting_warnings(cfg, self.plan, self.device, total):
+            say(line)
         if self.val_loader is None:
             extra = f" (val_every {cfg.val_every} is ignored)" if cfg.val_every else ""
-            tqdm.write(f"warning: {self.data.path} has no {cfg.val_split!r} split; training without "
+            say(f"warning: {self.data.path} has no {cfg.val_split!r} split; training without "
                        f"validation{extra}")
         if self.data.split_mode == "paper":
             overlaps = dict(self.data.overlapping_splits)
-            tqdm.write(f"WARNING: {cfg.data} uses the paper split (split_mode 'paper', overlapping "
+            say(f"WARNING: {cfg.data} uses the paper split (split_mode 'paper', overlapping "
                        f"{overlaps}): its {cfg.val_split!r} pairs are also training pairs, so validation "
                        "and early stopping on it measure fitting, not generalisation")
             self.log.log({"kind": "event", "step": self.state.step, "what": "paper_split", "data": cfg.data,
                           "overlapping_splits": overlaps, "time": time.time()})
         if cfg.max_steps is not None and self.state.step >= cfg.max_steps:
-            tqdm.write(f"max_steps {cfg.max_steps} already reached (the run is at step {self.state.step}); "
+            say(f"max_steps {cfg.max_steps} already reached (the run is at step {self.state.step}); "
                        "pass --max-steps M or --set max_steps=none to train further")
+
+    def _say_summary(self, seconds: float, steps: int) -> None:
+        outcome = RunOutcome(self.stop_reason, self.state.step, self.state.epoch, steps, seconds, self._step_seconds,
+                             self.plan.global_batch, self._signal, self.state.num_skipped)
+        for line in end_summary(self.run_dir, outcome, self.cfg.val_split):
+            say(line)
 
     @staticmethod
     def _seed_everything(seed: int) -> None:
