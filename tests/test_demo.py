@@ -15,7 +15,7 @@ from grr_train.eval.compare import ROWS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def grr(*args, timeout=300):
+def grr(*args, timeout=900):  # a safety net for a loaded machine, not a measurement
     proc = subprocess.run([sys.executable, "-m", "grr_cli.main", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"grr {' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
