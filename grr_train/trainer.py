@@ -214,10 +214,11 @@ class Trainer:
         m = self.train_step_fn(micro_batches, stop_flag=self._signal is not None)
         if not m["finite"]:
             if not self.cfg.skip_nonfinite:
+                good = (f"the last good checkpoint is {ckpt.checkpoint_folder(self.run_dir, self.last_saved_step)}"
+                        if self.last_saved_step >= 0 else "no checkpoint was saved before it")
                 raise NonFiniteLoss(
                     f"step {self.step + 1}: loss {m['loss']} / gradient norm {m['grad_norm']} is not finite; "
-                    f"the last good checkpoint is in {self.run_dir / 'checkpoints'} (set skip_nonfinite=true "
-                    "to skip such steps instead)"
+                    f"{good} (set skip_nonfinite=true to skip such steps instead)"
                 )
             self.num_skipped += 1
             self.log.log({"kind": "event", "step": self.step + 1, "what": "skip_nonfinite", "loss": m["loss"],

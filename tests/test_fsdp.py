@@ -33,7 +33,7 @@ from grr_train.sharded_checkpoint import load_sharded, load_whole_weights, save_
 from grr_train.trainer import run_training
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import make_data, tiny, train_losses  # noqa: E402
+from test_train import check_soft_reset, make_data, soft_reset_run, tiny, train_losses  # noqa: E402
 from tiny_run import make_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,26 +107,15 @@ def small_data(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_one_process_finetunes_from_a_sharded_run_with_soft_resets(tmp_path, small_data):
+def test_one_process_finetunes_from_a_sharded_run_with_soft_resets(tmp_path, small_data, monkeypatch):
     # One process with parallelism=fsdp trains the plain model but saves sharded checkpoints:
-    # `--from` reads one whole, `best/` is written and the soft reset reloads it (load_sharded).
-    pre = tmp_path / "pre"
-    run_training(tiny(small_data, max_steps=1, val_split="none", parallelism="fsdp"), pre)
-    assert (pre / "checkpoints" / "step-0000001" / "sharded").is_dir()
-    # lr 0: the validation loss never improves after the first epoch, so the rule plays out exactly.
-    cfg = tiny(small_data, recipe="finetune", init_from=str(pre), dataset="test", lr_max=0.0, lr_min=0.0,
-               per_device_batch_size=4, warmup_steps=0, early_stop=True, patience_per_level=1, num_lr_levels=2,
-               epochs=10, dropout=0.1, parallelism="fsdp")
-    summary = run_training(cfg, tmp_path / "fine")
-    events = [r["what"] for r in read_metrics(tmp_path / "fine", "event")]
-    assert events == ["early_stop_improved", "early_stop_reset", "early_stop_stop", "stop"]
-    assert summary["stop_reason"] == "early_stop" and summary["epoch"] == 3
+    # `--from` reads one whole, `best/` is written sharded and the soft reset reloads it
+    # (load_sharded): weights and moments of best/, the learning rate divided (test_train.py's rule).
+    summary, records = soft_reset_run(tmp_path, small_data, monkeypatch, parallelism="fsdp")
+    assert (tmp_path / "pre" / "checkpoints" / "step-0000001" / "sharded").is_dir()
     best = tmp_path / "fine" / "best"
     assert ckpt.checkpoint_problem(best) is None and (best / "sharded").is_dir()
-    fine, _ = ckpt.load_model(best)
-    start, _ = ckpt.load_model(pre)
-    for name, tensor in start.state_dict().items():  # lr 0 all along: the weights it started from
-        assert torch.equal(fine.state_dict()[name], tensor), name
+    check_soft_reset(tmp_path / "fine", summary, records)
 
 
 @pytest.mark.slow
