@@ -15,6 +15,7 @@ checkpoints (torch.distributed.checkpoint).
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import reference_losses as reference
 import torch
 from typer.testing import CliRunner
 
@@ -232,17 +234,37 @@ def test_a_sharded_run_exports_and_evaluates_on_one_process(tmp_path):
 
     data, _ = make_set(tmp_path)  # 8 train samples, a real tokenizer
     run = tmp_path / "run"
-    train(data, run, 2, "fsdp", 1, extra=("val_split=none", "contrastive_batch_size=4"))
+    train(data, run, 2, "fsdp", 1, extra=("val_split=none", "contrastive_batch_size=4", "lambda_con=0.6",
+                                          "lambda_cap=1.4"))
     result = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "exported")])
     assert result.exit_code == 0, result.output
     from safetensors.torch import load_file
 
     exported = load_file(tmp_path / "exported" / ckpt.WEIGHTS)
-    model, _ = ckpt.load_model(run)
+    model, info = ckpt.load_model(run)
     assert exported.keys() == model.state_dict().keys()
     for name, tensor in model.state_dict().items():
         assert torch.equal(exported[name], tensor), name
     result = CliRunner().invoke(app, ["eval", str(run), "--data", str(data), "--split", "train", "--device", "cpu",
                                       "--batch-size", "4", "--contrastive-batch-size", "4", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output[result.output.index("{"):])["num_samples"] == 8
+    evaluated = json.loads(result.output[result.output.index("{"):])
+    assert evaluated["num_samples"] == 8
+    # the numbers themselves, from the exported weights and the reference losses: contrastive over the
+    # two chunks of 4 in plan order, caption over every counted token, the run's weights 0.6 and 1.4
+    from grr_data.loader import make_loader
+
+    (batch,) = list(make_loader(data, "train", batch_size=8, kind="cpu", shuffle=False, num_workers=0))
+    model.load_state_dict(exported)
+    with torch.no_grad():
+        out = model.eval()(batch["images"], batch["ids"])
+    ignored = info["special"].ignored_targets
+    targets = batch["ids"][:, 1:]
+    caption = float(reference.caption_sum(out.logits, targets, ignored) / reference.counted(targets, ignored).sum())
+    contrastive = sum(float(reference.contrastive(out.image_embed[s : s + 4], out.text_embed[s : s + 4], 0.07))
+                      for s in (0, 4)) / 2
+    assert (evaluated["lambda_con"], evaluated["lambda_cap"]) == (0.6, 1.4)
+    assert evaluated["caption"] == pytest.approx(caption, rel=1e-5)
+    assert evaluated["contrastive"] == pytest.approx(contrastive, rel=1e-5)
+    assert evaluated["loss"] == pytest.approx(0.6 * contrastive + 1.4 * caption, rel=1e-5)
+    assert evaluated["perplexity"] == pytest.approx(math.exp(caption), rel=1e-5)
