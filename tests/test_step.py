@@ -171,8 +171,7 @@ def test_activation_checkpointing_gives_the_same_results():
         torch.testing.assert_close(g_ckpt[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.slow
-def test_compiled_blocks_compute_what_eager_does():
+def test_compiled_blocks_compute_what_eager_does():  # quick tier: inductor's cache makes reruns cheap
     b = [batch(2)]
     eager, g_eager = grads_after(tiny_model(), b, 2.0)
     model = tiny_model()

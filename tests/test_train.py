@@ -66,8 +66,7 @@ def train_losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run, "train")]
 
 
-@pytest.mark.slow
-def test_small_preset_fits_the_data(tmp_path, small_data):
+def test_small_preset_fits_the_data(tmp_path, small_data):  # quick tier: 12 steps of 4 samples
     # 4 samples, one step per epoch, constant lr: the CoCa loss (about 14 at the start) must fall clearly.
     cfg = tiny(small_data, per_device_batch_size=4, epochs=12, warmup_steps=0, lr_min=1e-3, dropout=0.0,
                val_split="none")
