@@ -7,6 +7,7 @@ epoch restarts from its first batch)."""
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -119,10 +120,10 @@ def test_resume_on_another_world_size_with_another_contrastive_batch_restarts_th
     the same contrastive batch is tests/test_train_ddp.py's."""
     steps = recorded_batches(monkeypatch)
     cfg = tiny(data, val_split="none", dropout=0.0)
-    run_training(cfg.__class__(**{**cfg.to_dict(), "max_steps": 3}), tmp_path / "straight")  # epoch 0
+    run_training(replace(cfg, max_steps=3), tmp_path / "straight")  # epoch 0
     straight = list(steps)
     run = tmp_path / "run"
-    run_training(cfg.__class__(**{**cfg.to_dict(), "max_steps": 1}), run)
+    run_training(replace(cfg, max_steps=1), run)
     folder = ckpt.latest_checkpoint(run)
     meta = json.loads((folder / "meta.json").read_text())
     assert (meta["world_size"], meta["contrastive_batch"], meta["step"]) == (1, 2, 1)
