@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_session.sh dali    the DALI tests (/tmp/dali.env as for data), whole log in
 #                                          $OUT/dali_tests.log: a reader thread left alive fails its test with
 #                                          the thread's stack; a test hung for 120 s dumps every thread's stack
+#   bash benchmarks/gpu_session.sh gpu     every test marked `gpu` (README "Tests and benchmarks": `pytest -m gpu`)
 # Results are appended to $OUT/results.txt and printed. P, BASE, B, BIG, N, KIT, COMPILE override the preset,
 # the baseline, the micro-batches, the steps, the folder of ../shared/gpu's scripts and the compile mode
 # (for a dry run on a CPU).
@@ -86,6 +87,7 @@ dali)
   grep -E "^(FAILED|ERROR)|grr-dali-reader still alive|left grr-dali-reader|did not stop within|Timeout|passed|failed" \
       "$OUT/dali_tests.log" | tail -n 15 | tee -a "$R"
   echo "   rc=$rc" | tee -a "$R" ;;
+gpu) TAIL=8 run 400 $PY -m pytest -q -m gpu -p no:cacheprovider -rfEs ;;
 *) echo "usage: gpu_session.sh model|peer|data|speed|dali"; exit 2 ;;
 esac
 echo "== done $PART" | tee -a "$R"

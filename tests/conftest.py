@@ -1,12 +1,26 @@
-"""Markers: `slow` (end-to-end, tens of seconds; `pytest -m "not slow"` is the quick loop) and `gpu`
-(needs CUDA: skipped here with the reason, run on a GPU machine with `pytest -m gpu`)."""
+"""Markers (declared in pyproject.toml, checked with --strict-markers): `slow` (end-to-end, tens of
+seconds; `pytest -m "not slow"` is the quick tier), `gpu` (needs CUDA: skipped here with the reason,
+run on a GPU machine with `pytest -m gpu`) and `dali` (needs NVIDIA DALI).
+
+A `dali` test skips where DALI is not installed, unless the install asked for DALI: with
+`GRR_DALI=cu12` or `cu13` in the environment (what `.ci/run` exports to pytest, after
+`scripts/install.sh` was told to install it) a missing DALI fails every `dali` test, so a CI whose
+DALI install failed goes red instead of skipping the DALI tests."""
+
+import os
 
 import pytest
 import torch
 
+DALI_ASKED = os.environ.get("GRR_DALI", "").strip().lower() in ("cu12", "cu13")
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run there with `pytest -m gpu`)")
+
+def dali_imports() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,3 +55,14 @@ def env(s3, monkeypatch, tmp_path):
     s3.proxy.up()
     s3.proxy.delay_s = 0
     s3.proxy.slowdown(0)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("dali") is None or dali_imports():
+        return
+    if DALI_ASKED:
+        pytest.fail(f"GRR_DALI={os.environ['GRR_DALI']} asked for DALI, but nvidia.dali does not import: the "
+                    "install did not put it in (see scripts/install.sh's output), so the DALI tests cannot run",
+                    pytrace=False)
+    pytest.skip("nvidia.dali does not import here (pip install nvidia-dali-cuda120; GRR_DALI=cu12 makes its "
+                "absence a failure)")

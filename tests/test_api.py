@@ -1,8 +1,8 @@
 """The Python API (grr_train.api) and a run that travels with its tokenizer (grr_train.runs.tokenizer).
 
 README's "Python API" examples are `README_EXAMPLES` below, run as they are in a folder holding
-`runs/finetune-grr` (a tiny trained run), `photos/` and `exports/`; once README carries the section,
-a test checks it shows exactly these examples.
+`runs/finetune-grr` (a tiny trained run), `photos/` and `exports/`; a test checks README's section
+shows exactly these examples (and fails if the section goes).
 """
 
 import json
@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
+import reference_losses as reference  # noqa: E402
 from tiny_run import make_fetch_output, make_set, photos, tiny_config, train_tiny_run  # noqa: E402
 
 import grr_train.api as grr  # noqa: E402
@@ -102,28 +103,73 @@ def images(tmp_path_factory):
 # ---------------------------------------------------------------- README's examples
 
 
+def cli_captions(run, images, *flags) -> list[str]:
+    """The captions `grr caption` prints for `images`, one per line `PATH: caption`."""
+    result = CliRunner().invoke(app, ["caption", *map(str, images), "--ckpt", str(run), "--device", "cpu", *flags])
+    assert result.exit_code == 0, result.output
+    return [line.split(": ", 1)[1] for line in result.stdout.splitlines()]
+
+
+@torch.no_grad()
+def zero_shot_by_hand(loaded, images, texts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine similarities (N, C), softmax of them / 0.07) from the bare CoCa module's forward."""
+    ids = torch.from_numpy(loaded.tokenizer.encode_batch(texts)[0])
+    pixels = torch.stack([loaded.preprocess(p) for p in images])
+    image_embed = loaded.model(pixels, ids[:1].expand(len(images), -1)).image_embed
+    text_embed = loaded.model(pixels[:1].expand(len(texts), -1, -1, -1), ids).text_embed
+    similarity = image_embed @ text_embed.T
+    return similarity, (similarity / 0.07).softmax(dim=-1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", README_EXAMPLES)
-def test_readme_example_runs(name, made, tmp_path, monkeypatch, capsys):
+def test_readme_example_prints_what_it_says(name, made, tmp_path, monkeypatch, capsys):
+    import ast
+    import re
+
+    from grr_train.runs.weights import load_model
+
     (tmp_path / "runs").mkdir()
-    shutil.copytree(made[2], tmp_path / "runs" / "finetune-grr")
+    run = tmp_path / "runs" / "finetune-grr"
+    shutil.copytree(made[2], run)
     for path, stem in zip(photos(tmp_path / "photos", 3), ("dog", "cat", "car"), strict=True):
         path.rename(path.with_name(f"{stem}.jpg"))
     monkeypatch.chdir(tmp_path)
     if name == "exported":
         result = CliRunner().invoke(app, ["export", "runs/finetune-grr", "--out", "exports/finetune-grr"])
         assert result.exit_code == 0, result.output
-    exec(compile(README_EXAMPLES[name], f"README example {name!r}", "exec"), {})
-    printed = capsys.readouterr().out
-    assert printed.strip(), "the example prints its results"
-    if name == "embed, classify, caption":
-        assert printed.count("photos/") == 3 and all(f"photos/{s}.jpg" in printed for s in ("car", "cat", "dog"))
+    namespace = {}
+    exec(compile(README_EXAMPLES[name], f"README example {name!r}", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    files = [Path("photos") / f"{s}.jpg" for s in ("car", "cat", "dog")]  # a folder's images: sorted by name
+    if name == "three lines":
+        assert printed == [repr(cli_captions(run, ["photos/dog.jpg"]))]
+    elif name == "embed, classify, caption":
+        loaded = grr.load(run)
+        similarity, _ = zero_shot_by_hand(loaded, files, ["a dog on the grass", "a red car"])
+        table = "\n".join(line for line in printed if not line.startswith(("photos/", "['")))
+        numbers = [float(x) for x in re.findall(r"-?\d+\.\d+(?:e[-+]\d+)?", table)]
+        assert table.startswith("tensor([[") and numbers == pytest.approx(similarity.flatten().tolist(), abs=1e-4)
+        _, probs = zero_shot_by_hand(loaded, files, [f"a photo of a {n}." for n in ("dog", "cat", "car")])
+        classified = [line.split() for line in printed if line.startswith("photos/")]
+        assert [c[0] for c in classified] == [str(f) for f in files]
+        for (_, label, score), row in zip(classified, probs, strict=True):
+            assert label == ("dog", "cat", "car")[int(row.argmax())] and float(score) == pytest.approx(
+                float(row.max()), abs=0.005 + 1e-9)
+        captions = [ast.literal_eval(line) for line in printed if line.startswith("['")]
+        assert captions == [cli_captions(run, files), cli_captions(run, files, "--beams", "3"),
+                            cli_captions(run, files, "--top-p", "0.9", "--temperature", "0.8", "--seed", "0")]
+    else:
+        assert printed == [repr(cli_captions(run, ["photos/cat.jpg"], "--beams", "2"))]  # the export's = the run's
+        original, _ = load_model(run)
+        coca = namespace["coca"]
+        assert coca.state_dict().keys() == original.state_dict().keys()
+        assert all(torch.equal(coca.state_dict()[k], v) for k, v in original.state_dict().items())
 
 
 def test_readme_shows_the_tested_examples():
     readme = (ROOT / "README.md").read_text()
-    if "## Python API" not in readme:
-        pytest.skip("README.md has no '## Python API' section yet (the lead pastes it from /work/notes/H.md)")
+    assert "## Python API" in readme, "README.md has lost its '## Python API' section, whose examples this file runs"
     for name, code in README_EXAMPLES.items():
         assert f"```python\n{code}```" in readme, f"README's example {name!r} differs from tests/test_api.py"
 
@@ -178,10 +224,27 @@ def test_fine_tuning_elsewhere_needs_only_the_run_folder(made, tmp_path):
         make_fetch_output(tmp_path / "in", num_tars=1, per_tar=4, split_folder="train")
         shard_dataset(tmp_path / "in", tmp_path / "data", tokenizer=str(moved_run / "tokenizer"), progress=False,
                       workers=1)
-        cfg = replace(tiny_config(tmp_path / "data"), recipe="finetune", init_from=str(moved_run))
+        cfg = replace(tiny_config(tmp_path / "data"), recipe="finetune", init_from=str(moved_run), dropout=0.0,
+                      lambda_con=0.6, lambda_cap=1.4)
         assert run_training(cfg, tmp_path / "finetuned")["step"] == 1  # the tokenizer check passed
     finally:
         hidden.rename(tokenizer)
+    # the step started from the moved run's weights: its loss is theirs on the step's batch, by hand
+    from grr_data.loader import make_loader
+    from grr_train.runs.metrics import read_metrics
+    from grr_train.runs.weights import load_model
+
+    (logged,) = read_metrics(tmp_path / "finetuned", "train")
+    (batch,) = list(make_loader(tmp_path / "data", "train", batch_size=4, kind="cpu", shuffle=True, seed=cfg.seed,
+                                num_workers=0))
+    start, info = load_model(moved_run)
+    with torch.no_grad():
+        out = start(batch["images"], batch["ids"])
+    ignored = info["special"].ignored_targets
+    caption = reference.caption_sum(out.logits, batch["ids"][:, 1:], ignored) / reference.counted(
+        batch["ids"][:, 1:], ignored).sum()
+    expected = 0.6 * reference.contrastive(out.image_embed, out.text_embed, 0.07) + 1.4 * caption
+    assert logged["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_a_damaged_copy_is_refused(made, images, tmp_path):
@@ -273,8 +336,7 @@ def test_zero_shot_classification_of_a_folder(model, images):
     names = ["dog", "cat", "car"]
     predictions = model.classify(images[0].parent, names, template="a photo of a {}.")
     assert [p.image for p in predictions] == [str(p) for p in sorted(images)]
-    want = (model.embed_images(sorted(images)) @ model.embed_texts([f"a photo of a {n}." for n in names]).T
-            / model.temperature).softmax(dim=-1)
+    _, want = zero_shot_by_hand(model, sorted(images), [f"a photo of a {n}." for n in names])
     for p, row in zip(predictions, want.tolist(), strict=True):
         assert list(p.probs) == names and np.allclose(list(p.probs.values()), row, atol=1e-6)
         assert p.label == names[int(np.argmax(row))] and p.score == max(p.probs.values())

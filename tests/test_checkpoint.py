@@ -2,6 +2,7 @@
 
 import json
 import random
+import threading
 from fractions import Fraction
 
 import numpy as np
@@ -86,8 +87,8 @@ def test_run_config_is_plain_json(tmp_path):
 def test_failed_save_leaves_no_partial_folder(tmp_path):
     cfg, model = tiny_model()
     save_checkpoint(tmp_path, model, {}, meta(cfg, 1), keep=3)
-    with pytest.raises(Exception):  # noqa: B017  (whatever pickle raises for a lambda)
-        save_checkpoint(tmp_path, model, {"bad": lambda: 0}, meta(cfg, 2), keep=3)
+    with pytest.raises(TypeError, match="cannot pickle '_thread.lock' object"):  # what torch.save raises
+        save_checkpoint(tmp_path, model, {"bad": threading.Lock()}, meta(cfg, 2), keep=3)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000001"]
     assert ckpt.latest_checkpoint(tmp_path).name == "step-0000001"
 
@@ -124,34 +125,118 @@ def test_files_and_folders_are_fsynced_before_renaming(tmp_path, monkeypatch):
     assert str(tmp_path / "checkpoints") in synced  # the renames themselves
 
 
-def test_old_parameter_names_load_through_the_model_s_upgrade(tmp_path, monkeypatch):
+def old_layout(state: dict) -> dict:
+    """`state` as the model before issue 9 named it, written out here from that layout: each
+    self-attention (ViT blocks, both decoders' self_attn) had `q` (D x D) and `kv` (2D x D) where
+    today there is one `qkv` (3D x D) whose rows are q's, then k's and v's; cross-attention kept
+    its q and kv."""
+    old = {}
+    for name, tensor in state.items():
+        if ".qkv." in name:
+            width = tensor.shape[0] // 3
+            old[name.replace(".qkv.", ".q.")] = tensor[:width].clone()
+            old[name.replace(".qkv.", ".kv.")] = tensor[width:].clone()
+        else:
+            old[name] = tensor.clone()
+    return old
+
+
+def reseal(folder) -> None:
+    """What a save writes after the files: meta.json's sizes and SHA256SUMS, for files edited here."""
+    import hashlib
+
+    record = json.loads((folder / "meta.json").read_text())
+    for name in record["files"]:
+        record["files"][name]["size"] = (folder / name).stat().st_size
+    (folder / "meta.json").write_text(json.dumps(record))
+    names = [*record["files"], "meta.json"]
+    (folder / "SHA256SUMS").write_text("".join(f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}\n"
+                                               for n in names))
+
+
+def test_old_layout_weights_load_bit_equal_through_the_real_upgrade(tmp_path):
     from safetensors.torch import save_file
 
     cfg, model = tiny_model()
+    current = {name: t.clone() for name, t in model.state_dict().items()}
+    old = old_layout(current)
+    merged = [n for n in current if ".qkv." in n]
+    assert len(merged) == 2 * (cfg.depth + cfg.text_depth + cfg.multimodal_depth)  # weight and bias each
+    assert not any(".qkv." in n for n in old) and any(n.endswith("cross_attn.kv.weight") for n in old)
     save_checkpoint(tmp_path, model, {}, meta(cfg, 1), keep=1)
     folder = ckpt.latest_checkpoint(tmp_path)
-    # as saved by an older model: every name under another prefix, one tensor split in two
-    old = {f"old.{name}": t.clone() for name, t in model.state_dict().items()}
-    split = next(name for name, t in old.items() if t.dim() == 2)
-    old[split + ".a"], old[split + ".b"] = old.pop(split).chunk(2)
     save_file(old, str(folder / "model.safetensors"))
-    monkeypatch.setattr(weights, "upgrade_state_dict", lambda state_dict: state_dict)
-    with pytest.raises(ckpt.CheckpointError, match="does not fit the model.*missing.*unexpected"):
-        weights.load_weights(build_model(cfg), folder)  # strict: nothing is silently left at random
+    reseal(folder)
+    assert ckpt.checkpoint_problem(folder) is None
+    loaded, _ = weights.load_model(tmp_path)  # grr eval, grr caption and finetune --from load this way
+    assert loaded.state_dict().keys() == current.keys()
+    for name, tensor in current.items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
 
-    def upgrade(state_dict):
-        joined = torch.cat([state_dict.pop(split + ".a"), state_dict.pop(split + ".b")])
-        return {**{name.removeprefix("old."): t for name, t in state_dict.items()}, split[4:]: joined}
-
-    monkeypatch.setattr(weights, "upgrade_state_dict", upgrade)
-    loaded = build_model(cfg)
-    weights.load_weights(loaded, folder)
-    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    monkeypatch.setattr(weights, "upgrade_state_dict", lambda sd: {k: v for k, v in upgrade(sd).items()
-                                                                          if k != split[4:]})
-    with pytest.raises(ckpt.CheckpointError, match="missing"):
+    # strict: an old checkpoint missing one of a pair is refused, not loaded with a weight left at random
+    del old["unimodal.blocks.1.self_attn.kv.bias"]
+    save_file(old, str(folder / "model.safetensors"))
+    with pytest.raises(ckpt.CheckpointError, match=r"does not fit the model CoCa: missing "
+                                                   r"\['unimodal.blocks.1.self_attn.qkv.bias'\], unexpected "
+                                                   r"\['unimodal.blocks.1.self_attn.q.bias'\]"):
         weights.load_weights(build_model(cfg), folder)
+
+
+def test_an_old_layout_run_is_refused_for_resume_and_names_what_to_do(tmp_path):
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from grr_train.train.config import TrainConfig, resume_config
+    from grr_train.train.trainer import run_training
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from shardset import make_shardset
+
+    data = make_shardset(tmp_path / "data", (4,), split="train")
+    run = tmp_path / "run"
+    run_training(replace(TrainConfig(), preset="grr-tiny", data=str(data), per_device_batch_size=4, global_batch_size=4,
+                         max_steps=1, num_workers=0, loader="cpu", val_split="none", tensorboard=False), run)
+    folder = ckpt.latest_checkpoint(run)
+    model, _ = weights.load_model(run)
+    save_file(old_layout(model.state_dict()), str(folder / "model.safetensors"))
+    reseal(folder)
+    with pytest.raises(ValueError, match=rf"{run} was saved before attention's q, k and v became one projection: its "
+                                         r"weights load for grr eval, grr caption and finetune --from, but its "
+                                         r"optimizer state cannot resume; fine-tune from it \(--from\) instead"):
+        run_training(resume_config(run, max_steps=2), run, resume=True)
+    loaded, _ = weights.load_model(run)  # what the message offers still works
+    assert all(torch.equal(loaded.state_dict()[n], t) for n, t in model.state_dict().items())
+
+
+def test_checkpoint_format_version_is_written_and_checked(tmp_path):
+    cfg, model = tiny_model()
+    folder = save_checkpoint(tmp_path, model, {}, meta(cfg, 1), keep=1)
+    record = json.loads((folder / "meta.json").read_text())
+    assert record["format_version"] == 1
+    record["format_version"] = 2  # a checkpoint from a newer grr
+    (folder / "meta.json").write_text(json.dumps(record))
+    reseal(folder)
+    with pytest.raises(ckpt.CheckpointError, match=rf"{folder}: checkpoint format 2, expected 1"):
+        weights.load_model(folder)
+
+
+def test_a_malformed_checksum_line_makes_the_checkpoint_unusable(tmp_path, capsys):
+    cfg, model = tiny_model()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, model, {"step": step}, meta(cfg, step), keep=2)
+    folder = tmp_path / "checkpoints" / "step-0000002"
+    lines = (folder / "SHA256SUMS").read_text().splitlines()
+    lines[1] = lines[1].replace("  ", " ", 1)  # one space: not `sha256sum -c` format
+    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    assert ckpt.checkpoint_problem(folder) == (f"cannot read {folder / 'SHA256SUMS'} ({folder / 'SHA256SUMS'}:2 is "
+                                               "not a 'SHA-256  name' line)")
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000001"
+    assert "using step-0000001" in capsys.readouterr().err
+    with pytest.raises(ckpt.CheckpointError, match="SHA256SUMS:2 is not a 'SHA-256  name' line"):
+        ckpt.resolve_checkpoint(folder)
 
 
 def test_rng_state_saves_only_this_rank_s_gpu(monkeypatch):

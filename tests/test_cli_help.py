@@ -38,7 +38,11 @@ def test_training_flags_read_as_flags(command):
     assert flags <= set(lines), result.output
     for flag in flags:
         assert "<bool>" not in lines[flag] and "--no-" not in lines[flag], lines[flag]  # no value, no negation
-    assert "KEY=VALUE" in lines.get("--set", "KEY=VALUE")
+    if command[0] == "train":  # training settings are --set KEY=VALUE; the benchmark has none
+        assert "--set" in lines and "KEY=VALUE" in lines["--set"], result.output
+        assert "`grr train settings` lists the names, defaults and meanings" in lines["--set"]
+    else:
+        assert "--set" not in lines
 
 
 def test_train_settings_lists_every_setting_with_defaults():
@@ -53,6 +57,9 @@ def test_train_settings_lists_every_setting_with_defaults():
         assert f.name in rows and SETTING_HELP[f.name] in rows[f.name], f.name
     assert rows["lr_max"].split(SETTING_HELP["lr_max"])[0].split()[1:] == ["0.0001", "(finetune", "1e-05)"]
     assert rows["seed"].split()[1] == "0"
+    assert rows["lambda_cap"].split()[:4] == ["lambda_cap", "1.0", "(finetune", "2.0)"]
+    assert rows["lambda_cap"].endswith("weight of the captioning loss (eq. 6)")
+    assert rows["weight_decay"].split()[:2] == ["weight_decay", "0.001"]
 
 
 def test_version_is_the_distributions():

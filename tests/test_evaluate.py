@@ -1,8 +1,11 @@
 """`evaluate_run` in one pass: one loader over the split, each image encoded once, and every
 number the same as when losses, retrieval and captions are computed from separate passes."""
 
+import math
+
 import numpy as np
 import pytest
+import reference_losses as reference
 import torch
 from ckpt_helpers import save_checkpoint
 from PIL import Image
@@ -15,7 +18,6 @@ from grr_train.eval.retrieval import group_by_image, recall_at_k
 from grr_train.infer.generate import DecodeOptions, generate_from_tokens
 from grr_train.model import build_model, get_config
 from grr_train.runs import weights
-from grr_train.train.losses import caption_loss
 
 SPECIAL = SpecialIds.for_vocab(VOCAB_SIZE)
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
@@ -31,7 +33,7 @@ def data_and_run(tmp_path_factory):
     cfg = get_config("grr-tiny", vocab_size=VOCAB_SIZE)
     model = build_model(cfg)
     meta = {"step": 3, "epoch": 0, "world_size": 1, "model_config": cfg.to_dict(),
-            "train_config": {"recipe": "pretrain", "lambda_con": 1.0, "lambda_cap": 2.0, "precision": "fp32",
+            "train_config": {"recipe": "pretrain", "lambda_con": 0.6, "lambda_cap": 1.7, "precision": "fp32",
                              "val_contrastive_batch_size": 2},
             "special": SPECIAL.to_dict()}
     save_checkpoint(root / "run", model, {}, meta, keep=1)
@@ -81,8 +83,17 @@ def test_one_pass_equals_separate_passes(data_and_run):
         image_embed, image_tokens = model.encode_image(images)
         text_embed = model.encode_text(ids)
         logits = model(images, ids).logits
-    caption = float(caption_loss(logits, ids[:, 1:], SPECIAL.ignored_targets))
+    # the paper's numbers against the reference losses, with the run's own weights 0.6 and 1.7
+    targets = ids[:, 1:]
+    num_tokens = int(reference.counted(targets, SPECIAL.ignored_targets).sum())
+    caption = float(reference.caption_sum(logits, targets, SPECIAL.ignored_targets)) / num_tokens
+    contrastive = float(reference.contrastive(image_embed, text_embed, 0.07))  # one chunk of all 7
+    assert result["num_tokens"] == num_tokens and result["num_contrastive_dropped"] == 0
+    assert (result["lambda_con"], result["lambda_cap"]) == (0.6, 1.7)
     assert result["caption"] == pytest.approx(caption, rel=1e-5)
+    assert result["contrastive"] == pytest.approx(contrastive, rel=1e-5)
+    assert result["loss"] == pytest.approx(0.6 * contrastive + 1.7 * caption, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(caption), rel=1e-5)
 
     text_to_image, first = group_by_image([evaluate.image_hash(img) for img in images])
     expected = recall_at_k(image_embed[first], text_embed, text_to_image)

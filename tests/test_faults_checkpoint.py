@@ -254,6 +254,80 @@ def test_a_full_disk_while_logging_names_the_file(tmp_path, monkeypatch):
         log.log({"kind": "train", "step": 1})
 
 
+# The error safetensors raised on a real 1 MB tmpfs (test_a_full_disk_while_saving_says_so_and_names_the_checkpoint,
+# which needs a private mount namespace): its writes happen in Rust, out of Python's reach.
+SAFETENSORS_FULL_DISK = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+class FullAfter:
+    """A file that takes `room` bytes, then fails every write with ENOSPC, as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        import errno
+
+        if len(data) > self.room:
+            self.f.write(data[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("full_at", ["model.safetensors", "state.pt", "meta.json", "SHA256SUMS"])
+def test_a_simulated_full_disk_while_saving_names_the_checkpoint_and_leaves_no_partial_folder(
+        tmp_path, monkeypatch, full_at):
+    """The disk fills during the write of `full_at` (ENOSPC at the write, part of the data written);
+    no tmpfs or root needed. The save fails with one OSError naming the checkpoint and what to do,
+    the partial folder is gone, and the checkpoint before it is still the run's latest."""
+    import errno
+    import pathlib
+
+    from safetensors import SafetensorError
+
+    cfg, model = tiny_model(seed=0)
+    save_checkpoint(tmp_path, model, {"step": 1}, meta(cfg, 1), keep=3)
+    if full_at == "model.safetensors":
+        def full_disk_save(module, filename):
+            pathlib.Path(filename).write_bytes(b"\0" * 4096)  # part of it reached the disk
+            raise SafetensorError(SAFETENSORS_FULL_DISK)
+
+        monkeypatch.setattr(ckpt, "save_safetensors_model", full_disk_save)
+    elif full_at == "state.pt":
+        monkeypatch.setattr(ckpt, "open", lambda path, mode="r", *a, **k: FullAfter(open(path, mode, *a, **k), 1000),
+                            raising=False)
+    else:
+        real_write_text = pathlib.Path.write_text
+
+        def write_text(self, data, *args, **kwargs):
+            if self.name != full_at:
+                return real_write_text(self, data, *args, **kwargs)
+            with FullAfter(open(self, "w"), len(data) // 2) as f:
+                return f.write(data)
+
+        monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    final = tmp_path / "checkpoints" / "step-0000002"
+    with pytest.raises(OSError) as caught:
+        save_checkpoint(tmp_path, model, {"step": 2}, meta(cfg, 2), keep=3)
+    assert caught.value.errno == errno.ENOSPC
+    assert str(caught.value) == (f"[Errno 28] No space left on device while saving the checkpoint {final}; free space "
+                                 "on that disk, then continue with --resume (the checkpoints saved before are intact)")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000001"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000001"
+
+
 def run_on_small_tmpfs(tmp_path: Path, size: str, script: str, **variables) -> subprocess.CompletedProcess:
     """Run `script` (Python, given DISK, the mount point, and `variables`) where DISK is a tmpfs of
     `size`, in a private mount namespace so nothing is left mounted; skips where that is not allowed."""

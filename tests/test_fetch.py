@@ -50,6 +50,7 @@ def test_sample_through_the_cli(sample_run):
     assert rerun.exit_code == 0 and "already complete" in rerun.output
 
 
+@pytest.mark.slow  # the sample_run fixture: a whole img2dataset fetch with its spawned processes
 def test_sample_images_captions_and_splits(sample_run):
     out = sample_run[0]
     splits = {s: read_split(out / s) for s in ("train", "val")}

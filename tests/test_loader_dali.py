@@ -16,9 +16,8 @@ from grr_data.loader import make_loader
 from grr_data.loader.base import STD
 from grr_data.loader.reader import BatchReader, thread_stacks
 
-pytest.importorskip(
-    "nvidia.dali", reason="nvidia.dali does not import here (pip install nvidia-dali-cuda120)"
-)
+# Without DALI these skip, or fail where the install asked for it (GRR_DALI=cu12|cu13): tests/conftest.py.
+pytestmark = pytest.mark.dali
 
 # Measured on the test photos: max 3 levels (of 255) on a handful of pixels, mean ~0.001 levels.
 # Both decode with libjpeg-turbo and resize with an antialiased bilinear (triangle) filter.

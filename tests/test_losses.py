@@ -5,6 +5,7 @@ import os
 import socket
 
 import pytest
+import reference_losses as reference
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -67,19 +68,38 @@ class Out:
         self.image_embed, self.text_embed, self.logits = image_embed, text_embed, logits
 
 
-def test_coca_loss_is_eq6():
+LAMBDA_CON, LAMBDA_CAP = 0.7, 1.3  # distinct, not 1: a dropped or swapped weight changes the value
+
+
+def test_coca_loss_is_eq6_with_its_weights_and_gradients():
     torch.manual_seed(0)
     ids = torch.tensor([[8, 3, 4, 1, 0, 9, 0], [8, 5, 1, 0, 0, 9, 0]])  # BOS w.. EOS PAD CLS PAD
-    out = Out(unit(torch.randn(2, 4)), unit(torch.randn(2, 4)), torch.randn(2, 6, 10))
-    parts = coca_loss(out, ids, Special(), lambda_con=2.0, lambda_cap=1.0, temperature=0.07)
+    image = unit(torch.randn(2, 4)).requires_grad_()
+    text = unit(torch.randn(2, 4)).requires_grad_()
+    logits = torch.randn(2, 6, 10, requires_grad=True)
+    parts = coca_loss(Out(image, text, logits), ids, Special(), lambda_con=LAMBDA_CON, lambda_cap=LAMBDA_CAP,
+                      temperature=0.07)
     targets = ids[:, 1:]
     keep = (targets != 8) & (targets != 0) & (targets != 9)
     assert parts["num_tokens"].item() == int(keep.sum()) == 5
-    expected_sum = F.cross_entropy(out.logits[keep], targets[keep], reduction="sum")
-    torch.testing.assert_close(parts["caption_sum"], expected_sum)
-    torch.testing.assert_close(parts["caption"], expected_sum / 5)
-    torch.testing.assert_close(parts["contrastive"], contrastive_loss(out.image_embed, out.text_embed, 0.07))
-    torch.testing.assert_close(parts["loss"], 2.0 * parts["contrastive"] + parts["caption"])
+    # by hand: eq. 2 in plain floats, eq. 3-4 from log-softmax rows
+    con = eq2_by_hand(image.detach(), text.detach(), 0.07)
+    log_probs = logits.detach().log_softmax(dim=-1)
+    cap_sum = -sum(float(log_probs[b, t, targets[b, t]]) for b, t in keep.nonzero().tolist())
+    assert parts["contrastive"].item() == pytest.approx(con, rel=1e-5)
+    assert parts["caption_sum"].item() == pytest.approx(cap_sum, rel=1e-5)
+    assert parts["caption"].item() == pytest.approx(cap_sum / 5, rel=1e-5)
+    assert parts["loss"].item() == pytest.approx(0.7 * con + 1.3 * cap_sum / 5, rel=1e-5)
+
+    parts["loss"].backward()
+    grads = [t.grad.clone() for t in (image, text, logits)]
+    for t in (image, text, logits):
+        t.grad = None
+    expected = (LAMBDA_CON * reference.contrastive(image, text, 0.07)
+                + LAMBDA_CAP * reference.caption_sum(logits, targets, Special.ignored_targets) / 5)
+    expected.backward()
+    for got, t, name in zip(grads, (image, text, logits), ("image_embed", "text_embed", "logits"), strict=True):
+        torch.testing.assert_close(got, t.grad.float(), rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_perplexity():

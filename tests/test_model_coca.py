@@ -1,6 +1,8 @@
 """Tests of the assembled CoCa: paper parameter counts, config round trip, forward/backward,
 causality, PAD masking, cached decoding and the FLOPs count."""
 
+import re
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -79,6 +81,29 @@ def test_config_round_trip_and_errors():
         get_config("grr-coca", vit_pos="learned")
     with pytest.raises(ValueError, match="unknown fields"):
         ModelConfig.from_dict({**cfg.to_dict(), "extra": 1})
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(vit_norm="batchnorm"), "vit_norm 'batchnorm' is not one of ('layernorm', 'rmsnorm')"),
+    (dict(vit_ffn="swiglu"), "vit_ffn 'swiglu' is not one of ('mlp', 'geglu')"),
+    (dict(vit_pos="alibi"), "vit_pos 'alibi' is not one of ('sincos', 'rope1d', 'rope2d')"),
+    (dict(image_size=289), "image_size 289 is not a multiple of patch_size 48"),
+    (dict(width=66), "width 66 is not a multiple of heads 4"),
+    (dict(width=24), "head size 6 must be a multiple of 4 (2D RoPE splits it in pairs per axis)"),
+    (dict(cls_index=64), "cls_index 64 lies outside the 64 inputs"),
+    (dict(cls_index=-1), "cls_index -1 lies outside the 64 inputs"),
+    (dict(dropout=1.0), "dropout 1.0 is not in [0, 1)"),
+    (dict(dropout=-0.1), "dropout -0.1 is not in [0, 1)"),
+    (dict(temperature=0.0), "temperature 0.0 must be positive"),
+], ids=lambda v: "-".join(map(str, v)) if isinstance(v, dict) else None)
+def test_model_config_refuses(fields, message):
+    with pytest.raises(ValueError, match=r"^invalid model config: " + re.escape(message) + "$"):
+        get_config("grr-tiny", **fields)
+
+
+def test_model_config_lists_every_problem_at_once():
+    with pytest.raises(ValueError, match=r"vit_ffn 'x' .*; dropout 2.0 is not in \[0, 1\); temperature -1.0"):
+        get_config("grr-tiny", vit_ffn="x", dropout=2.0, temperature=-1.0)
 
 
 @pytest.mark.parametrize("preset", ["grr-tiny", "baseline-tiny", "grr-tiny-rope2d"])

@@ -193,6 +193,10 @@ def test_bad_options_are_one_line_errors(fetched, tmp_path):
     # a folder holding another dataset's finished fetch is not "already complete" for this one
     with pytest.raises(FetchError, match=r"holds a finished shapes fetch, not sample; choose another --out"):
         fetch("sample", FetchOptions(out=out))
+
+
+@pytest.mark.slow  # a whole img2dataset fetch of the sample set (its spawned processes: ~10 s)
+def test_a_finished_sample_fetch_is_not_taken_for_shapes(tmp_path):
     sample = tmp_path / "sample"
     fetch("sample", FetchOptions(out=sample))
     with pytest.raises(FetchError, match=r"holds a finished sample fetch, not shapes"):

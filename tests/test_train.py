@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from grr_train.runs.metrics import read_metrics
 from grr_train.train.config import TrainConfig, resume_config
@@ -65,8 +66,7 @@ def train_losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run, "train")]
 
 
-@pytest.mark.slow
-def test_small_preset_fits_the_data(tmp_path, small_data):
+def test_small_preset_fits_the_data(tmp_path, small_data):  # quick tier: 12 steps of 4 samples
     # 4 samples, one step per epoch, constant lr: the CoCa loss (about 14 at the start) must fall clearly.
     cfg = tiny(small_data, per_device_batch_size=4, epochs=12, warmup_steps=0, lr_min=1e-3, dropout=0.0,
                val_split="none")
@@ -126,20 +126,92 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data):
     assert [s for s, _ in train_losses(run)] == list(range(1, step + 2))
 
 
-def test_finetune_soft_reset_then_stop(tmp_path, small_data):
+def scripted_validation(monkeypatch, losses) -> None:
+    """Validation that returns the given losses in turn (the trainer's own validation is tested
+    in tests/test_train_validate.py), so early stopping's decisions are known in advance."""
+    import grr_train.train.trainer as trainer
+
+    script = iter(losses)
+
+    def validate(*args, **kwargs):
+        loss = next(script)
+        return {"loss": loss, "contrastive": loss / 3, "caption": loss / 3, "perplexity": math.exp(loss / 3),
+                "contrastive_batch_size": 4, "num_samples": 4, "num_tokens": 9, "num_contrastive_dropped": 0}
+
+    monkeypatch.setattr(trainer, "validate", validate)
+
+
+def recorded_steps(monkeypatch) -> list[dict]:
+    """Each train step's weights and optimizer state before and after it, in order."""
+    import copy
+
+    import grr_train.train.trainer as trainer
+    from grr_train.runtime.parallel import unwrap
+
+    records, real = [], trainer.Trainer.train_step
+
+    def snapshot(self) -> dict:
+        return {"weights": {n: t.clone() for n, t in unwrap(self.model).state_dict().items()},
+                "moments": copy.deepcopy(self.optimizer.state_dict()["state"])}
+
+    def recording(self, micro_batches):
+        before = snapshot(self)
+        metrics = real(self, micro_batches)
+        records.append({"before": before, "after": snapshot(self), "lr": metrics["lr"]})
+        return metrics
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", recording)
+    return records
+
+
+def same_moments(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[i][k], b[i][k]) for i in a for k in ("exp_avg", "exp_avg_sq"))
+
+
+def soft_reset_run(tmp_path, data, monkeypatch, **kw) -> tuple[dict, list[dict]]:
+    """Fine-tune 1 step per epoch at lr 1e-3 (no warm-up) with validation losses 5, 6, 7 (better,
+    worse, worse): patience 1 and 2 levels give improved (best/ = step 1), reset (reload best/,
+    lr divided by lr_reduction 10) and stop. Returns the summary and the per-step records."""
     pre = tmp_path / "pre"
-    run_training(tiny(small_data, max_steps=1, val_split="none"), pre)
-    # lr 0: the validation loss never improves after the first epoch, so the rule plays out exactly.
-    cfg = tiny(small_data, recipe="finetune", init_from=str(pre), dataset="test", lr_max=0.0, lr_min=0.0,
-               per_device_batch_size=4, warmup_steps=0, early_stop=True, patience_per_level=1, num_lr_levels=2, epochs=10, dropout=0.1)
-    summary = run_training(cfg, tmp_path / "fine")
-    events = [r["what"] for r in read_metrics(tmp_path / "fine", "event")]
+    run_training(tiny(data, max_steps=1, val_split="none", **kw), pre)
+    scripted_validation(monkeypatch, [5.0, 6.0, 7.0])
+    records = recorded_steps(monkeypatch)
+    cfg = tiny(data, recipe="finetune", init_from=str(pre), dataset="test", lr_max=1e-3, lr_min=1e-4,
+               per_device_batch_size=4, warmup_steps=0, early_stop=True, patience_per_level=1, num_lr_levels=2,
+               lr_reduction=10.0, epochs=10, dropout=0.1, **kw)
+    return run_training(cfg, tmp_path / "fine"), records
+
+
+def check_soft_reset(run: Path, summary: dict, records: list[dict]) -> None:
+    from grr_train.runs.weights import load_model
+
+    events = [r["what"] for r in read_metrics(run, "event")]
     assert events == ["early_stop_improved", "early_stop_reset", "early_stop_stop", "stop"]
-    assert summary["stop_reason"] == "early_stop" and summary["epoch"] == 3
-    assert (tmp_path / "fine" / "best" / "model.safetensors").exists()
+    assert summary["stop_reason"] == "early_stop" and summary["epoch"] == 3 and summary["step"] == 3
+    after_1, before_3 = records[0]["after"], records[2]["before"]
+    after_2 = records[1]["after"]
+    best, _ = load_model(run / "best")
+    for name, tensor in best.state_dict().items():
+        assert torch.equal(after_1["weights"][name], tensor), name  # best/ holds step 1's weights
+        assert torch.equal(before_3["weights"][name], tensor), name  # the reset reloaded them
+    # step 2 moved the weights and moments (lr 1e-3), so the reset undid something
+    assert any(not torch.equal(after_2["weights"][n], t) for n, t in best.state_dict().items())
+    assert not same_moments(after_2["moments"], after_1["moments"])
+    assert same_moments(before_3["moments"], after_1["moments"])  # the moments of best/, restored
+    # the learning rate of each epoch's one step: lr_max, lr_max, then lr_max / lr_reduction
+    assert [r["lr"] for r in records] == pytest.approx([1e-3, 1e-3, 1e-4], rel=1e-12)
+    assert [r["lr"] for r in read_metrics(run, "train")] == pytest.approx([1e-3, 1e-3, 1e-4], rel=1e-12)
+
+
+def test_finetune_soft_reset_reloads_best_and_lowers_the_lr_then_stops(tmp_path, small_data, monkeypatch):
+    summary, records = soft_reset_run(tmp_path, small_data, monkeypatch)
+    check_soft_reset(tmp_path / "fine", summary, records)
     saved = json.loads((tmp_path / "fine" / "config.json").read_text())
-    assert saved["model"]["dropout"] == 0.1 and saved["train"]["init_from"] == str(pre)
-    assert os.path.exists(tmp_path / "fine" / "checkpoints" / "latest")
+    assert saved["model"]["dropout"] == 0.1 and saved["train"]["init_from"] == str(tmp_path / "pre")
+    from grr_train.runs.checkpoint import load_state
+
+    best_moments = load_state(tmp_path / "fine" / "best")["optimizer"]["state"]
+    assert same_moments(best_moments, records[0]["after"]["moments"])
 
 
 def test_paper_split_warns_and_run_records_the_tokenizer(tmp_path, capsys):

@@ -161,3 +161,31 @@ def test_plan_run_refuses_a_run_of_the_other_recipe(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"train": TrainConfig().to_dict()}))
     with pytest.raises(ValueError, match="holds a pretrain run, not a finetune one"):
         plan_run("finetune", tmp_path, "yes")
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(recipe="train"), "recipe must be one of ('pretrain', 'finetune'), got 'train'"),
+    (dict(preset="grr-huge"), "unknown preset 'grr-huge'; known: "),
+    (dict(precision="fp16"), "precision must be one of ('auto', 'fp32', 'bf16'), got 'fp16'"),
+    (dict(loader="gpu"), "loader must be one of ('auto', 'dali', 'cpu'), got 'gpu'"),
+    (dict(compile="yes"), "compile must be one of ('auto', 'off', 'blocks', 'model'), got 'yes'"),
+    (dict(parallelism="zero3"), "parallelism must be one of ('ddp', 'fsdp'), got 'zero3'"),
+    (dict(parallelism="fsdp", compile="model"), "compile=model does not combine with parallelism=fsdp"),
+    (dict(trim_text_padding=True, compile="blocks"), "trim_text_padding=true runs the model eagerly"),
+    (dict(per_device_batch_size=0), "per_device_batch_size must be at least 1, got 0"),
+    (dict(lr_cycle_steps=0), "lr_cycle_steps must be at least 1, got 0"),
+    (dict(num_workers=-1), "num_workers must be >= 0, got -1"),
+    *[(dict([(name, 0)]), f"{name} must be at least 1, got 0") for name in (
+        "global_batch_size", "contrastive_batch_size", "epochs", "val_batch_size", "val_contrastive_batch_size",
+        "checkpoint_every", "keep_checkpoints", "patience_per_level", "num_lr_levels")],
+    (dict(max_steps=-1), "max_steps must be >= 0, got -1"),
+    (dict(lr_min=1e-3, lr_max=1e-4), "need 0 <= lr_min <= lr_max, got 0.001 and 0.0001"),
+    (dict(lr_min=-1e-6), "need 0 <= lr_min <= lr_max, got -1e-06 and 0.0001"),
+    (dict(recipe="finetune"), "fine-tuning needs the weights to start from (--from RUN_OR_CHECKPOINT"),
+], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
+def test_train_config_refuses(fields, message):
+    import re
+
+    TrainConfig().validate()  # the defaults are valid: each case is refused for its own field
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        TrainConfig(**fields).validate()

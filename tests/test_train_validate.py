@@ -4,11 +4,13 @@ unusable samples are left out of every sum, and the contrastive chunks are cut f
 samples in plan order (grr_train.train.validate)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import reference_losses as reference
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,13 +18,13 @@ import torch.multiprocessing as mp
 from grr_data.loader import make_loader
 from grr_train.eval.evaluate import RealSamples
 from grr_train.model import build_model, get_config
-from grr_train.train.losses import caption_loss, contrastive_loss
 from grr_train.train.validate import validate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shardset import _photos, make_shardset, photo_jpeg  # noqa: E402
 
 NUM_SAMPLES, CHUNK = 7, 3
+LAMBDA_CON, LAMBDA_CAP = 0.7, 1.3  # distinct, not 1: a dropped or swapped weight changes the loss
 CORRUPT = 2  # the sample made unreadable in `corrupt_data`: batch size 4 replaces it by sample 3
 
 
@@ -54,25 +56,25 @@ def tiny_model():
 def run_validate(model, data, batch_size, rank=0, world_size=1):
     loader = make_loader(data, split="val", batch_size=batch_size, kind="cpu", rank=rank, world_size=world_size,
                          shuffle=False, num_workers=0)
-    return validate(model, loader, loader.special, lambda_con=2.0, lambda_cap=1.0, temperature=0.07,
+    return validate(model, loader, loader.special, lambda_con=LAMBDA_CON, lambda_cap=LAMBDA_CAP, temperature=0.07,
                     contrastive_batch_size=CHUNK)
 
 
 @torch.no_grad()
 def straight(model, data, keep=tuple(range(NUM_SAMPLES))) -> dict:
     """The metrics computed by hand over the samples `keep` of the intact set, all in one batch
-    (no padding, no substitute involved)."""
+    (no padding, no substitute involved), with the reference losses (tests/reference_losses.py)."""
     loader = make_loader(data, split="val", batch_size=NUM_SAMPLES, kind="cpu", shuffle=False, num_workers=0)
     (batch,) = list(loader)
     special = loader.special
     keep = list(keep)
     out = model(batch["images"][keep], batch["ids"][keep])
     targets = batch["ids"][keep, 1:]
-    caption_sum = float(caption_loss(out.logits, targets, special.ignored_targets, reduction="sum"))
+    caption_sum = float(reference.caption_sum(out.logits, targets, special.ignored_targets))
     tokens = int((~torch.isin(targets, torch.tensor(special.ignored_targets))).sum())
     n = len(keep)
-    chunks = [float(contrastive_loss(out.image_embed[s : s + CHUNK], out.text_embed[s : s + CHUNK], 0.07,
-                                     gather=False)) for s in range(0, n - CHUNK + 1, CHUNK)]
+    chunks = [float(reference.contrastive(out.image_embed[s : s + CHUNK], out.text_embed[s : s + CHUNK], 0.07))
+              for s in range(0, n - CHUNK + 1, CHUNK)]
     return {"caption": caption_sum / tokens, "num_tokens": tokens, "contrastive": sum(chunks) / len(chunks),
             "num_samples": n, "num_contrastive_dropped": n % CHUNK}
 
@@ -86,8 +88,9 @@ def assert_same(result: dict, expected: dict) -> None:
     assert result["num_contrastive_dropped"] == expected["num_contrastive_dropped"]
     assert result["caption"] == pytest.approx(expected["caption"], rel=1e-5)
     assert result["contrastive"] == pytest.approx(expected["contrastive"], rel=1e-5)
-    loss = 2.0 * expected["contrastive"] + expected["caption"]
+    loss = 0.7 * expected["contrastive"] + 1.3 * expected["caption"]
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(expected["caption"]), rel=1e-5)
 
 
 @pytest.mark.parametrize("batch_size", [4, 2, 7])
@@ -164,7 +167,7 @@ def test_eval_precision_follows_the_run_unless_told():
 def test_bf16_autocast_validation_is_close_to_fp32(val_data):
     model = tiny_model()
     loader = make_loader(val_data, split="val", batch_size=4, kind="cpu", shuffle=False, num_workers=0)
-    bf16 = validate(model, loader, loader.special, lambda_con=2.0, lambda_cap=1.0, temperature=0.07,
+    bf16 = validate(model, loader, loader.special, lambda_con=LAMBDA_CON, lambda_cap=LAMBDA_CAP, temperature=0.07,
                     contrastive_batch_size=CHUNK, autocast_dtype=torch.bfloat16)
     fp32 = straight(model, val_data)
     assert bf16["num_samples"] == fp32["num_samples"] and bf16["num_tokens"] == fp32["num_tokens"]

@@ -47,7 +47,7 @@ def batch(word_counts, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def losses_and_grads(model: CoCa, images, ids, trim: bool):
     model.zero_grad(set_to_none=True)
     out = model(images, ids, trim_padding=trim)
-    parts = coca_loss(out, ids, SPECIAL, lambda_con=2.0, lambda_cap=1.0, temperature=0.07, gather=False)
+    parts = coca_loss(out, ids, SPECIAL, lambda_con=0.7, lambda_cap=1.3, temperature=0.07, gather=False)
     parts["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, parts, grads
@@ -156,7 +156,8 @@ def run(data: Path, run_dir: Path, sets: list[str], monkeypatch) -> tuple[dict, 
     cfg = replace(TrainConfig(), preset="grr-tiny", data=str(data), dropout=0.0, per_device_batch_size=2,
                   global_batch_size=4, warmup_steps=1, lr_max=1e-3, lr_min=1e-4, num_workers=0, loader="cpu",
                   val_batch_size=4, val_contrastive_batch_size=2, checkpoint_every=1000, keep_checkpoints=1,
-                  epochs=2, precision="fp32", compile="off", tensorboard=False, **parse_set(sets))
+                  epochs=2, precision="fp32", compile="off", tensorboard=False, lambda_con=0.7, lambda_cap=1.3,
+                  **parse_set(sets))
     cfg.validate()
     calls = []
 

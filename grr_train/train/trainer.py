@@ -266,10 +266,12 @@ class Trainer:
         m = self.train_step_fn(micro_batches, stop_flag=self._signal is not None)
         if not m["finite"]:
             if not self.cfg.skip_nonfinite:
+                saved = self.checkpoints.last_saved_step
+                good = (f"the last good checkpoint is {ckpt.checkpoint_folder(self.run_dir, saved)}" if saved >= 0
+                        else "no checkpoint was saved before it")
                 raise NonFiniteLoss(
                     f"step {self.state.step + 1}: loss {m['loss']} / gradient norm {m['grad_norm']} is not finite; "
-                    f"the last good checkpoint is in {self.run_dir / 'checkpoints'} (set skip_nonfinite=true "
-                    "to skip such steps instead)"
+                    f"{good} (set skip_nonfinite=true to skip such steps instead)"
                 )
             self.state.num_skipped += 1
             self.log.log({"kind": "event", "step": self.state.step + 1, "what": "skip_nonfinite", "loss": m["loss"],
