@@ -57,7 +57,7 @@ SETTINGS = dict(
     loader="cpu", process_group_timeout_minutes=None, num_workers=0, precision="fp32", compile="off",
     activation_checkpointing=False, trim_text_padding=False, parallelism="ddp",
     skip_nonfinite=False, max_skipped_fraction=0.05, break_lock=False, allow_other_tokenizer=False,
-    tensorboard=False,
+    tensorboard=False, log_every=50, log_every_s=30.0, wandb_project=None, wandb_entity=None, wandb_mode=None,
 )
 NUM_THREADS = 1  # intra-op threads: fixed so the reduction order does not follow the machine's cores
 
