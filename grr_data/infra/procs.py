@@ -13,6 +13,7 @@ with SIGKILL would otherwise wait on its task queue forever. On Linux the kernel
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -81,6 +82,10 @@ class WorkerPool:
         self._workers: list[tuple[int, Connection]] = []
         self._busy: dict[int, object] = {}  # worker number -> tag of the item it holds
         parent = os.getpid()
+        # Objects made before the fork are frozen out of the cyclic collector, so no worker
+        # finalises the parent's garbage (a DALI pipeline's __del__ there waits forever for threads
+        # that exist only in the parent); the parent collects them as usual once unfrozen.
+        gc.freeze()
         try:
             for _ in range(num_workers):
                 mine, theirs = Pipe()
@@ -95,6 +100,8 @@ class WorkerPool:
         except BaseException:
             self.close(kill=True)
             raise
+        finally:
+            gc.unfreeze()
 
     @property
     def num_idle(self) -> int:

@@ -47,6 +47,7 @@ and the pipeline is rebuilt at the next batch.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -57,6 +58,8 @@ from grr_data.loader.reader import BatchReader
 from grr_data.loader.source import SampleError
 
 log = logging.getLogger("grr.loader")
+# Pipelines a forked child inherited and must never shut down (see DaliLoader._drop_pipeline).
+_INHERITED: list = []
 DEFAULT_PREFETCH = 2
 
 
@@ -145,6 +148,7 @@ class DaliLoader(LoaderBase):
         self._source = _Source()
         self._pipe = self._it = None
         self._state = "new"
+        self._owner = os.getpid()
 
     def _read_slot(self, g: int, events: list, read=None):
         """Sample g as external_source takes it, or None (and its skip event) when it is unusable;
@@ -331,6 +335,11 @@ class DaliLoader(LoaderBase):
             feed.close()
 
     def _drop_pipeline(self) -> None:
+        if self._pipe is not None and os.getpid() != self._owner:
+            # A forked process (a DataLoader or shard worker) collecting a loader it inherited: the
+            # pipeline's threads live in the parent only, and shutting it down here waits for them
+            # forever (seen as a hung `grr data check` worker). Keep it alive; the process exits.
+            _INHERITED.append((self._it, self._pipe))
         self._it = self._pipe = None
         self._state = "new"
 
