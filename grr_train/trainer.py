@@ -56,7 +56,7 @@ from grr_train.distributed import (
 from grr_train.early_stop import IMPROVED, RESET, STOP, SoftResetEarlyStopper
 from grr_train.metrics_log import MetricsLog, truncate_metrics
 from grr_train.model.summary import flops_per_sample
-from grr_train.parallel import parallelize, peak_flops, unwrap
+from grr_train.parallel import parallelize, peak_flops, resolve_switch, unwrap
 from grr_train.precision import autocast_dtype
 from grr_train.run_tokenizer import copy_tokenizer
 from grr_train.schedule import lr_at, set_lr
@@ -115,16 +115,18 @@ class Trainer:
 
         model = self._build_model(resume)
         self.sharded = cfg.parallelism == "fsdp"
-        self.model = parallelize(model, info, compile=checks.compile_mode(cfg, info.device), parallelism=cfg.parallelism,
-                                 activation_checkpointing=cfg.activation_checkpointing, param_dtype=self.autocast_dtype)
+        compile_mode = checks.compile_mode(cfg, info.device)
+        self.model = parallelize(model, info, compile=compile_mode, parallelism=cfg.parallelism,
+                                 activation_checkpointing=cfg.activation_checkpointing, param_dtype=self.autocast_dtype,
+                                 aligned_widths=resolve_switch("aligned_widths", cfg.aligned_widths, self.device),
+                                 inductor_random=cfg.inductor_random)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2),
             weight_decay=cfg.weight_decay, fused=True,
         )
-        self.train_step_fn = TrainStep(self.model, self.optimizer, self.special, StepSettings(
-            lambda_con=cfg.lambda_con, lambda_cap=cfg.lambda_cap, grad_clip=cfg.grad_clip,
-            temperature=self.model_config.temperature, world_size=info.world_size, autocast_dtype=self.autocast_dtype,
-            trim_text_padding=cfg.trim_text_padding), self.device)
+        self.train_step_fn = TrainStep(self.model, self.optimizer, self.special, StepSettings.for_run(
+            cfg, self.model_config.temperature, info.world_size, self.autocast_dtype, self.device, compile_mode),
+            self.device)
         self.stopper = SoftResetEarlyStopper(cfg.patience_per_level, cfg.num_lr_levels, cfg.lr_reduction)
         self.step = self.epoch = self.step_in_epoch = self.num_skipped = 0
         self.last_saved_step = -1
@@ -361,7 +363,7 @@ class Trainer:
     def _meta(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "world_size": self.info.world_size,
                 "micro_batch_size": self.micro_batch_size, "accumulation": self.accumulation,
-                "contrastive_batch": self.micro_batch_size * self.info.world_size,
+                "contrastive_batch": self.cfg.contrastive_batch(self.info.world_size),
                 "model_config": self.model_config.to_dict(), "train_config": self.cfg.to_dict(),
                 "special": self.special.to_dict(), "tokenizer": self.tokenizer_record,
                 "time": time.time()}
@@ -399,9 +401,9 @@ class Trainer:
         plan's order does not depend on the world size), so the epoch continues at the same sample;
         otherwise the current epoch starts again from its beginning."""
         saved_contrastive = meta.get("contrastive_batch")
-        same_order = saved_contrastive == self.micro_batch_size * self.info.world_size
+        same_order = saved_contrastive == self.cfg.contrastive_batch(self.info.world_size)
         where = (f"continuing epoch {self.epoch} at the same sample" if same_order else
-                 f"the contrastive batch was {saved_contrastive}, now {self.micro_batch_size * self.info.world_size}: "
+                 f"the contrastive batch was {saved_contrastive}, now {self.cfg.contrastive_batch(self.info.world_size)}: "
                  f"restarting epoch {self.epoch} from its beginning")
         if self.info.is_main:
             tqdm.write(f"warning: {self.run_dir} was saved by {meta['world_size']} processes and resumes on "
@@ -472,7 +474,7 @@ class Trainer:
                 tqdm.write(note)
         tqdm.write(f"batch: global {cfg.global_batch_size} = {self.accumulation} micro-batches x "
                    f"{self.micro_batch_size} per process x {world} process{'es' if world > 1 else ''}; "
-                   f"contrastive batch {self.micro_batch_size * world}; {self.steps_per_epoch} steps per epoch")
+                   f"contrastive batch {cfg.contrastive_batch(world)}; {self.steps_per_epoch} steps per epoch")
         if self.val_loader is None:
             extra = f" (val_every {cfg.val_every} is ignored)" if cfg.val_every else ""
             tqdm.write(f"warning: {self.data.manifest_path} has no {cfg.val_split!r} split; training without "
