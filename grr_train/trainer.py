@@ -282,7 +282,8 @@ class Trainer:
                 result = validate(unwrap(self.model), self.val_loader, self.special, self.cfg.lambda_con,
                                   self.cfg.lambda_cap, self.model_config.temperature,
                                   self.cfg.val_contrastive_batch_size, self.autocast_dtype, progress=bar,
-                                  should_stop=self._stop_signalled, trim_padding=self.cfg.trim_text_padding)
+                                  should_stop=self._stop_signalled, trim_padding=self.cfg.trim_text_padding,
+                                  trim_bucket=self.train_step_fn.settings.trim_bucket)
         finally:
             bar.close()
         if result is None:

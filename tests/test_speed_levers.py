@@ -220,3 +220,83 @@ def test_the_switches_are_on_for_cuda_only_when_auto():
     assert resolve_switch("x", "on", cpu) and not resolve_switch("x", "off", cuda)
     with pytest.raises(ValueError, match="x must be one of auto, on, off"):
         resolve_switch("x", "yes", cpu)
+
+
+@pytest.mark.gpu
+def test_a_launched_step_with_every_lever_makes_no_host_sync():
+    """Aligned widths, the fused loss, clipping in the optimizer and two contrastive groups enqueue
+    the whole step without waiting for the GPU, as the plain step does."""
+    dev = torch.device("cuda")
+    model = tiny_model(dropout=0.15).to(dev)
+    align_widths(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    step = TrainStep(model, opt, SPECIAL, StepSettings(2.0, 1.0, 1.0, 0.07, autocast_dtype=torch.bfloat16,
+                     fused_caption_loss=True, clip_in_optimizer=True, contrastive_groups=2), dev)
+    micro = [{k: v.to(dev) for k, v in batch(4, s).items()} for s in range(2)]
+    first = step(micro)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = step.launch(micro)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    m = pending.result()
+    assert m["finite"] and m["num_tokens"] == first["num_tokens"]
+
+
+@pytest.mark.gpu
+def test_the_fused_head_loss_on_a_gpu_in_bf16_is_cross_entropy():
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 64, 768, device=dev, requires_grad=True)
+    head = torch.nn.Linear(768, 32_102).to(dev)
+    targets = torch.randint(0, 32_102, (4, 64), device=dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = linear_cross_entropy_sum(hidden, head.weight, head.bias, targets, (), 32_128, chunk_rows=100)
+        ref = F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten(), reduction="sum")
+    torch.testing.assert_close(ours, ref, rtol=1e-3, atol=0)
+    g_ours = torch.autograd.grad(ours, (hidden, head.weight))
+    g_ref = torch.autograd.grad(ref, (hidden, head.weight))
+    for a, b in zip(g_ours, g_ref, strict=True):
+        assert float((a - b).abs().max()) <= 2e-2 * float(b.abs().max())
+
+
+def train(data, run_dir, **settings):
+    from grr_train.config import TrainConfig
+    from grr_train.metrics_log import read_metrics
+    from grr_train.trainer import run_training
+
+    cfg = TrainConfig(preset="grr-tiny", data=str(data), per_device_batch_size=2, global_batch_size=8, epochs=2,
+                      warmup_steps=1, lr_max=1e-3, lr_min=1e-4, num_workers=0, loader="cpu", val_split="none",
+                      checkpoint_every=1000, keep_checkpoints=1, precision="fp32", compile="off", tensorboard=False)
+    for key, value in settings.items():
+        setattr(cfg, key, value)
+    cfg.validate()
+    run_training(cfg, run_dir)
+    return read_metrics(run_dir, "train")
+
+
+@pytest.mark.slow
+def test_runs_with_the_levers_on_match_runs_with_them_off(tmp_path):
+    """The trainer's wiring (settings -> parallelize and StepSettings.for_run): the switches on give
+    the switches' off run, dropout and all (they draw no random numbers); a micro-batch of two
+    contrastive groups gives the run of twice as many micro-batches (without dropout, whose masks
+    would be drawn over other shapes)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from shardset import make_shardset
+
+    data = make_shardset(tmp_path / "data", shard_sizes=(8, 8))
+    off = dict(aligned_widths="off", fused_caption_loss="off", clip_in_optimizer="off")
+    on = dict(aligned_widths="on", fused_caption_loss="on", clip_in_optimizer="on")
+    pairs = [(train(data, tmp_path / "off", dropout=0.15, **off), train(data, tmp_path / "on", dropout=0.15, **on)),
+             (train(data, tmp_path / "micro", dropout=0.0, **off),
+              train(data, tmp_path / "groups", dropout=0.0, micro_batch_groups=2, **off))]
+    for plain, fast in pairs:
+        assert [r["step"] for r in fast] == [r["step"] for r in plain] == [1, 2, 3, 4]
+        for a, b in zip(fast, plain, strict=True):
+            assert a["num_tokens"] == b["num_tokens"]
+            for key in ("loss", "contrastive", "caption", "grad_norm"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
