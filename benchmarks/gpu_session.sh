@@ -15,13 +15,13 @@
 #                                          max-autotune-no-cudagraphs (skipped when under 90 s are left)
 #   bash benchmarks/gpu_session.sh levers  (issue 19; ~7.5 min on an H200, within LEVERS_S=450 s, no DALI) the GEMM
 #                                          shapes 2073/2080/2112 and 32,102/32,128 (benchmarks/gemm_shapes.py);
-#                                          SDPA backends per call site (benchmarks/sdpa_sites.py); a profile of
-#                                          grr-coca with every lever (compile regions; the kernel list names
-#                                          the copies); the step as the second session ran it (compile blocks,
-#                                          levers off); dropout 0; inductor_random=fallback; grr-coca,
-#                                          baseline-coca and open_clip compiled in one process (open_clip wheels
-#                                          in $WHL); the gpu tests. A command that would not fit in what is
-#                                          left of LEVERS_S is skipped and named.
+#                                          SDPA backends per call site (benchmarks/sdpa_sites.py); the gpu tests;
+#                                          grr-coca, baseline-coca and open_clip compiled in one process at $BIG
+#                                          with the levers (open_clip wheels in $WHL); a profile of grr-coca with
+#                                          every lever (compile regions; the kernel list names the copies); the
+#                                          step as the second session ran it (compile blocks, levers off);
+#                                          dropout 0; inductor_random=fallback. A command is cut to what is left
+#                                          of LEVERS_S, and skipped (named) under 30 s.
 #   bash benchmarks/gpu_session.sh levers2 (a second call, ~6 min) trimmed text in buckets (synthetic captions of
 #                                          5-40 words), micro-batch 384 as two contrastive groups of 192,
 #                                          baseline-coca with the levers, max-autotune-no-cudagraphs per block
@@ -106,17 +106,17 @@ levers|levers2)
   if [[ $PART == levers ]]; then
     TAIL=16 fit 60 $PY benchmarks/gemm_shapes.py --batch-size "${MICRO:-$BIG}" --reps "${REPS:-20}"
     TAIL=24 fit 60 $PY benchmarks/sdpa_sites.py --batch-size "${MICRO:-$BIG}" --reps "${REPS:-20}"
-    TAIL=70 fit 150 $PY benchmarks/profile_step.py --preset "$P" --batch-size "$BIG" --compile "$C" --steps "${PN:-3}" \
-        --out "$OUT"
-    TAIL=1 fit 100 $BENCH --compile "${COMPILE:-blocks}" $OFF
-    TAIL=1 fit 90 $BENCH --compile "$C" --set dropout=0
-    TAIL=1 fit 90 $BENCH --compile "$C" --set inductor_random=fallback
+    TAIL=6 fit 80 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_speed_levers.py
     compgen -G "$WHL/*.whl" >/dev/null && $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHL"/*.whl
     MODELS="$P,$BASE"
     if PYTHONPATH=/tmp/site $PY -c "import open_clip" 2>/dev/null; then MODELS="$MODELS,open_clip"
     else echo "== open_clip not importable (no wheels in $WHL): the peer rows are grr's only" | tee -a "$R"; fi
     TAIL=5 fit 200 $PY benchmarks/peer_openclip.py --batch-size "$BIG" --steps "$N" --compile "$C" --models "$MODELS"
-    TAIL=6 fit 80 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_step.py tests/test_speed_levers.py
+    TAIL=70 fit 120 $PY benchmarks/profile_step.py --preset "$P" --batch-size "$BIG" --compile "$C" --steps "${PN:-3}" \
+        --out "$OUT"
+    TAIL=1 fit 100 $BENCH --compile "${COMPILE:-blocks}" $OFF
+    TAIL=1 fit 90 $BENCH --compile "$C" --set dropout=0
+    TAIL=1 fit 90 $BENCH --compile "$C" --set inductor_random=fallback
   else
     TAIL=1 fit 110 $BENCH --compile "$C" --set trim_text_padding=true
     TAIL=1 fit 110 $G bench train --preset "$P" --batch-size $(( 2 * BIG )) --steps "$N" --compile "$C" \
