@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--steps", type=int, default=10, help="timed steps; 0 skips timing (with --count-ops)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--compile", default="off", choices=("off", "blocks", "model"))
+    parser.add_argument("--compile", default="off", choices=("off", "blocks", "regions", "model"))
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--models", default="grr-coca,baseline-coca,open_clip")
     parser.add_argument("--count-ops", action="store_true")

@@ -12,7 +12,11 @@ Prints:
   assuming one stream);
 - the top kernels by total GPU time with their share and calls per step;
 - time by category (gemm/matmul, flash/attention, elementwise/fused triton, norm, optimizer,
-  copies/casts, nccl, other), from the kernel names.
+  copies/casts, nccl, other), from the kernel names;
+- the copies: every copy/cast kernel (and device memcpy/memset) by the operator that launched it,
+  its callers and its input shapes, so each copy can be traced to the code that makes it.
+`--set KEY=VALUE` takes the training settings `grr bench train --set` takes (the speed switches,
+dropout, ...), to profile a step with a lever on or off.
 Writes a chrome trace of one more step (gzipped) to --out (default $OUT, else the working folder).
 Without CUDA it profiles CPU operators instead (self CPU time, categories from the operator
 names), so it runs on a CPU with grr-tiny.
@@ -36,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grr_train.train.bench import make_bench_step, run_steps  # noqa: E402
+from grr_train.train.config import parse_set  # noqa: E402
 
 # First match wins: the order matters (clipping's foreach norm is optimizer work, not a layer norm).
 CATEGORIES = [
@@ -75,6 +80,37 @@ def union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _where(event, depth: int = 4) -> str:
+    """An operator and its callers, innermost first: 'aten::copy_ < aten::_to_copy < aten::to < ...'."""
+    names = []
+    while event is not None and len(names) < depth:
+        names.append(event.name if len(event.name) <= 60 else event.name[:57] + "...")
+        event = event.cpu_parent
+    return " < ".join(names)
+
+
+def copy_sites(prof, cuda: bool) -> dict:
+    """{(operator chain, input shapes): [us, calls]} of the copy/cast work: on a GPU the copy kernels
+    (and memcpy/memset) attributed to the CPU operator that launched them; on a CPU the copy
+    operators' own CPU time."""
+    sites = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU:
+            continue
+        shapes = str([list(s) for s in e.input_shapes if s])[:70] if e.input_shapes else ""
+        if cuda:
+            for kernel in e.kernels:
+                if category(kernel.name) == "copies/casts":
+                    site = sites[(f"[{kernel.name[:50]}] {_where(e)}", shapes)]
+                    site[0] += kernel.duration
+                    site[1] += 1
+        elif category(e.name) == "copies/casts" and e.self_cpu_time_total > 0:
+            site = sites[(_where(e), shapes)]
+            site[0] += e.self_cpu_time_total
+            site[1] += 1
+    return sites
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -95,11 +131,14 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the chrome trace")
     ap.add_argument("--no-trace", action="store_true")
+    ap.add_argument("--copies", type=int, default=15, help="copy/cast sites to list")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training setting, as grr bench train --set takes it")
     args = ap.parse_args()
 
     started = time.perf_counter()
     step, about = make_bench_step(args.preset, args.batch_size, args.accumulation, args.device, args.precision,
-                                  args.compile, inductor_mode=args.inductor_mode)
+                                  args.compile, inductor_mode=args.inductor_mode, settings=parse_set(args.sets))
     dev = about.pop("_device")
     cuda = dev.type == "cuda"
     run_steps(step, args.warmup, defer=False, desc="warm-up")
@@ -111,7 +150,7 @@ def main() -> None:
     step_ms = (time.perf_counter() - t0) / args.steps * 1000
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         t0 = time.perf_counter()
         run_steps(step, args.steps, args.defer)
         sync(dev)
@@ -159,6 +198,13 @@ def main() -> None:
     print(f"\n{unit} time by category (ms per step, share):")
     for label, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {label:26s} {t / n / 1000:9.2f} ms {t / total:6.1%}")
+
+    copies = copy_sites(prof, cuda)
+    copy_total = sum(t for t, _ in copies.values())
+    print(f"\ncopies/casts by where they are launched ({copy_total / n / 1000:.2f} ms per step; launching operator "
+          "< its callers, input shapes; ms per step, calls per step):")
+    for (chain, shapes), (t, calls) in sorted(copies.items(), key=lambda kv: -kv[1][0])[: args.copies]:
+        print(f"  {t / n / 1000:9.3f} ms {calls / n:7.1f}  {chain}  {shapes}")
 
     if not args.no_trace:
         out = Path(args.out)

@@ -171,15 +171,25 @@ def bench_train(
                                   "after step N+1 is launched) or both (alternating, one compiled model)."),
     inductor_mode: str = typer.Option(None, help="torch.compile mode for what --compile compiles, "
                                       "e.g. max-autotune-no-cudagraphs."),
+    set_: list[str] = typer.Option(None, "--set", metavar="KEY=VALUE", help=(
+        "A training setting the step reads, as grr train takes it: dropout, aligned_widths, fused_caption_loss, "
+        "clip_in_optimizer, inductor_random, micro_batch_groups, trim_text_padding (repeatable).")),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON."),
 ) -> None:
     """The trainer's step on synthetic inputs: samples/s, MFU on a known GPU, peak memory."""
     from grr_train.train.bench import bench_train as run_bench
+    from grr_train.train.config import parse_set
 
+    try:
+        settings = parse_set(set_ or [])
+    except ValueError as e:
+        _fail(e)
     try:
         r = run_bench(preset, batch_size, steps, warmup=warmup, accumulation=accumulation, precision=precision,
                       compile=compile, activation_checkpointing=activation_checkpointing, count_ops=count_ops,
-                      vocab_size=vocab_size, read_back=read_back, inductor_mode=inductor_mode)
+                      vocab_size=vocab_size, read_back=read_back, inductor_mode=inductor_mode, settings=settings)
+    except ValueError as e:  # a setting that cannot work with the others
+        _fail(e)
     except RuntimeError as e:  # torch.OutOfMemoryError is one
         _fail_if_out_of_memory(e, preset, batch_size, "add --activation-checkpointing or lower --batch-size")
         raise
@@ -200,4 +210,5 @@ def _print_bench_train(r: dict) -> None:
     typer.echo(f"{r['preset']} on {r['device']} ({r['precision']}, compile {r['compile']}{mode}, micro-batch "
                f"{r['batch_size']} x {r['accumulation']}, synthetic inputs, trainer step, {readback}): "
                f"{r['samples_per_s']:.2f} samples/s, {1000 * r['seconds_per_step']:.0f} ms/step, MFU {mfu}{memory}; "
-               f"set-up and warm-up {r['setup_and_warmup_s']:.0f} s")
+               f"set-up and warm-up {r['setup_and_warmup_s']:.0f} s; dropout {r['dropout']}, levers "
+               + ", ".join(f"{k} {v}" for k, v in r["levers"].items()))

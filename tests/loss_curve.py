@@ -58,6 +58,8 @@ SETTINGS = dict(
     activation_checkpointing=False, trim_text_padding=False, parallelism="ddp",
     skip_nonfinite=False, max_skipped_fraction=0.05, break_lock=False, allow_other_tokenizer=False,
     tensorboard=False, log_every=50, log_every_s=30.0, wandb_project=None, wandb_entity=None, wandb_mode=None,
+    aligned_widths="auto", fused_caption_loss="auto", clip_in_optimizer="auto", inductor_random="default",
+    micro_batch_groups=1,
 )
 NUM_THREADS = 1  # intra-op threads: fixed so the reduction order does not follow the machine's cores
 

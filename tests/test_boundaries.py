@@ -1,7 +1,7 @@
 """The import direction of docs/DESIGN.md ("The code by role"), checked on the source.
 
 grr_data never imports grr_train; grr_train's packages import only packages below them
-(demo -> eval -> train -> infer -> runs -> model | runtime, api.py on top) and only grr_data's
+(demo -> eval -> train -> infer -> runs -> runtime -> model, api.py on top) and only grr_data's
 formats, tokenizer, loader and infrastructure (the demo also fetch and shard); only
 grr_data/format/manifest.py reads a set's manifest.json; no import circle anywhere, counting the
 imports made inside functions; no private name imported from another module; the CLI's modules
@@ -19,7 +19,7 @@ PACKAGES = ("grr_data", "grr_train", "grr_cli")
 # What each grr_train package may import of grr_train (besides itself).
 TRAIN_LAYERS = {
     "model": set(),
-    "runtime": set(),
+    "runtime": {"model"},  # parallelize and compile know the model's blocks and regions
     "runs": {"model", "runtime"},
     "train": {"model", "runtime", "runs", "infer"},  # example captions at validation
     "infer": {"model", "runtime", "runs"},

@@ -123,6 +123,8 @@ SUMMARY_FLOPS = {
     "grr-coca-1b": 7.4051e11, "baseline-coca-1b": 7.3674e11, "grr-coca-2b": 1.9058e12, "baseline-coca-2b": 1.8938e12,
     "baseline-tiny": 1.0498e9, "grr-tiny": 1.0499e9, "grr-tiny-rope2d": 1.0499e9, "baseline-tiny-p16": 1.4072e9,
     "grr-tiny-p16": 1.4082e9,
+    # torch's FlopCounter (18,714,230,784 and 18,788,880,384) + 2 x the patch embedding's MACs by hand
+    "baseline-small-p16": 1.8842e10, "grr-small-p16": 1.8916e10,
 }
 
 

@@ -2,7 +2,8 @@
 the `trim_text_padding` setting): the same losses, text embeddings and gradients as the full 64
 positions (fp32, up to float rounding), nothing trimmed when a caption fills the layout, the kept
 logits equal the full ones at their positions, a training run with the setting matches one
-without, and a compiled model with the setting is refused in one line."""
+without, and a whole-model graph with the setting is refused in one line (per-block compiles take
+it in buckets: tests/test_speed_compile.py)."""
 
 import json
 import sys
@@ -161,8 +162,8 @@ def run(data: Path, run_dir: Path, sets: list[str], monkeypatch) -> tuple[dict, 
     cfg.validate()
     calls = []
 
-    def spy(model, key_valid):
-        kept = KEPT_POSITIONS(model, key_valid)
+    def spy(model, key_valid, *bucket):
+        kept = KEPT_POSITIONS(model, key_valid, *bucket)
         calls.append((model.training, kept is not None))
         return kept
 
@@ -187,20 +188,25 @@ def test_a_run_with_trim_text_padding_matches_one_without(tmp_path, data, monkey
     assert json.loads((tmp_path / "trim" / "config.json").read_text())["train"]["trim_text_padding"] is True
 
 
-@pytest.mark.parametrize("mode", ["blocks", "model"])
-def test_compile_with_trimming_is_refused_in_one_line(mode):
+def test_a_whole_model_graph_with_trimming_is_refused_in_one_line():
     with pytest.raises(ValueError) as err:
-        resolve_config("pretrain", sets=["trim_text_padding=true", f"compile={mode}"])
+        resolve_config("pretrain", sets=["trim_text_padding=true", "compile=model"])
     message = str(err.value)
-    assert "\n" not in message and "trim_text_padding" in message and "compile=off" in message
-    assert f"'{mode}'" in message
+    assert "\n" not in message and "trim_text_padding" in message and "compile=blocks" in message
+    assert "'model'" in message
 
 
-def test_compile_auto_with_trimming_is_refused_where_it_compiles():
-    """compile=auto compiles on CUDA only: the run refuses it there (before training), not on a CPU."""
+@pytest.mark.parametrize("mode", ["off", "blocks", "regions"])
+def test_per_block_compiles_take_trimming(mode):
+    assert resolve_config("pretrain", sets=["trim_text_padding=true", f"compile={mode}"]).compile == mode
+
+
+def test_compile_auto_with_trimming_compiles_per_block_where_it_compiles():
+    """compile=auto compiles on CUDA only, per block, which takes trimmed lengths in buckets; a
+    whole-model graph is refused on the device too (before training)."""
     cfg = replace(TrainConfig(), trim_text_padding=True)
     cfg.validate()
     assert run_checks.compile_mode(cfg, torch.device("cpu")) == "off"
-    with pytest.raises(ValueError, match=r"^trim_text_padding=true .*'auto \(blocks on cuda\)'.*compile=off"):
-        run_checks.compile_mode(cfg, torch.device("cuda"))
-    assert run_checks.compile_mode(replace(cfg, trim_text_padding=False), torch.device("cuda")) == "blocks"
+    assert run_checks.compile_mode(cfg, torch.device("cuda")) == "blocks"
+    with pytest.raises(ValueError, match=r"^trim_text_padding=true .*'model \(model on cuda\)'.*compile=blocks"):
+        run_checks.compile_mode(replace(cfg, compile="model"), torch.device("cuda"))

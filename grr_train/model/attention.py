@@ -54,12 +54,21 @@ class Attention(nn.Module):
     def self_qkv(
         self, x: torch.Tensor, rope: Rope | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values (B, H, T, hd) of x (B, T, D); q and k rotated when `rope` is given."""
-        qkv = self._heads(self.qkv(x), 3)  # (3, B, H, T, hd)
+        """Queries, keys and values (B, H, T, hd) of x (B, T, D); q and k rotated when `rope` is given.
+
+        q and k are rotated while still laid out (B, T, H, hd), before the head transpose: flash and
+        cuDNN attention write their output in q's layout, so a q stored (B, T, H, hd) makes the
+        output's (B, T, D) reshape in `attend` a view; rotated after the transpose, q was stored
+        (B, H, T, hd) and that reshape copied every output (and its gradient) once more.
+        """
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.heads, -1)  # (B, T, 3, H, hd)
         if rope is None:
-            return qkv[0], qkv[1], qkv[2]
-        q, k = apply_rope(qkv[:2], *rope)  # both rotated in one pass
-        return q, k, qkv[2]
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            return q, k, v
+        cos, sin = (table[:, None, None, :] for table in rope)  # (T, 1, 1, hd): over q and k, all heads
+        q, k = apply_rope(qkv[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4)  # both rotated in one pass
+        return q, k, qkv[:, :, 2].transpose(1, 2)
 
     def cross_q(self, x: torch.Tensor) -> torch.Tensor:
         """Queries (B, H, T, hd) of x (B, T, D) for cross-attention."""
@@ -67,7 +76,11 @@ class Attention(nn.Module):
 
     def cross_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, H, S, hd) of the context (B, S, D) for cross-attention (never rotated)."""
-        k, v = self._heads(self.kv(context), 2)
+        return self.split_kv(self.kv(context))
+
+    def split_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `kv` projection's output (B, S, 2 * D) as keys and values (B, H, S, hd), views."""
+        k, v = self._heads(kv, 2)
         return k, v
 
     def attend(

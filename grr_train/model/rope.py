@@ -96,7 +96,8 @@ def swap_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., T, head_dim) by per-position tables cos/sin (T, head_dim), in x's dtype."""
+    """Rotate x by per-position tables cos/sin, in x's dtype: x (..., T, head_dim) with tables
+    (T, head_dim), or any layout the tables broadcast to, e.g. x (B, T, 2, H, hd) with (T, 1, 1, hd)."""
     return x * cos.to(x.dtype) + swap_pairs(x) * sin.to(x.dtype)
 
 

@@ -12,6 +12,7 @@ see `CoCa._kept_positions`); RoPE then rotates each by its true position.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from grr_train.model.attention import Attention, Rope, additive_mask, attention_dtype
@@ -75,10 +76,19 @@ class TextDecoder(nn.Module):
         self.rope_theta = rope_theta
         self.head_dim = dim // heads
         self.blocks = nn.ModuleList(DecoderBlock(dim, heads, hidden, dropout, cross) for _ in range(depth))
+        # Set at run time (grr_train.runtime.parallel.compile_regions): every block's key/value projection of
+        # the image tokens as one GEMM over their concatenated weights (the same parameters). Not
+        # under FSDP2, which gathers each block's projection weights only when that module is called.
+        self.merge_context_kv = False
 
     def context_keys_values(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Cross-attention keys and values of the image tokens, per block (computed once per image)."""
-        return [block.cross_attn.cross_kv(context) for block in self.blocks]
+        """Cross-attention keys and values of the image tokens (B, M, D), per block (computed once per image)."""
+        if not self.merge_context_kv:
+            return [block.cross_attn.cross_kv(context) for block in self.blocks]
+        projections = [block.cross_attn.kv for block in self.blocks]
+        kv = F.linear(context, torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections]))
+        return [block.cross_attn.split_kv(part) for block, part in zip(self.blocks, kv.chunk(len(self.blocks), -1),
+                                                                         strict=True)]
 
     def forward(
         self,
@@ -88,12 +98,14 @@ class TextDecoder(nn.Module):
         context_kv: list | None = None,
         caches: list[dict] | None = None,
         positions: tuple[int, ...] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). key_valid (B, S) covers cached and new positions (S = cache + T).
 
         The multimodal decoder takes `context` (B, M, D) or its precomputed `context_kv`.
         `positions` (T increasing ints, no cache): the true positions of x's tokens, for RoPE; the
         causal mask is over x's order, which is theirs. None: 0..T-1 after the cache.
+        `mask`: the additive mask (B, 1, T, S) of `decoder_mask(key_valid, T)`, when the caller built it.
         """
         num_new = x.shape[1]
         offset = key_valid.shape[1] - num_new
@@ -105,7 +117,8 @@ class TextDecoder(nn.Module):
                              "positions need one per token and no cache")
         else:
             rope = rope_tables_at(positions, self.head_dim, self.rope_theta, x.device, dtype)
-        mask = additive_mask(decoder_mask(key_valid, num_new), dtype)
+        if mask is None:
+            mask = additive_mask(decoder_mask(key_valid, num_new), dtype)
         if self.cross and context_kv is None:
             if context is None:
                 raise ValueError("the multimodal decoder needs the image tokens as context")

@@ -50,6 +50,13 @@ class VisionTransformer(nn.Module):
         kind = "1d" if cfg.vit_pos == "rope1d" else "2d"
         return rope_tables(kind, 0, cfg.num_patches, cfg.head_dim, cfg.rope_theta, x.device, attention_dtype(x))
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S) -> the first block's input (B, N, D): patches, positions, dropout."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        if self.cfg.vit_pos == "sincos":
+            x = x + sincos_table(x.shape[1], self.cfg.width, x.device, x.dtype)
+        return self.drop(x)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) -> patch tokens (B, N, D), N = (S / patch)^2, normalised."""
         cfg = self.cfg
@@ -58,10 +65,7 @@ class VisionTransformer(nn.Module):
                 f"images have shape {tuple(images.shape)}; this model takes (B, 3, {cfg.image_size}, "
                 f"{cfg.image_size}): resize them as the loaders do"
             )
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
-        if cfg.vit_pos == "sincos":
-            x = x + sincos_table(x.shape[1], cfg.width, x.device, x.dtype)
-        x = self.drop(x)
+        x = self.embed(images)
         rope = self._rope(x)
         for block in self.blocks:
             x = block(x, rope)

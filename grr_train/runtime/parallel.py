@@ -1,5 +1,13 @@
 """What is done to the model for speed and scale, in one place, outside the model code: DDP or
-FSDP2, torch.compile, activation checkpointing, fast matmuls, and the GPU peaks MFU divides by.
+FSDP2, torch.compile, activation checkpointing, fast matmuls, aligned widths, and the GPU peaks
+MFU divides by.
+
+Speed switches (`auto|on|off` settings, `resolve_switch`): `auto` turns a lever on where it is
+meant to pay (CUDA) and off elsewhere, so the CPU's fixed-seed curve keeps its rounding. Aligned
+widths (`align_widths`) pad the GEGLU hidden width and the fused caption loss's vocabulary to a
+multiple of `ALIGN_MULTIPLE` inside the forward: parameters, counts and checkpoints are unchanged.
+Compile mode `regions` compiles the blocks and the forward's steps between them (`REGIONS` of
+grr_train/model/coca.py); `inductor_random` picks how compiled graphs draw dropout's numbers.
 
 The processes and collectives are `grr_train/runtime/distributed.py`; sharded checkpoints are
 `grr_train/runs/sharded.py`.
@@ -29,6 +37,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+from grr_train.model.coca import REGIONS
+from grr_train.model.ffn import GEGLU
 from grr_train.runtime.distributed import DistInfo
 
 # Dense bf16 peak FLOP/s per device, for MFU; matched against the device name in this order.
@@ -40,6 +50,61 @@ BF16_PEAK_FLOPS = (
     ("A100", 312e12),
     ("L40S", 362e12),
 )
+
+
+SWITCHES = ("auto", "on", "off")
+# The speed switches `auto` turns on for CUDA: only those a GPU session measured to help (docs/LOG.md,
+# "issue 19"). Every lever is proven on the CPU to change nothing but speed, but none is measured on a
+# GPU yet, so `auto` leaves them off until one is; `on` forces a switch.
+MEASURED_ON_CUDA: frozenset[str] = frozenset()
+# GEMM-friendly widths: 2073 -> 2080, 2764 -> 2784, 3801 -> 3808; vocabulary 32,102 -> 32,128.
+ALIGN_MULTIPLE = 32
+# How compiled graphs draw dropout's random numbers: inductor's own Philox per element ("default"),
+# aten's dropout kernel ("fallback": torch._inductor.config.fallback_random, the eager masks), or
+# inductor's kernels drawing the eager kernel's numbers ("align_eager", align_random_eager, CUDA).
+INDUCTOR_RANDOM = ("default", "fallback", "align_eager")
+# Compiled caption lengths when trimming: a multiple of this many positions (4 shapes of 64).
+TRIM_BUCKET = 16
+
+
+def resolve_switch(name: str, value: str, device: torch.device) -> bool:
+    """An `auto|on|off` speed setting as a bool: auto is on for CUDA when `name` is measured to
+    help there (MEASURED_ON_CUDA), off otherwise."""
+    if value not in SWITCHES:
+        raise ValueError(f"{name} must be one of {', '.join(SWITCHES)}, got {value!r}")
+    if value == "auto":
+        return device.type == "cuda" and name in MEASURED_ON_CUDA
+    return value == "on"
+
+
+def align_widths(model: nn.Module, multiple: int = ALIGN_MULTIPLE) -> list[tuple[int, int]]:
+    """Run every GEGLU at its hidden width rounded up to `multiple`, and the fused caption loss at
+    the vocabulary rounded up likewise (attributes the forward reads, not parameters). Returns the
+    (real, padded) widths changed."""
+    changed = []
+    for module in model.modules():
+        if isinstance(module, GEGLU):
+            module.padded_hidden = -(-module.hidden // multiple) * multiple
+            changed.append((module.hidden, module.padded_hidden))
+    if hasattr(model, "padded_vocab"):
+        vocab = model.lm_head.out_features
+        model.padded_vocab = -(-vocab // multiple) * multiple
+        changed.append((vocab, model.padded_vocab))
+    return [c for c in changed if c[0] != c[1]]
+
+
+def set_inductor_random(kind: str) -> None:
+    """How every later torch.compile draws random numbers (INDUCTOR_RANDOM; the process's config)."""
+    if kind not in INDUCTOR_RANDOM:
+        raise ValueError(f"inductor_random must be one of {', '.join(INDUCTOR_RANDOM)}, got {kind!r}")
+    import torch._inductor.config as inductor_config  # torch.compile's own module
+
+    if kind == "align_eager" and not hasattr(inductor_config, "align_random_eager"):
+        raise ValueError(f"inductor_random=align_eager needs torch._inductor.config.align_random_eager, which "
+                         f"torch {torch.__version__} lacks; use default or fallback")
+    inductor_config.fallback_random = kind == "fallback"
+    if hasattr(inductor_config, "align_random_eager"):
+        inductor_config.align_random_eager = kind == "align_eager"
 
 
 def enable_fast_math(device: torch.device) -> None:
@@ -56,38 +121,63 @@ def _blocks(model: nn.Module):
             yield from module
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     """torch.compile every transformer block, in place (`Module.compile` keeps parameter names,
     so checkpoints do not change). Returns how many."""
     count = 0
     for block in _blocks(model):
-        block.compile()
+        block.compile(backend=backend)
         count += 1
     return count
 
 
+def compile_regions(model: nn.Module, backend: str = "inductor", merge_context_kv: bool = True) -> int:
+    """torch.compile the forward's steps outside the blocks (model/coca.py's REGIONS), in place, each
+    as one graph: a compiled function stored on the instance over the method (parameter names and
+    checkpoints unchanged). `merge_context_kv`: the cross-attention key/value projections of all
+    blocks as one GEMM (not under FSDP2). Returns how many regions."""
+    count = 0
+    for path in REGIONS:
+        owner_path, _, name = path.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        if not hasattr(owner, name):
+            continue
+        setattr(owner, name, torch.compile(getattr(owner, name), backend=backend))
+        count += 1
+    if merge_context_kv and hasattr(model, "multimodal"):
+        model.multimodal.merge_context_kv = True
+    return count
+
+
 def resolve_compile(mode: str, device: torch.device) -> str:
-    """'auto' -> per-block compile on CUDA, eager elsewhere; other modes as given."""
+    """'auto' -> per-block compile on CUDA (measured: docs/LOG.md; 'regions', the blocks and the
+    regions between them, is not measured on a GPU yet), eager elsewhere; other modes as given."""
     if mode == "auto":
         return "blocks" if device.type == "cuda" else "off"
     return mode
 
 
-def apply_compile(model: nn.Module, mode: str) -> None:
-    """Compile per block ('blocks') or the whole model ('model'), in place; 'off' does nothing.
+def apply_compile(model: nn.Module, mode: str, backend: str = "inductor", merge_context_kv: bool = True) -> None:
+    """Compile per block ('blocks'), per block and per region between blocks ('regions'), or the
+    whole model ('model'), in place; 'off' does nothing. `backend`: torch.compile's (tests use
+    "eager" to check tracing alone).
 
     A graph that fails to compile runs eagerly instead (dynamo's `suppress_errors`), with a warning
-    naming the failure, never a crash.
+    naming the failure, never a crash. Trimmed text compiles at TRIM_BUCKET's lengths (4 shapes),
+    which with training and validation needs more than dynamo's 8 graphs per code object.
     """
     if mode == "off":
         return
     torch._dynamo.config.suppress_errors = True
-    if mode == "blocks":
-        compile_blocks(model)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    if mode in ("blocks", "regions"):
+        compile_blocks(model, backend)
+        if mode == "regions":
+            compile_regions(model, backend, merge_context_kv)
     elif mode == "model":
-        model.compile()
+        model.compile(backend=backend)
     else:
-        raise ValueError(f"unknown compile mode {mode!r}; expected 'off', 'blocks' or 'model'")
+        raise ValueError(f"unknown compile mode {mode!r}; expected 'off', 'blocks', 'regions' or 'model'")
 
 
 def _checkpointed(forward, *args, **kwargs):
@@ -141,16 +231,20 @@ def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.
 
 def parallelize(model: nn.Module, info: DistInfo, compile: str = "off",
                 activation_checkpointing: bool = False, parallelism: str = "ddp",
-                param_dtype: torch.dtype | None = None) -> nn.Module:
-    """Move to the device; checkpoint and compile blocks as asked; with peers, wrap in DDP or
-    shard with FSDP2 (`param_dtype`: FSDP's compute dtype, the run's autocast dtype). One process
-    with `fsdp` has nothing to shard and trains the plain model (its checkpoints are still sharded
-    ones, so the run resumes on any number of processes)."""
+                param_dtype: torch.dtype | None = None, aligned_widths: bool = False,
+                inductor_random: str = "default") -> nn.Module:
+    """Move to the device; align widths, checkpoint and compile blocks as asked; with peers, wrap in
+    DDP or shard with FSDP2 (`param_dtype`: FSDP's compute dtype, the run's autocast dtype). One
+    process with `fsdp` has nothing to shard and trains the plain model (its checkpoints are still
+    sharded ones, so the run resumes on any number of processes)."""
     model.to(info.device)
     enable_fast_math(info.device)
+    if aligned_widths:
+        align_widths(model)
     if activation_checkpointing:
         checkpoint_blocks(model)
-    apply_compile(model, resolve_compile(compile, info.device))
+    set_inductor_random(inductor_random)
+    apply_compile(model, resolve_compile(compile, info.device), merge_context_kv=parallelism != "fsdp")
     if info.distributed and parallelism == "fsdp":
         model = shard_model(model, param_dtype)
     elif info.distributed:
@@ -182,6 +276,13 @@ def _fsdp_no_sync(model: FSDPModule):
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """The gradients' global 2-norm, without clipping (what `clip_grad_norm` returns), a plain 0-d tensor."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -10,11 +10,15 @@ request the operators one step dispatches (`dispatch_count.py`, a CPU proxy for 
 "deferred" launches step N+1 before reading step N's metrics (`TrainStep.launch`), so the host
 never waits for the GPU between steps; "both" times the two on one compiled model. `inductor_mode`: one of torch.compile's modes (e.g. max-autotune-no-cudagraphs)
 applied to whatever the compile setting compiles, to try before making it a training setting.
+`settings`: training settings the step reads (`BENCH_SETTINGS`: dropout, the speed switches,
+micro-batch groups, trimmed text), as `grr train` takes them, resolved the same way
+(`StepSettings.for_run`), so each speed lever can be timed on and off.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -24,12 +28,26 @@ from grr_train.model import build_model, get_config
 from grr_train.model.summary import flops_per_sample
 from grr_train.runtime.device import resolve_device
 from grr_train.runtime.distributed import DistInfo
-from grr_train.runtime.parallel import parallelize, peak_flops, resolve_compile
+from grr_train.runtime.parallel import parallelize, peak_flops, resolve_compile, resolve_switch
 from grr_train.runtime.precision import autocast_dtype
+from grr_train.train.config import TrainConfig
 from grr_train.train.dispatch_count import count_dispatched
 from grr_train.train.step import PendingStep, StepSettings, TrainStep
 
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The training settings `--set` may give `grr bench train` (the rest describe a run, not a step).
+BENCH_SETTINGS = ("dropout", "aligned_widths", "fused_caption_loss", "clip_in_optimizer", "inductor_random",
+                  "micro_batch_groups", "trim_text_padding")
+
+
+def bench_config(settings: dict | None, compile: str) -> TrainConfig:
+    """The pretraining recipe with `settings` (BENCH_SETTINGS only) and `compile`, checked."""
+    other = sorted(set(settings or {}) - set(BENCH_SETTINGS))
+    if other:
+        raise ValueError(f"grr bench train takes --set {', '.join(BENCH_SETTINGS)}; not {', '.join(other)}")
+    cfg = replace(TrainConfig(), compile=compile, **(settings or {}))
+    cfg.validate()
+    return cfg
 
 
 def synthetic_batch(batch_size: int, special: SpecialIds, image_size: int, generator: torch.Generator):
@@ -71,20 +89,30 @@ def set_inductor_mode(mode: str | None) -> None:
 
 def make_bench_step(preset: str, batch_size: int, accumulation: int = 1, device: str | None = None,
                     precision: str = "auto", compile: str = "off", activation_checkpointing: bool = False,
-                    vocab_size: int | None = None, inductor_mode: str | None = None) -> tuple[BenchStep, dict]:
+                    vocab_size: int | None = None, inductor_mode: str | None = None,
+                    settings: dict | None = None) -> tuple[BenchStep, dict]:
     """The trainer's step on one synthetic micro-batch (repeated `accumulation` times), and a description."""
     dev = torch.device(resolve_device(device or "auto"))
-    cfg = get_config(preset, **({"vocab_size": vocab_size} if vocab_size else {}))
+    run = bench_config(settings, compile)
+    overrides = {"vocab_size": vocab_size} if vocab_size else {}
+    if "dropout" in (settings or {}):
+        overrides["dropout"] = run.dropout
+    cfg = get_config(preset, **overrides)
     special = SpecialIds.for_vocab(cfg.vocab_size)
     set_inductor_mode(inductor_mode)
     torch.manual_seed(0)
     mode = resolve_compile(compile, dev)
+    aligned = resolve_switch("aligned_widths", run.aligned_widths, dev)
     model = parallelize(build_model(cfg), DistInfo(0, 0, 1, dev), compile=mode,
-                        activation_checkpointing=activation_checkpointing)
+                        activation_checkpointing=activation_checkpointing, aligned_widths=aligned,
+                        inductor_random=run.inductor_random)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.001, fused=True)
     dtype = autocast_dtype(precision, dev)
-    step = TrainStep(model, optimizer, special, StepSettings(
-        lambda_con=2.0, lambda_cap=1.0, grad_clip=1.0, temperature=cfg.temperature, autocast_dtype=dtype), dev)
+    step_settings = StepSettings.for_run(run, cfg.temperature, 1, dtype, dev, mode)
+    if batch_size % step_settings.contrastive_groups:
+        raise ValueError(f"--batch-size {batch_size} does not split into {step_settings.contrastive_groups} "
+                         "contrastive groups (micro_batch_groups)")
+    step = TrainStep(model, optimizer, special, step_settings, dev)
     images, ids = synthetic_batch(batch_size, special, cfg.image_size, torch.Generator().manual_seed(0))
     # On the device already, as DALI delivers them; the CPU loader's copy is part of the loader's figure.
     micro_batches = [{"images": images.to(dev), "ids": ids.to(dev)}] * accumulation
@@ -92,6 +120,11 @@ def make_bench_step(preset: str, batch_size: int, accumulation: int = 1, device:
              "batch_size": batch_size, "accumulation": accumulation, "precision": "bf16" if dtype else "fp32",
              "compile": mode, "inductor_mode": inductor_mode, "activation_checkpointing": activation_checkpointing,
              "vocab_size": cfg.vocab_size, "flops_per_sample": flops_per_sample(cfg), "inputs": "synthetic",
+             "dropout": cfg.dropout, "levers": {
+                 "aligned_widths": aligned, "fused_caption_loss": step_settings.fused_caption_loss,
+                 "clip_in_optimizer": step_settings.clip_in_optimizer, "inductor_random": run.inductor_random,
+                 "contrastive_groups": step_settings.contrastive_groups,
+                 "trim_bucket": step_settings.trim_bucket if run.trim_text_padding else None},
              "_device": dev}
     return BenchStep(step, micro_batches), about
 
@@ -119,14 +152,14 @@ def bench_train(preset: str, batch_size: int, steps: int, warmup: int = 2, accum
                 device: str | None = None, precision: str = "auto", compile: str = "off",
                 activation_checkpointing: bool = False, count_ops: bool = False,
                 vocab_size: int | None = None, read_back: str = "per-step",
-                inductor_mode: str | None = None) -> list[dict]:
+                inductor_mode: str | None = None, settings: dict | None = None) -> list[dict]:
     """One result per read-back variant. "both" times the two on the same model (compiled once),
     in alternating rounds (per-step, deferred, per-step, deferred), so drift hits both alike."""
     if read_back not in READ_BACKS:
         raise ValueError(f"read_back must be one of {', '.join(READ_BACKS)}, got {read_back!r}")
     started = time.perf_counter()
     step, about = make_bench_step(preset, batch_size, accumulation, device, precision, compile,
-                                  activation_checkpointing, vocab_size, inductor_mode)
+                                  activation_checkpointing, vocab_size, inductor_mode, settings)
     dev = about.pop("_device")
     run_steps(step, warmup, defer=False, desc="warm-up (compiles when compiling)")
     about["setup_and_warmup_s"] = time.perf_counter() - started

@@ -23,22 +23,33 @@ from grr_train.runs.wandb_sink import check_available as check_wandb
 RECIPES = ("pretrain", "finetune")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOADERS = ("auto", "dali", "cpu")
-# auto: per-block compile on CUDA (measured fastest, docs/LOG.md), eager elsewhere.
-COMPILE_MODES = ("auto", "off", "blocks", "model")
+# auto: per-block compile on CUDA (measured fastest on the H200, docs/LOG.md; `regions` is not measured on a
+# GPU yet), eager elsewhere.
+COMPILE_MODES = ("auto", "off", "blocks", "regions", "model")
+# Speed levers that change nothing but speed and rounding (grr_train/runtime/parallel.py): auto turns on, on
+# CUDA, those a GPU session measured to help (none yet: MEASURED_ON_CUDA), and is off on the CPU, so the
+# CPU's fixed-seed curve keeps its rounding.
+SPEED_SWITCHES = ("auto", "on", "off")
+# How compiled graphs draw dropout's random numbers (grr_train/runtime/parallel.py, set_inductor_random).
+INDUCTOR_RANDOM = ("default", "fallback", "align_eager")
 # ddp: every process holds the whole model (the paper's 394M); fsdp: FSDP2 shards parameters,
 # gradients and optimizer state over the processes (grr_train/runtime/parallel.py), for 1-2B models.
 PARALLELISMS = ("ddp", "fsdp")
 
-# trim_text_padding's refusal, where compile is set (here) or resolves on the device (run_checks).
-TRIM_NEEDS_EAGER = ("trim_text_padding=true runs the model eagerly (a host read and a new shape per caption "
-                    "length) but compile is {compile!r}: set compile=off, or trim_text_padding=false")
+# trim_text_padding's refusal, where compile is set (here) or resolves on the device (run_checks):
+# per-block compiles take the trimmed lengths in buckets of 16 (4 shapes); a whole-model graph
+# cannot hold trimming's host read.
+TRIM_NEEDS_EAGER = ("trim_text_padding=true reads each micro-batch's caption length on the host, which a "
+                    "whole-model graph cannot hold, but compile is {compile!r}: set compile=blocks, regions or "
+                    "off, or trim_text_padding=false")
 
 # Settings a resumed run may change: they do not alter what the run computes.
 RESUMABLE_KEYS = frozenset(
     {"data", "max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "loader", "compile",
      "val_every", "tensorboard", "activation_checkpointing", "break_lock", "allow_other_tokenizer",
      "max_skipped_fraction", "trim_text_padding", "log_every", "log_every_s",
-     "wandb_project", "wandb_entity", "wandb_mode"}
+     "wandb_project", "wandb_entity", "wandb_mode",
+     "aligned_widths", "fused_caption_loss", "clip_in_optimizer", "inductor_random"}
 )
 
 
@@ -109,8 +120,17 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # Run the text decoders only over the caption positions a micro-batch uses (CoCa.forward's
     # trim_padding): same losses to float rounding, faster on short captions. It reads each
-    # micro-batch's longest caption on the host and gives a new shape per length, so eager only.
+    # micro-batch's longest caption on the host; compiled, lengths go up to a multiple of 16 (a few
+    # shapes), eager they are exact. Not with compile=model (the host read would split its graph).
     trim_text_padding: bool = False
+    # Speed levers (grr_train/runtime/parallel.py, step.py): the same maths, other rounding; SPEED_SWITCHES.
+    aligned_widths: str = "auto"  # GEGLU hidden and the fused loss's vocabulary padded to multiples of 32
+    fused_caption_loss: str = "auto"  # LM head and caption loss in chunks, no full logits (model/head_loss.py)
+    clip_in_optimizer: str = "auto"  # gradient clipping as fused AdamW's grad_scale: no pass over the gradients
+    inductor_random: str = "default"  # one of INDUCTOR_RANDOM
+    # Contrastive batches per micro-batch: 2 runs two of 192 as one micro-batch of 384 (each its own
+    # contrastive loss, the same maths as two micro-batches; larger GEMMs where memory allows).
+    micro_batch_groups: int = 1
     parallelism: str = "ddp"  # one of PARALLELISMS; fsdp checkpoints are sharded (torch.distributed.checkpoint)
     skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient is NaN/Inf
     # A run that skipped more than this fraction of its steps ends with an error (after saving).
@@ -163,8 +183,13 @@ class TrainConfig:
         if self.parallelism == "fsdp" and self.compile == "model":
             raise ValueError("compile=model does not combine with parallelism=fsdp (FSDP2 gathers weights per "
                              "block, outside a whole-model graph); use compile=blocks or auto")
-        if self.trim_text_padding and self.compile in ("blocks", "model"):
+        if self.trim_text_padding and self.compile == "model":
             raise ValueError(TRIM_NEEDS_EAGER.format(compile=self.compile))
+        for name in ("aligned_widths", "fused_caption_loss", "clip_in_optimizer"):
+            if getattr(self, name) not in SPEED_SWITCHES:
+                raise ValueError(f"{name} must be one of {SPEED_SWITCHES}, got {getattr(self, name)!r}")
+        if self.inductor_random not in INDUCTOR_RANDOM:
+            raise ValueError(f"inductor_random must be one of {INDUCTOR_RANDOM}, got {self.inductor_random!r}")
         if self.per_device_batch_size is not None and self.per_device_batch_size < 1:
             raise ValueError(f"per_device_batch_size must be at least 1, got {self.per_device_batch_size}")
         if self.lr_cycle_steps is not None and self.lr_cycle_steps < 1:
@@ -174,7 +199,7 @@ class TrainConfig:
         check_wandb(self.wandb_project, self.wandb_mode)
         if self.log_every < 0 or self.log_every_s < 0:
             raise ValueError(f"log_every and log_every_s must be >= 0, got {self.log_every} and {self.log_every_s}")
-        for name in ("global_batch_size", "contrastive_batch_size", "epochs", "val_batch_size",
+        for name in ("global_batch_size", "contrastive_batch_size", "micro_batch_groups", "epochs", "val_batch_size",
                      "val_contrastive_batch_size", "checkpoint_every", "keep_checkpoints",
                      "patience_per_level", "num_lr_levels"):
             if getattr(self, name) < 1:
@@ -199,7 +224,8 @@ SETTING_HELP: dict[str, str] = {
     "seed": "random seed of weights, dropout and data order (each process adds its rank)",
     "global_batch_size": "samples per optimizer step, over all processes and micro-batches",
     "contrastive_batch_size": "pairs in each micro-step's contrastive loss, whatever the number of processes",
-    "per_device_batch_size": "samples per micro-batch on each process (none: contrastive_batch_size / processes)",
+    "per_device_batch_size": "samples of one contrastive batch on each process, the micro-batch unless "
+                             "micro_batch_groups > 1 (none: contrastive_batch_size / processes)",
     "epochs": "passes over the train split (fine-tuning: a cap, early stopping ends the run)",
     "max_steps": "stop after this many optimizer steps in total, across resumes (none: no limit)",
     "lambda_con": "weight of the contrastive loss (eq. 6)",
@@ -227,9 +253,21 @@ SETTING_HELP: dict[str, str] = {
     "process_group_timeout_minutes": "how long a collective waits for the other processes (none: torch's default)",
     "num_workers": "CPU loader worker processes (none: this process's share of the cores, less one)",
     "precision": "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
-    "compile": "torch.compile: auto (per block on CUDA), off, blocks or model",
+    "compile": "torch.compile: auto (blocks on CUDA), off, blocks (each transformer block), regions (blocks and "
+               "the steps between them) or model",
     "activation_checkpointing": "recompute each transformer block in backward to save memory (same results)",
-    "trim_text_padding": "text decoders skip padding no caption of a batch uses (faster; eager only, not with compile)",
+    "trim_text_padding": "text decoders skip padding no caption of a batch uses (faster; compiled per block in "
+                         "lengths of 16, not with compile=model)",
+    "aligned_widths": "auto (on CUDA once measured to help; none is yet), on or off: GEGLU hidden and the fused loss's vocabulary padded to "
+                      "multiples of 32 at run time (same parameters and results)",
+    "fused_caption_loss": "auto (on CUDA once measured to help), on or off: LM head and caption loss in chunks, no full logits "
+                          "(same results, less memory)",
+    "clip_in_optimizer": "auto (on CUDA once measured to help), on or off: gradient clipping folded into fused AdamW's grad_scale "
+                         "(same results, one pass fewer)",
+    "inductor_random": "how compiled graphs draw dropout's numbers: default (inductor), fallback (aten's kernel) "
+                       "or align_eager",
+    "micro_batch_groups": "contrastive batches per micro-batch (2: micro-batch 384 as two contrastive losses "
+                          "of 192, the same maths)",
     "parallelism": "ddp (whole model on every process) or fsdp (FSDP2: weights and optimizer sharded, for 1-2B models)",
     "skip_nonfinite": "skip (and count) a step whose loss or gradient is NaN/Inf instead of failing",
     "max_skipped_fraction": "a run that skipped more than this fraction of its steps ends with an error",

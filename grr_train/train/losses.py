@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from grr_train.model.coca import caption_targets
+from grr_train.model.head_loss import counted_targets
 from grr_train.runtime.distributed import all_gather_with_grad, distributed_world
 
 
@@ -36,14 +37,6 @@ def contrastive_loss(
     image_to_text = image_embed.float() @ all_texts.float().T / temperature  # (B, world * B)
     text_to_image = text_embed.float() @ all_images.float().T / temperature
     return F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)
-
-
-def counted_targets(targets: torch.Tensor, ignore_ids: Iterable[int]) -> torch.Tensor:
-    """Bool mask (B, T): the targets the caption loss counts."""
-    valid = torch.ones_like(targets, dtype=torch.bool)
-    for token in ignore_ids:
-        valid &= targets != token
-    return valid
 
 
 # Rows of logits per float32 chunk of the caption loss: 2,048 x 32,102 x 4 bytes = 263 MB at most.

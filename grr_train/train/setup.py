@@ -70,9 +70,10 @@ def _describe(record: dict) -> str:
 
 def compile_mode(cfg: TrainConfig, device: torch.device) -> str:
     """The compile mode a run uses on `device` ('auto' resolved); refuses trim_text_padding with a
-    compiled model (compile=auto compiles on CUDA), which TrainConfig.validate cannot see."""
+    whole-model graph, which TrainConfig.validate cannot see where a mode resolves to one on a device
+    (per-block compiles take trimmed lengths in buckets: grr_train/runtime/parallel.py's TRIM_BUCKET)."""
     mode = resolve_compile(cfg.compile, device)
-    if cfg.trim_text_padding and mode != "off":
+    if cfg.trim_text_padding and mode == "model":
         raise ValueError(TRIM_NEEDS_EAGER.format(compile=f"{cfg.compile} ({mode} on {device.type})"))
     return mode
 

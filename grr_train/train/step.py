@@ -22,6 +22,14 @@ then result (one wait per step). Nothing inside the micro-batch loop reads a val
 `trim_text_padding`, which reads each micro-batch's longest caption: for eager CPU runs). An
 optimizer that is not fused AdamW on plain tensors (FSDP2's DTensors: their fused step has no
 `found_inf` path here) is gated on the host instead, which reads the metrics back at launch.
+
+Speed settings that keep the maths (`StepSettings`; grr_train/runtime/parallel.py resolves their `auto`):
+`fused_caption_loss` takes the caption loss from the model's forward, computed with the LM head in
+chunks (no full logits); `clip_in_optimizer` clips through fused AdamW's `grad_scale` (the step
+divides each gradient by it as it reads it, as for GradScaler's unscaling), so no pass of its own
+rescales the gradients; `contrastive_groups` splits a micro-batch into that many contrastive
+batches, each its own contrastive loss (a micro-batch of 384 as two of 192); `trim_bucket` rounds
+trimmed caption lengths up to a multiple, so compiled blocks see a few shapes.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from torch.distributed.tensor import DTensor
 
 from grr_data.format.layout import SpecialIds
 from grr_train.runtime.distributed import all_reduce_sum
-from grr_train.runtime.parallel import clip_grad_norm, no_sync
+from grr_train.runtime.parallel import TRIM_BUCKET, clip_grad_norm, grad_norm, no_sync, resolve_switch
 from grr_train.runtime.precision import autocast_context
 from grr_train.train.losses import caption_loss, contrastive_loss, counted_targets
 
@@ -49,8 +57,23 @@ class StepSettings:
     world_size: int = 1
     autocast_dtype: torch.dtype | None = None
     # Text decoders over the positions a micro-batch uses only (CoCa.forward's trim_padding): one
-    # host read per micro-batch, so for eager CPU runs (TrainConfig.trim_text_padding).
+    # host read per micro-batch (TrainConfig.trim_text_padding); lengths rounded up to trim_bucket.
     trim_text_padding: bool = False
+    trim_bucket: int = 1
+    fused_caption_loss: bool = False
+    clip_in_optimizer: bool = False
+    contrastive_groups: int = 1
+
+    @classmethod
+    def for_run(cls, cfg, temperature: float, world_size: int, autocast_dtype: torch.dtype | None,
+                device: torch.device, compile_mode: str) -> StepSettings:
+        """A run's step settings from its TrainConfig (speed switches resolved for `device`)."""
+        return cls(lambda_con=cfg.lambda_con, lambda_cap=cfg.lambda_cap, grad_clip=cfg.grad_clip,
+                   temperature=temperature, world_size=world_size, autocast_dtype=autocast_dtype,
+                   trim_text_padding=cfg.trim_text_padding, trim_bucket=TRIM_BUCKET if compile_mode != "off" else 1,
+                   fused_caption_loss=resolve_switch("fused_caption_loss", cfg.fused_caption_loss, device),
+                   clip_in_optimizer=resolve_switch("clip_in_optimizer", cfg.clip_in_optimizer, device),
+                   contrastive_groups=cfg.micro_batch_groups)
 
 
 class PendingStep:
@@ -115,18 +138,21 @@ class TrainStep:
             with sync:
                 sums += self._forward_backward(batch["images"], batch["ids"], caption_scale, len(micro_batches))
 
-        grad_norm = clip_grad_norm(self.model, s.grad_clip)
+        fold_clip = s.clip_in_optimizer and self.gate_on_device
+        norm = grad_norm(self.model) if fold_clip else clip_grad_norm(self.model, s.grad_clip)  # before clipping
         # A fill, not torch.tensor([...], device=...): copying host data to the GPU waits for it.
         flag = torch.full((1,), float(stop_flag), dtype=torch.float64, device=self.device)
         reduced = all_reduce_sum(torch.cat([sums, flag]))
-        stats = torch.cat([reduced, global_tokens, grad_norm.detach().double().reshape(1)])
+        stats = torch.cat([reduced, global_tokens, norm.detach().double().reshape(1)])
         # The loss as PendingStep.result computes it from these values, in float64.
         loss = (s.lambda_con * (stats[0] / (len(micro_batches) * s.world_size))
                 + s.lambda_cap * (stats[1] / stats[3]))
         if self.gate_on_device:
             finite = torch.isfinite(loss) & torch.isfinite(stats[4])
             pending = PendingStep(torch.cat([stats, finite.double().reshape(1)]), len(micro_batches), s)
-            self.optimizer.grad_scale, self.optimizer.found_inf = None, (~finite).float()
+            # clip_grad_norm_'s factor, min(1, max_norm / (norm + 1e-6)), as the divisor fused AdamW applies
+            grad_scale = (norm.float() + 1e-6).div(s.grad_clip).clamp(min=1.0).reshape(1) if fold_clip else None
+            self.optimizer.grad_scale, self.optimizer.found_inf = grad_scale, (~finite).float()
             try:
                 self.optimizer.step()  # a flagged step: no weight or moment changes, step count undone
             finally:
@@ -156,12 +182,32 @@ class TrainStep:
         s = self.settings
         images = images.to(self.device, non_blocking=True)
         ids = ids.to(self.device, non_blocking=True)
+        options = {}
+        if s.trim_text_padding:
+            options.update(trim_padding=True, trim_bucket=s.trim_bucket)
+        if s.fused_caption_loss:
+            options["caption_loss_ignoring"] = self.ignored
         with autocast_context(s.autocast_dtype, self.device):
-            out = self.model(images, ids, trim_padding=True) if s.trim_text_padding else self.model(images, ids)
-        contrastive = contrastive_loss(out.image_embed, out.text_embed, s.temperature, gather=True)
-        caption_sum = caption_loss(out.logits, out.targets(ids), self.ignored, reduction="sum")
+            out = self.model(images, ids, **options)
+        contrastive = self._contrastive(out.image_embed, out.text_embed)
+        if s.fused_caption_loss:
+            caption_sum = out.caption_sum
+        else:
+            caption_sum = caption_loss(out.logits, out.targets(ids), self.ignored, reduction="sum")
         # DDP averages gradients over ranks, hence x world_size (in caption_scale) on the
         # token-normalised caption sum.
         loss = s.lambda_con * contrastive / accumulation + s.lambda_cap * caption_sum * caption_scale
         loss.backward()
         return torch.stack([contrastive.detach(), caption_sum.detach()]).double()
+
+    def _contrastive(self, image_embed: torch.Tensor, text_embed: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's contrastive loss: the mean over its `contrastive_groups` consecutive row
+        groups of each group's loss (negatives gathered across ranks per group)."""
+        s = self.settings
+        groups = s.contrastive_groups
+        if groups == 1:
+            return contrastive_loss(image_embed, text_embed, s.temperature, gather=True)
+        if image_embed.shape[0] % groups:
+            raise ValueError(f"a micro-batch of {image_embed.shape[0]} does not split into {groups} contrastive groups")
+        pairs = zip(image_embed.chunk(groups), text_embed.chunk(groups), strict=True)
+        return torch.stack([contrastive_loss(i, t, s.temperature, gather=True) for i, t in pairs]).mean()

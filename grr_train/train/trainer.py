@@ -64,7 +64,7 @@ from grr_train.runtime.distributed import (
     destroy_distributed,
     init_distributed,
 )
-from grr_train.runtime.parallel import parallelize, peak_flops, unwrap
+from grr_train.runtime.parallel import parallelize, peak_flops, resolve_switch, unwrap
 from grr_train.runtime.precision import autocast_dtype
 from grr_train.train import setup as checks
 from grr_train.train.config import TrainConfig
@@ -133,15 +133,16 @@ class Trainer:
         sharded = cfg.parallelism == "fsdp"
         self.compile_mode = checks.compile_mode(cfg, info.device)
         self.model = parallelize(model, info, compile=self.compile_mode, parallelism=cfg.parallelism,
-                                 activation_checkpointing=cfg.activation_checkpointing, param_dtype=self.autocast_dtype)
+                                 activation_checkpointing=cfg.activation_checkpointing, param_dtype=self.autocast_dtype,
+                                 aligned_widths=resolve_switch("aligned_widths", cfg.aligned_widths, self.device),
+                                 inductor_random=cfg.inductor_random)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2),
             weight_decay=cfg.weight_decay, fused=True,
         )
-        self.train_step_fn = TrainStep(self.model, self.optimizer, self.special, StepSettings(
-            lambda_con=cfg.lambda_con, lambda_cap=cfg.lambda_cap, grad_clip=cfg.grad_clip,
-            temperature=self.model_config.temperature, world_size=info.world_size, autocast_dtype=self.autocast_dtype,
-            trim_text_padding=cfg.trim_text_padding), self.device)
+        self.train_step_fn = TrainStep(self.model, self.optimizer, self.special, StepSettings.for_run(
+            cfg, self.model_config.temperature, info.world_size, self.autocast_dtype, self.device, self.compile_mode),
+            self.device)
         self.stopper = SoftResetEarlyStopper(cfg.patience_per_level, cfg.num_lr_levels, cfg.lr_reduction)
         self.state = Progress()
         self.checkpoints = RunState(run_dir, info, self.model, self.optimizer, self.state, self.stopper,
@@ -344,7 +345,8 @@ class Trainer:
                 result = validate(unwrap(self.model), self.val_loader, self.special, self.cfg.lambda_con,
                                   self.cfg.lambda_cap, self.model_config.temperature,
                                   self.cfg.val_contrastive_batch_size, self.autocast_dtype, progress=bar,
-                                  should_stop=self._stop_signalled, trim_padding=self.cfg.trim_text_padding)
+                                  should_stop=self._stop_signalled, trim_padding=self.cfg.trim_text_padding,
+                                  trim_bucket=self.train_step_fn.settings.trim_bucket)
         finally:
             bar.close()
         if result is None:

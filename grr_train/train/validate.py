@@ -28,25 +28,26 @@ from grr_train.train.losses import caption_loss, contrastive_loss, counted_targe
 @torch.no_grad()
 def validate(model, loader, special, lambda_con: float, lambda_cap: float, temperature: float,
              contrastive_batch_size: int, autocast_dtype: torch.dtype | None = None,
-             progress=None, should_stop=None, trim_padding: bool = False) -> dict | None:
+             progress=None, should_stop=None, trim_padding: bool = False, trim_bucket: int = 1) -> dict | None:
     """`loader` yields batches with `images`, `ids` and `real` (the loader contract): only the
     samples where `real` is True count; the others are padding repeats or substitutes.
 
     `autocast_dtype`: run the model under autocast to this dtype (None: no autocast).
-    `trim_padding`: the text decoders skip the padding no caption of a batch uses (CoCa.forward).
+    `trim_padding`: the text decoders skip the padding no caption of a batch uses (CoCa.forward), the
+    kept lengths rounded up to a multiple of `trim_bucket` (a compiled model's few shapes).
     `should_stop`: called before each batch (by every rank together); when it returns True,
     validation ends there and returns None. The model's train/eval mode is restored either way."""
     was_training = model.training
     model.eval()
     try:
         return _validate(model, loader, special, lambda_con, lambda_cap, temperature, contrastive_batch_size,
-                         autocast_dtype, progress, should_stop, trim_padding)
+                         autocast_dtype, progress, should_stop, trim_padding, trim_bucket)
     finally:
         model.train(was_training)
 
 
 def _validate(model, loader, special, lambda_con, lambda_cap, temperature, contrastive_batch_size,
-              autocast_dtype, progress, should_stop, trim_padding) -> dict | None:
+              autocast_dtype, progress, should_stop, trim_padding, trim_bucket) -> dict | None:
     device = next(model.parameters()).device
     caption_sum = torch.zeros((), dtype=torch.float64, device=device)
     num_tokens = torch.zeros((), dtype=torch.int64, device=device)
@@ -63,7 +64,7 @@ def _validate(model, loader, special, lambda_con, lambda_cap, temperature, contr
         real = batch["real"].to(device, non_blocking=True)  # (B,) bool
         # The whole batch goes through the model so every rank gathers the same shape below.
         with autocast_context(autocast_dtype, device):
-            out = model(images, ids, trim_padding=True) if trim_padding else model(images, ids)
+            out = model(images, ids, trim_padding=True, trim_bucket=trim_bucket) if trim_padding else model(images, ids)
         targets = out.targets(ids)[real]
         caption_sum += caption_loss(out.logits[real].float(), targets, special.ignored_targets,
                                     reduction="sum").double()
