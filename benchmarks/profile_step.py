@@ -40,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grr_train.train.bench import make_bench_step, run_steps  # noqa: E402
-from grr_train.train.config import parse_set  # noqa: E402
+from grr_train.train.settings import parse_set  # noqa: E402
 
 # First match wins: the order matters (clipping's foreach norm is optimizer work, not a layer norm).
 CATEGORIES = [

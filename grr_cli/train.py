@@ -17,11 +17,11 @@ NPROC_HELP = "Processes on this node; starts torchrun itself (for several nodes 
 def _run(recipe: str, extra: list[str], out: str | Path, resume: bool, auto_resume: bool, config: Path | None,
          sets: list[str], nproc: int, defaults: dict | None = None, fresh_only: dict | None = None,
          **flags) -> None:
-    """Check every argument (grr_train.train.config.plan_run), then start torchrun or train here."""
+    """Check every argument (grr_train.train.settings.plan_run), then start torchrun or train here."""
     from grr_data.infra.lock import LockedError
     from grr_data.infra.store import local_folder
     from grr_train.runtime.distributed import relaunch_with_torchrun, strip_nproc_option, under_torchrun
-    from grr_train.train.config import parse_set, plan_run
+    from grr_train.train.settings import parse_set, plan_run
 
     try:
         out = local_folder(out, "--out (a run folder)")
@@ -178,7 +178,7 @@ def bench_train(
 ) -> None:
     """The trainer's step on synthetic inputs: samples/s, MFU on a known GPU, peak memory."""
     from grr_train.train.bench import bench_train as run_bench
-    from grr_train.train.config import parse_set
+    from grr_train.train.settings import parse_set
 
     try:
         settings = parse_set(set_ or [])

@@ -189,7 +189,8 @@ def test_an_old_layout_run_is_refused_for_resume_and_names_what_to_do(tmp_path):
 
     from safetensors.torch import save_file
 
-    from grr_train.train.config import TrainConfig, resume_config
+    from grr_train.train.config import TrainConfig
+    from grr_train.train.settings import resume_config
     from grr_train.train.trainer import run_training
 
     sys.path.insert(0, str(Path(__file__).parent))

@@ -17,8 +17,9 @@ from grr_train.demo.report import exact_by_kind, mean_eval, preface, scene_kind
 from grr_train.eval.caption_metrics import caption_scores, exact_match
 from grr_train.eval.compare import Section, _events, write_report
 from grr_train.runs.metrics import read_metrics
-from grr_train.train.config import TrainConfig, resolve_config
+from grr_train.train.config import TrainConfig
 from grr_train.train.schedule import lr_at
+from grr_train.train.settings import resolve_config
 from grr_train.train.trainer import run_training
 
 

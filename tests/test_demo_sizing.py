@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from grr_train.demo import sizing
 from grr_train.demo.run import _finetune_settings, _pretrain_settings
 from grr_train.demo.sizing import FULL, QUICK, DeviceInfo, choose_plan
-from grr_train.train.config import resolve_config
+from grr_train.train.settings import resolve_config
 
 H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", 85.0)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from grr_train.runs.metrics import read_metrics
-from grr_train.train.config import resume_config
+from grr_train.train.settings import resume_config
 from grr_train.train.trainer import run_training
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -33,7 +33,8 @@ from grr_train.runs import checkpoint as ckpt
 from grr_train.runs import weights
 from grr_train.runs.metrics import read_metrics
 from grr_train.runs.sharded import load_sharded, load_whole_weights, save_sharded
-from grr_train.train.config import TrainConfig, resume_config
+from grr_train.train.config import TrainConfig
+from grr_train.train.settings import resume_config
 from grr_train.train.trainer import run_training
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from grr_cli.main import app
-from grr_train.train.config import load_config_file, plan_run, resolve_config
+from grr_train.train.settings import load_config_file, plan_run, resolve_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shardset import make_shardset  # noqa: E402

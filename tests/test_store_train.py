@@ -17,7 +17,7 @@ from test_train import make_data, tiny, train_losses  # noqa: E402
 from grr_data.infra.store import StoreError  # noqa: E402
 from grr_train.eval.evaluate import evaluate_run  # noqa: E402
 from grr_train.runs.checkpoint import latest_checkpoint, read_meta  # noqa: E402
-from grr_train.train.config import resume_config  # noqa: E402
+from grr_train.train.settings import resume_config  # noqa: E402
 from grr_train.train.trainer import Trainer, run_training  # noqa: E402
 
 

@@ -8,16 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from grr_train.train.config import (
-    SETTING_HELP,
-    TrainConfig,
-    parse_set,
-    plan_run,
-    recipe,
-    resolve_config,
-    resume_config,
-    settings_table,
-)
+from grr_train.train.config import SETTING_HELP, TrainConfig, recipe, settings_table
+from grr_train.train.settings import parse_set, plan_run, resolve_config, resume_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shardset import make_shardset  # noqa: E402

@@ -18,7 +18,7 @@ import grr_train.train.trainer as trainer_module
 from grr_train.runs import checkpoint as ckpt
 from grr_train.runs import weights
 from grr_train.runs.metrics import read_metrics
-from grr_train.train.config import resume_config
+from grr_train.train.settings import resume_config
 from grr_train.train.trainer import NonFiniteLoss, run_training
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from grr_train.runs.metrics import MetricsLog, read_metrics
-from grr_train.train.config import TrainConfig, resume_config
+from grr_train.train.config import TrainConfig
+from grr_train.train.settings import resume_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_shard import caption, make_fetch_output  # noqa: E402  (sets HF_HUB_OFFLINE=1)

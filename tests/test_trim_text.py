@@ -19,8 +19,9 @@ from grr_train.model.coca import CoCa
 from grr_train.model.rope import rope_tables, rope_tables_at
 from grr_train.runs.metrics import read_metrics
 from grr_train.train import setup as run_checks
-from grr_train.train.config import TrainConfig, parse_set, resolve_config
+from grr_train.train.config import TrainConfig
 from grr_train.train.losses import coca_loss
+from grr_train.train.settings import parse_set, resolve_config
 from grr_train.train.trainer import run_training
 
 sys.path.insert(0, str(Path(__file__).parent))

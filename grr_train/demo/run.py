@@ -55,7 +55,7 @@ from grr_train.infer.captioning import decode_words_for
 from grr_train.infer.generate import DecodeOptions
 from grr_train.runs.weights import load_model
 from grr_train.runtime.device import resolve_device
-from grr_train.train.config import resolve_config
+from grr_train.train.settings import resolve_config
 
 MODELS = (("Baseline CoCa", "baseline"), ("GRR-CoCa", "grr"))  # with the plan's presets, in this order
 
