@@ -10,8 +10,6 @@ import typer
 from grr_cli.groups import data_app
 from grr_data.fetch import DATASETS, FetchError, FetchOptions, fetch, summary_lines
 
-Dataset = Enum("Dataset", {name: name for name in DATASETS}, type=str)
-
 
 class Distributor(str, Enum):
     multiprocessing = "multiprocessing"
@@ -21,7 +19,7 @@ class Distributor(str, Enum):
 
 @data_app.command("fetch")
 def fetch_command(
-    name: Dataset = typer.Argument(..., help="Dataset to fetch."),
+    name: str = typer.Argument(..., help=f"Dataset to fetch: {', '.join(DATASETS)}."),
     out: Path = typer.Option(None, "--out", help="Output folder (default: data/fetched/NAME)."),
     source: Path = typer.Option(None, "--from", help="Local source: TSV (cc12m), annotations folder or zip "
                                 "(mscoco), archives folder (roco), images archive or folder (flickr30k)."),
@@ -48,14 +46,14 @@ def fetch_command(
                                                                "another host that is known to be dead."),
 ) -> None:
     """Fetch a dataset into 288-px JPEG shards with captions; resumable: rerun to continue."""
-    options = FetchOptions(out=out or Path("data/fetched") / name.value, source=source, workers=workers,
+    options = FetchOptions(out=out or Path("data/fetched") / name, source=source, workers=workers,
                            threads=threads, distributor=distributor.value, timeout=timeout, retries=retries,
                            shard_size=shard_size, paper_split=paper_split, karpathy=karpathy,
                            num_pairs=num_pairs, seed=seed, split=split,
                            img2dataset_options=list(img2dataset_option or []), retry_failed=retry_failed,
                            break_lock=break_lock)
     try:
-        data = fetch(name.value, options)
+        data = fetch(name, options)
     except FetchError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from err

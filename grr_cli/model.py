@@ -43,7 +43,7 @@ def summary(
             typer.echo(f"{r['preset']:<18} {r['total_params']:>13,}  {r['flops_per_sample']:.4e}")
         return
     if preset not in PRESETS:
-        from grr_train.train.config import did_you_mean
+        from grr_data.infra.names import did_you_mean
 
         typer.echo(f"error: unknown preset {preset!r}{did_you_mean(preset, PRESETS)}; known: {', '.join(PRESETS)}",
                    err=True)

@@ -99,6 +99,16 @@ def test_model_summary_unknown_preset_lists_the_presets():
     assert line == f"error: unknown preset 'grr-cocaa' (did you mean 'grr-coca'?); known: {', '.join(PRESETS)}"
 
 
+def test_fetch_unknown_dataset_suggests_the_closest_and_writes_nothing(tmp_path):
+    code, line = grr("data", "fetch", "shapez", "--out", tmp_path / "out")
+    assert code == 1
+    assert line == ("error: unknown dataset 'shapez' (did you mean 'shapes'?); "
+                    "choose one of cc12m, mscoco, roco, flickr30k, sample, shapes")
+    _, line = grr("data", "fetch", "imagenet", "--out", tmp_path / "out")
+    assert line == "error: unknown dataset 'imagenet'; choose one of cc12m, mscoco, roco, flickr30k, sample, shapes"
+    assert not (tmp_path / "out").exists()
+
+
 # ---- grr train pretrain|finetune: every argument is checked before data is read or torchrun starts.
 
 @pytest.fixture

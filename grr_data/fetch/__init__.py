@@ -18,6 +18,7 @@ from pathlib import Path
 
 from grr_data.fetch.common import FETCH_MANIFEST, WORK_DIR, FetchError, FetchOptions, summary_lines
 from grr_data.infra.lock import LockedError, hold_lock
+from grr_data.infra.names import did_you_mean
 
 DATASETS = ("cc12m", "mscoco", "roco", "flickr30k", "sample", "shapes")
 URL_FETCHES = ("cc12m", "mscoco", "sample")  # may run img2dataset (mscoco: without local image folders)
@@ -34,7 +35,7 @@ def fetch(name: str, options: FetchOptions) -> dict:
     `options.out` is a FetchError naming it; `options.break_lock` takes over a lock left by a fetch
     on another host (one left on this host by a process that has ended is taken over anyway)."""
     if name not in DATASETS:
-        raise FetchError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise FetchError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; choose one of {', '.join(DATASETS)}")
     if name != "shapes" and (options.num_pairs is not None or options.seed is not None):
         raise FetchError(f"--num-pairs and --seed are for the generated `shapes` set, not {name}")
     if options.split is not None and name != "mscoco":

@@ -11,11 +11,11 @@ applies only when none of these gave the setting.
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 from dataclasses import asdict, dataclass, fields, replace
 
+from grr_data.infra.names import did_you_mean
 from grr_train.runs.wandb_sink import check_available as check_wandb
 
 RECIPES = ("pretrain", "finetune")
@@ -291,12 +291,6 @@ def recipe(name: str) -> TrainConfig:
             epochs=100, checkpoint_every=1000,
         )
     raise ValueError(f"unknown recipe {name!r}; choose one of {RECIPES}")
-
-
-def did_you_mean(name: str, known) -> str:
-    """" (did you mean 'x'?)" for the known name closest to a mistyped `name`, else ""."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.7)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def unknown_names(names: list[str]) -> str:

@@ -9,11 +9,11 @@ import json
 from dataclasses import fields, replace
 from pathlib import Path
 
+from grr_data.infra.names import did_you_mean
 from grr_train.train.config import (
     RESUMABLE_KEYS,
     TrainConfig,
     check_type,
-    did_you_mean,
     parse_value,
     recipe,
     unknown_names,
