@@ -14,31 +14,11 @@ the merged projection's output (unaligned at 2073), forward and backward.
 from __future__ import annotations
 
 import argparse
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-
-
-def timer(dev: torch.device, reps: int):
-    """ms per call of fn(), after two untimed calls; CUDA events on a GPU."""
-    def run(fn) -> float:
-        for _ in range(2):
-            fn()
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(dev)
-            start.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            torch.cuda.synchronize(dev)
-            return start.elapsed_time(end) / reps
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) * 1000 / reps
-    return run
+from kernel_timer import ms_per_call
 
 
 def time_gemms(name: str, m: int, k: int, n: int, calls: int, dtype, dev, run) -> float:
@@ -86,7 +66,7 @@ def main() -> None:
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    run = timer(dev, args.reps)
+    run = partial(ms_per_call, dev=dev, reps=args.reps)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"GEMM shapes on {name} ({str(dtype).replace('torch.', '')}), micro-batch {args.batch_size}")
     rows, d = args.batch_size * args.patches, args.width

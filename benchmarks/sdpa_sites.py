@@ -15,12 +15,12 @@ reason. The fastest backend per site and the step's attention total under it clo
 from __future__ import annotations
 
 import argparse
-import time
 from contextlib import nullcontext
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from kernel_timer import ms_per_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # "default": torch's own choice, as the model runs today
@@ -60,24 +60,6 @@ def forward_backward(q, k, v, mask, grad, backend: str, dropout: float) -> None:
     q.grad = k.grad = v.grad = None
 
 
-def time_call(fn, dev, reps) -> float:
-    for _ in range(2):
-        fn()
-    if dev.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(dev)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize(dev)
-        return start.elapsed_time(end) / reps
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) * 1000 / reps
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch-size", type=int, default=192)
@@ -102,7 +84,7 @@ def main() -> None:
         times = {}
         for backend in args.backends.split(","):
             try:
-                times[backend] = time_call(partial(forward_backward, q, k, v, mask, grad, backend, args.dropout),
+                times[backend] = ms_per_call(partial(forward_backward, q, k, v, mask, grad, backend, args.dropout),
                                            dev, args.reps)
             except RuntimeError as e:  # the backend refuses these inputs (mask, dropout, device)
                 reason = str(e).strip().splitlines()[0][:110]
