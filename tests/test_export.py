@@ -21,8 +21,8 @@ from grr_train.train.config import TrainConfig  # noqa: E402
 from grr_train.train.trainer import run_training  # noqa: E402
 
 CODE_FILES = ["grr_data_format_layout.py", "grr_infer_generate.py", "grr_model_attention.py", "grr_model_coca.py",
-              "grr_model_config.py", "grr_model_ffn.py", "grr_model_norms.py", "grr_model_poolers.py",
-              "grr_model_posembed.py", "grr_model_rope.py", "grr_model_text.py", "grr_model_vit.py",
+              "grr_model_config.py", "grr_model_ffn.py", "grr_model_head_loss.py", "grr_model_norms.py",
+              "grr_model_poolers.py", "grr_model_posembed.py", "grr_model_rope.py", "grr_model_text.py", "grr_model_vit.py",
               "modeling_grr_coca.py"]
 
 
