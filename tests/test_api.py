@@ -159,7 +159,12 @@ def test_readme_example_prints_what_it_says(name, made, tmp_path, monkeypatch, c
         captions = [ast.literal_eval(line) for line in printed if line.startswith("['")]
         assert captions == [cli_captions(run, files), cli_captions(run, files, "--beams", "3"),
                             cli_captions(run, files, "--top-p", "0.9", "--temperature", "0.8", "--seed", "0")]
+    elif name == "open_clip shape":  # softmax over similarity / 0.07 (the paper's temperature), by hand
+        _, probs = zero_shot_by_hand(grr.load(run), [Path("photos/dog.jpg")], ["a dog", "a cat", "a car"])
+        numbers = [float(x) for x in re.findall(r"-?\d+\.\d+(?:e[-+]\d+)?", "\n".join(printed))]
+        assert printed[0].startswith("tensor([[") and numbers == pytest.approx(probs.flatten().tolist(), abs=1e-4)
     else:
+        assert name == "exported", f"no check written for README's example {name!r}"
         assert printed == [repr(cli_captions(run, ["photos/cat.jpg"], "--beams", "2"))]  # the export's = the run's
         original, _ = load_model(run)
         coca = namespace["coca"]
