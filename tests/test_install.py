@@ -252,8 +252,8 @@ def test_the_wheel_installs_and_runs_outside_the_clone(tmp_path):
         assert result.returncode == 0, f"{args}: {result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         return result.stdout
 
-    where = json.loads(run(python, "-c", "import json, cli, grr_data, grr_train, grr_data.fetch.catalog as m; "
-                                         "print(json.dumps([cli.__file__, grr_data.__file__, grr_train.__file__, "
+    where = json.loads(run(python, "-c", "import json, grr_cli, grr_data, grr_train, grr_data.fetch.catalog as m; "
+                                         "print(json.dumps([grr_cli.__file__, grr_data.__file__, grr_train.__file__, "
                                          "str(m.manifests_dir())]))"))
     installed = str(_site_packages(tmp_path / "venv"))
     assert all(path.startswith(installed) for path in where[:3]), where

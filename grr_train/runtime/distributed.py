@@ -66,8 +66,19 @@ def init_distributed(timeout_minutes: float | None = None) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+# Process groups left by destroy_distributed, freed at interpreter exit rather than there (see below).
+_RETIRED_GROUPS: list = []
+
+
 def destroy_distributed() -> None:
+    """Leave the process group. The group object itself is kept until the interpreter exits: gloo's
+    worker threads free a finished collective's tensors after its caller has moved on, and freeing a
+    tensor Python owned takes the GIL; were the group's C++ destructor (which joins those threads)
+    to run now, from the last reference (DDP's reducer, dropped as the trainer goes, with the GIL
+    held), a worker still waiting for the GIL would wait forever (seen: 2-process CI runs hung at
+    exit, every time under load, after the run's last all_gather_object)."""
     if dist.is_initialized():
+        _RETIRED_GROUPS.append(dist.group.WORLD)
         dist.destroy_process_group()
 
 
