@@ -210,8 +210,14 @@ def test_licence_changelog_and_typed_markers():
 
 # ---------------------------------------------------------------- the built wheel, installed elsewhere
 
-SKIP_IN_COPY = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache",
-                                      ".ruff_cache", "runs", "demo", "reports", "out")
+_SKIP_ANYWHERE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache")
+# outputs a checkout may hold at its top; only there: grr_train/runs and grr_train/demo are packages
+_SKIP_AT_TOP = {"build", "dist", "runs", "demo", "reports", "out", "data"}
+
+
+def skip_in_copy(folder: str, names: list[str]) -> set[str]:
+    top = _SKIP_AT_TOP.intersection(names) if Path(folder) == REPO else set()
+    return set(_SKIP_ANYWHERE(folder, names)) | top
 
 
 def _site_packages(venv: Path) -> Path:
@@ -233,7 +239,7 @@ def test_the_wheel_installs_and_runs_outside_the_clone(tmp_path):
     """`pip install` of the built wheel into a new environment, used from a folder outside the
     clone: the grr it runs is the installed one, and the manifests and tokenizer assets came with it."""
     source = tmp_path / "source"
-    shutil.copytree(REPO, source, ignore=SKIP_IN_COPY)
+    shutil.copytree(REPO, source, ignore=skip_in_copy)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                     "--quiet", "-w", str(tmp_path / "dist"), str(source)], check=True, timeout=600)
     (wheel,) = (tmp_path / "dist").glob("grr_coca-*.whl")

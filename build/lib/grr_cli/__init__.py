@@ -1,0 +1,1 @@
+"""The `grr` command line: parses, calls library functions, prints."""

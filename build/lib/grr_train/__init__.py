@@ -1,0 +1,1 @@
+"""grr_train: the CoCa models, losses, training, checkpoints and evaluation."""
