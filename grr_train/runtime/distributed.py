@@ -1,5 +1,6 @@
 """Processes and collectives in one place: the process group, torchrun, and the few collectives the
-trainer, the losses and validation use (all of them no-ops in a single process).
+trainer, the losses and validation use (all of them no-ops in a single process); also a gloo group
+beside the main one (`cpu_group`) for agreements that must not wait for a GPU.
 
 Processes are started by torchrun (`python -m torch.distributed.run`), which sets RANK,
 LOCAL_RANK and WORLD_SIZE; `grr train ... --nproc-per-node N` starts it for one node. GPUs talk
@@ -127,19 +128,30 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(values: torch.Tensor, group=None) -> torch.Tensor:
     if dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
     return values
 
 
-def all_gather_objects(obj) -> list:
+def all_gather_objects(obj, group=None) -> list:
     """Every rank's `obj`, in rank order (one element when not distributed)."""
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def cpu_group(timeout_minutes: float | None = None):
+    """A gloo group of all ranks beside the main one, for agreements the CPU answers
+    (grr_train/train/store_guard.py): reading a collective's result on the host waits for the GPU
+    when the group is NCCL's, never when it is gloo's. Every rank calls it together; None when not
+    distributed. `timeout_minutes`: as `init_distributed`'s (None: torch's default for gloo)."""
+    if not dist.is_initialized():
+        return None
+    kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+    return dist.new_group(backend="gloo", **kwargs)
 
 
 def barrier() -> None:

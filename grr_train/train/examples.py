@@ -4,7 +4,9 @@ The first `count` samples of the validation split are read once (the CPU loader,
 and captioned greedily with the model as it stands, decoded with the run's copy of its tokenizer
 (`RUN/tokenizer/`). It runs only on the main process, only when TensorBoard or W&B are there to
 show it, and not under FSDP (a sharded model's forward needs every process). A run without a
-tokenizer copy logs no examples and says so once.
+tokenizer copy logs no examples and says so once; so does a run whose data store fails while the
+examples are read (only the main process reads them: raising there would leave the other processes
+waiting; the next batches the run reads through its StoreGuard stop every process).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from grr_data.format.layout import caption_word_ids
 from grr_data.format.manifest import Manifest
+from grr_data.infra.store import StoreError
 from grr_data.loader import make_loader
 from grr_train.infer.generate import DecodeOptions, generate
 from grr_train.runs.tokenizer import load_tokenizer_checked, tokenizer_copy_in
@@ -55,10 +58,14 @@ class ExampleCaptions:
             self.unavailable = f"{self.run_dir} holds no copy of its tokenizer"
             return False
         self._tokenizer = load_tokenizer_checked(folder, None)
-        loader = make_loader(self.data, split=self.split, batch_size=self.count, kind="cpu", shuffle=False,
-                             num_workers=0, with_keys=True)
-        with torch.random.fork_rng(devices=[]):
-            first = next(iter(loader))
+        try:
+            loader = make_loader(self.data, split=self.split, batch_size=self.count, kind="cpu", shuffle=False,
+                                 num_workers=0, with_keys=True)
+            with torch.random.fork_rng(devices=[]):
+                first = next(iter(loader))
+        except StoreError as err:
+            self.unavailable = f"the {self.split!r} samples could not be read ({err})"
+            return False
         real = first["real"].nonzero()[:, 0].tolist()
         self._batch = {"images": first["images"][real], "ids": first["ids"][real],
                        "keys": [first["keys"][i] for i in real]}

@@ -25,11 +25,11 @@ AdamW, the one read-back) is `grr_train/train/step.py`; what a checkpoint saves 
   saved again once the step is validated. Redone rather than finished first: validating a large
   split takes minutes, longer than a scheduler waits after its SIGTERM. A second signal of the
   same kind is not caught: a second Ctrl-C interrupts at once, a second SIGTERM kills.
-- A data store that stops answering (a set in s3:// or gs://: grr_data/infra/store.py retries for
-  its budget first) stops the run with its StoreError; a single-process run first saves the last
-  whole step, with the loader back at that step, so `--resume` continues exactly. Under several
-  processes the others are waiting in a collective and cannot save with it: the run resumes from
-  its last periodic checkpoint.
+- A data store that stops answering (a set in s3:// or gs://, after grr_data/infra/store.py's
+  retries) stops the run with its StoreError after saving the last whole step, the loader back at
+  it, so `--resume` continues exactly. Batches are read through a `StoreGuard` (store_guard.py):
+  under several processes every rank learns of a failure on any rank before the step's (or the
+  validation batch's) collectives and all save together; a validation cut short is redone on resume.
 - `samples_per_s` and `mfu` time the step alone (validation and saves excluded), but the first
   step after a start also holds warm-up (torch.compile, the loader's first batch).
 """
@@ -75,6 +75,7 @@ from grr_train.train.report import RunFacts, RunOutcome, end_summary, start_bann
 from grr_train.train.schedule import lr_at, set_lr
 from grr_train.train.state import Progress, RunState
 from grr_train.train.step import StepSettings, TrainStep
+from grr_train.train.store_guard import StoreGuard
 from grr_train.train.validate import validate
 
 
@@ -124,6 +125,7 @@ class Trainer:
         self.train_loader, self.val_loader = checks.make_loaders(cfg, self.data, self.plan, info.rank, self.device,
                                                                  self.autocast_dtype)
         self.steps_per_epoch = len(self.train_loader) // self.plan.accumulation  # whole: the plan pads
+        self.store_guard = StoreGuard.for_run(self.data.root, info, cfg.process_group_timeout_minutes)
         cfg, self._epochs_note = checks.fit_epochs_to_max_steps(cfg, self.steps_per_epoch)
         self.cfg = cfg
 
@@ -245,7 +247,8 @@ class Trainer:
             if self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps:
                 self.stop_reason = "max_steps"
                 return
-            metrics = self.train_step([self._next_batch(batches) for _ in range(self.plan.accumulation)])
+            metrics = self.train_step(self.store_guard.read(  # a store failure on any rank: all stop here
+                lambda: [self._next_batch(batches) for _ in range(self.plan.accumulation)]))
             self.state.step += 1
             self.state.step_in_epoch += 1
             self.state.validation_pending = bool(  # until it is done: a stop before then saves it as pending
@@ -342,8 +345,8 @@ class Trainer:
                        disable=not self.info.is_main)
         try:
             with torch.random.fork_rng(devices=[]):
-                result = validate(unwrap(self.model), self.val_loader, self.special, self.cfg.lambda_con,
-                                  self.cfg.lambda_cap, self.model_config.temperature,
+                result = validate(unwrap(self.model), self.store_guard.batches(self.val_loader), self.special,
+                                  self.cfg.lambda_con, self.cfg.lambda_cap, self.model_config.temperature,
                                   self.cfg.val_contrastive_batch_size, self.autocast_dtype, progress=bar,
                                   should_stop=self._stop_signalled, trim_padding=self.cfg.trim_text_padding,
                                   trim_bucket=self.train_step_fn.settings.trim_bucket)
@@ -376,17 +379,14 @@ class Trainer:
         self.checkpoints.save(self.cfg.keep_checkpoints)
 
     def _save_after_store_failure(self, err: StoreError) -> StoreError:
-        """Save the last whole step after the data store failed (one process only: see the module's
-        docstring); returns the error to raise, saying where the run can resume from."""
-        if self.info.world_size > 1:
-            return StoreError(f"{err}; the run resumes from its last checkpoint in {self.run_dir / 'checkpoints'}")
+        """Save the last whole step after a store failure (on every rank: the StoreGuard raised it on all)."""
         # the micro-batches read for the step that failed are read again on resume
         self.train_loader.load_state_dict({**self.train_loader.state_dict(), "epoch": self.state.epoch,
                                            "batches_done": self.state.step_in_epoch * self.plan.accumulation})
+        self.log.log({"kind": "event", "step": self.state.step, "what": "store_failure", "error": str(err),
+                      "time": time.time()})  # before the save, which syncs the log: on disk if a rank exits first
         if self.checkpoints.last_saved_step != self.state.step:
             self.save()
-        self.log.log({"kind": "event", "step": self.state.step, "what": "store_failure", "error": str(err),
-                      "time": time.time()})
         return StoreError(f"{err}; step {self.state.step} is saved: rerun with --resume once the store answers")
 
     def _stop_signalled(self, any_rank_flagged: bool | None = None) -> bool:
