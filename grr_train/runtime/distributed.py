@@ -67,7 +67,8 @@ def init_distributed(timeout_minutes: float | None = None) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-# Process groups left by destroy_distributed, freed at interpreter exit rather than there (see below).
+# Process groups kept until the interpreter exits rather than freed with their last user (see
+# destroy_distributed): the main group and cpu_group's.
 _RETIRED_GROUPS: list = []
 
 
@@ -151,7 +152,9 @@ def cpu_group(timeout_minutes: float | None = None):
     if not dist.is_initialized():
         return None
     kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
-    return dist.new_group(backend="gloo", **kwargs)
+    group = dist.new_group(backend="gloo", **kwargs)
+    _RETIRED_GROUPS.append(group)  # freed at exit, as the main group is (destroy_distributed says why)
+    return group
 
 
 def barrier() -> None:
