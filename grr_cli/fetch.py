@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from grr_cli.groups import data_app
-from grr_data.fetch import DATASETS, FetchError, FetchOptions, fetch, summary_lines
+from grr_data.fetch import DATASETS, FetchError, FetchOptions, Interrupted, fetch, summary_lines
 
 
 class Distributor(str, Enum):
@@ -57,10 +57,9 @@ def fetch_command(
     except FetchError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from err
-    except KeyboardInterrupt as err:
-        typer.secho(f"interrupted: the fetch into {options.out} is not complete. Finished shards are kept; "
-                    "rerun the same command to continue.", fg=typer.colors.RED, err=True)
-        raise typer.Exit(130) from err  # 128 + SIGINT, what a shell reports, so `fetch && shard` stops
+    except Interrupted as stop:  # Ctrl-C or SIGTERM: 130 or 143, what a shell reports, so `fetch && shard` stops
+        typer.secho(str(stop), fg=typer.colors.RED, err=True)
+        raise typer.Exit(stop.exit_status) from None
     for line in summary_lines(data):
         typer.echo(line)
     typer.echo(f"  wrote {options.out / 'fetch_manifest.json'}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 
 import typer
 
@@ -35,6 +34,7 @@ def shard(
     --input takes fetch output (img2dataset tars), a folder of images with name.txt captions beside them, or a .csv / .jsonl list of path and caption: your own data needs no img2dataset.
     """
     from grr_data.infra.lock import LockedError
+    from grr_data.infra.procs import Interrupted, stop_on_signals
     from grr_data.shard.run import shard_dataset
     from grr_data.shard.samples import InputError, ShardError
     from grr_data.tokenizer import TokenizerError
@@ -42,26 +42,18 @@ def shard(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if tokenizer is None:
         typer.echo("note: using the bundled grr-sample-tokenizer (tests only); pass --tokenizer for real runs")
-    stopped_by = []
-
-    def stop(signum, frame):  # SIGTERM ends the run as Ctrl-C does: cleanup runs, the lock is released
-        stopped_by.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        manifest, stats = shard_dataset(input, out, split=split, tokenizer=tokenizer, shard_size=shard_size,
-                                        workers=workers, break_lock=break_lock)
-    except KeyboardInterrupt:
-        typer.echo(f"stopped by {'SIGTERM' if stopped_by else 'SIGINT'}: the input tars finished so far are kept; "
-                   "rerun the same command to resume", err=True)
-        raise typer.Exit(143 if stopped_by else 130) from None
+        # SIGTERM ends the run as Ctrl-C does: cleanup runs, the lock is released
+        with stop_on_signals("the input tars finished so far are kept; rerun the same command to resume"):
+            manifest, stats = shard_dataset(input, out, split=split, tokenizer=tokenizer, shard_size=shard_size,
+                                            workers=workers, break_lock=break_lock)
+    except Interrupted as stop:
+        typer.echo(str(stop), err=True)
+        raise typer.Exit(stop.exit_status) from None
     # OSError: the output cannot be written (permissions, full disk, a file in the way)
     except (InputError, ShardError, TokenizerError, LockedError, ValueError, OSError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     typer.echo(f"wrote {out} in {stats['seconds']:.1f} s ({manifest['split_rule']}; tokenizer "
                f"{manifest['tokenizer']['name']}, vocab {manifest['tokenizer']['vocab_size']})")
     for name, info in manifest["splits"].items():

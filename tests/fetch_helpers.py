@@ -1,13 +1,15 @@
-"""Helpers shared by the fetch tests: small JPEGs and reading back an img2dataset-format folder."""
+"""Helpers shared by the fetch tests: small JPEGs, reading back an img2dataset-format folder, and
+the processes a stopped fetch may have left."""
 
-import importlib
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from grr_data.fetch import img2ds
 from grr_data.format.records import iter_tar_samples
 
 
@@ -37,8 +39,41 @@ def _shards_in_this_process(processes_count, downloader, reader, subjob_size, ma
 
 @pytest.fixture
 def no_worker_pool(monkeypatch):
-    """img2dataset minus its spawned worker pool: reader, downloader, resizer, writers and the logger
-    process all run as usual, the shards just run here one by one (the sample test covers the pool)."""
+    """img2dataset minus grr's worker pool (grr_data.fetch.img2ds.distribute_shards): reader,
+    downloader, resizer, writers and the logger process all run as usual, the shards just run here
+    one by one (the sample and stop-signal tests cover the pool)."""
     monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")
-    main = importlib.import_module("img2dataset.main")
-    monkeypatch.setattr(main, "multiprocessing_distributor", _shards_in_this_process)
+    monkeypatch.setattr(img2ds, "distribute_shards", _shards_in_this_process)
+
+
+def running_in_group(pgid: int) -> list[int]:
+    """The processes of process group `pgid` that have not ended (a zombie has: it waits only to be
+    reaped, which a container's PID 1 may never do)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found
+
+
+def left_running(pgid: int, pids: list[int], timeout: float = 10.0, but: tuple[int, ...] = ()) -> list[int]:
+    """`pids`, and any other process of group `pgid`, still running after up to `timeout` seconds
+    (a process's last exit steps may take a moment after its parent has gone); `but` are not counted."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = sorted((set(running_in_group(pgid)) | {p for p in pids if running(p)}) - set(but))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

@@ -1,11 +1,14 @@
 """Fault injection, data side, third round (issue 24): two `grr data fetch` runs into one folder,
-large legal images (stored within the memory bound, bombs still refused: tests/test_faults_data.py),
-and list files with a row that is not UTF-8. Each test failed on the code before its fix (noted per
-test); the slow ones start processes or decode 100-Mpixel images."""
+SIGTERM to a fetch (the img2dataset-backed one: tests/test_fetch.py), large legal images (stored
+within the memory bound, bombs still refused: tests/test_faults_data.py), and list files with a row
+that is not UTF-8. Each test failed on the code before its fix (noted per test); the slow ones
+start processes or decode 100-Mpixel images."""
 
 import io
 import json
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,13 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
+from fetch_helpers import left_running
 from PIL import Image
 from test_faults_data import ENV, REPO
 from test_shard import jpeg
 from typer.testing import CliRunner
 
+import grr_data.fetch.convert as convert
 from grr_cli.main import app
 from grr_data.check import check_dataset
+from grr_data.fetch import FetchOptions, Interrupted, fetch
 from grr_data.format.records import iter_tar_samples
 from grr_data.infra.lock import LOCK_NAME
 from grr_data.shard.run import shard_dataset
@@ -46,10 +52,12 @@ app(["data", "fetch", "shapes", "--num-pairs", "40", "--shard-size", "10", "--ou
 """
 
 
-def start_holding_fetch(out: Path, release: Path) -> subprocess.Popen:
-    """A `grr data fetch shapes` process waiting, after its first shard, until `release` exists."""
+def start_holding_fetch(out: Path, release: Path, new_session: bool = False) -> subprocess.Popen:
+    """A `grr data fetch shapes` process waiting, after its first shard, until `release` exists
+    (`new_session`: in a process group of its own, which a test may signal whole)."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD_FETCH_AFTER_FIRST_SHARD, str(out), str(release)],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=new_session)
     while (line := proc.stdout.readline()) and line.strip() != "holding":
         pass
     assert line, f"the fetch ended before its first shard (exit {proc.wait()}): {proc.stderr.read()[-2000:]}"
@@ -125,6 +133,73 @@ def test_a_fetch_lock_from_another_host_is_reported_and_broken_only_when_asked(t
     result = CliRunner().invoke(app, [*command, "--break-lock"])
     assert result.exit_code == 0, result.output
     assert (out / "fetch_manifest.json").is_file() and not (out / LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------- a stop signal to a fetch
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to list the fetch's processes")
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-process", "to-its-group"])
+def test_sigterm_stops_a_fetch_as_ctrl_c_does_and_a_rerun_completes_it(tmp_path, to_group):
+    """What Slurm, Kubernetes or a preempted VM sends first. Old code: killed outright by it
+    (exit -15, no message, its lock left for the next fetch to take over)."""
+    out = tmp_path / "out"
+    proc = start_holding_fetch(out, tmp_path / "never", new_session=True)
+    try:
+        (os.killpg if to_group else os.kill)(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == (f"stopped by SIGTERM: the fetch into {out} was interrupted. Finished "
+                                            "shards are kept; rerun the same command to continue."), err[-2000:]
+    assert "Traceback" not in err
+    assert not (out / LOCK_NAME).exists() and left_running(proc.pid, []) == []
+    assert list(out.glob("train/*_stats.json")), "the shard finished before the signal was not kept"
+    assert not (out / "fetch_manifest.json").exists()
+    fetch("shapes", FetchOptions(out=out, num_pairs=40, shard_size=10))
+    fetch("shapes", FetchOptions(out=tmp_path / "lone", num_pairs=40, shard_size=10))
+    assert fetched_files(out) == fetched_files(tmp_path / "lone")
+
+
+def test_sigterm_to_a_python_fetch_raises_interrupted_and_puts_back_the_handler(tmp_path, monkeypatch):
+    """The library, not only the CLI: a Python caller gets a KeyboardInterrupt naming the signal,
+    and its own SIGTERM handler back, stopped or not. Old code: the caller's handler ran and the
+    fetch went on to the end."""
+    flush, flushed = convert.PairWriter._flush, []
+
+    def flush_then_sigterm(self):
+        flush(self)
+        flushed.append(1)
+        if len(flushed) == 2:  # two shards written: a stop mid-fetch
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(convert.PairWriter, "_flush", flush_then_sigterm)
+    callers, out = [], tmp_path / "out"
+
+    def callers_handler(signum, frame):
+        callers.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        with pytest.raises(Interrupted) as stop:
+            fetch("shapes", FetchOptions(out=out, num_pairs=40, shard_size=10))
+        assert callers == [] and signal.getsignal(signal.SIGTERM) is callers_handler
+        assert not (out / LOCK_NAME).exists() and len(list(out.glob("*/*_stats.json"))) == 2
+        monkeypatch.undo()
+        fetch("shapes", FetchOptions(out=out, num_pairs=40, shard_size=10))  # unstopped: the handler is put back too
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert callers == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert isinstance(stop.value, KeyboardInterrupt)
+    assert (stop.value.signum, stop.value.signal_name, stop.value.exit_status) == (signal.SIGTERM, "SIGTERM", 143)
+    assert str(stop.value) == (f"stopped by SIGTERM: the fetch into {out} was interrupted. Finished shards are kept; "
+                               "rerun the same command to continue.")
+    fetch("shapes", FetchOptions(out=tmp_path / "lone", num_pairs=40, shard_size=10))
+    assert fetched_files(out) == fetched_files(tmp_path / "lone")
 
 
 # ---------------------------------------------------------------- large legal images

@@ -1,29 +1,36 @@
 """`grr data fetch` end to end through img2dataset, offline: the bundled sample through the CLI, and
 cc12m and mscoco against small stand-ins served on 127.0.0.1. img2dataset really runs; its start-up
-(spawned processes importing torch and albumentations, ~4 s each) is most of the time, so the sample
-goes through the full spawned path and cc12m / mscoco skip only the worker pool (`no_worker_pool`)."""
+(its spawned logger process importing torch and albumentations, ~4 s) is most of the time, so the
+sample and the stop-signal tests go through the full path and cc12m / mscoco skip only the worker
+pool (`no_worker_pool`)."""
 
 import functools
 import http.server
 import json
 import os
+import queue
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import typer
-from fetch_helpers import no_worker_pool, read_split  # noqa: F401  (no_worker_pool: a fixture)
+from fetch_helpers import left_running, no_worker_pool, read_split, running, running_in_group  # noqa: F401  (a fixture)
 from PIL import Image
 from typer.testing import CliRunner
 
 from grr_cli.fetch import fetch_command  # noqa: F401  (registers `fetch` into data_app)
 from grr_cli.groups import data_app
-from grr_data.fetch import FetchOptions, fetch
+from grr_data.fetch import FetchOptions, fetch, img2ds
 from grr_data.fetch.loopback import serve_directory
+from grr_data.format.records import iter_tar_samples
+from grr_data.infra.procs import WorkerPool
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +197,203 @@ def test_ctrl_c_exits_130_and_a_rerun_continues(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert "all: 4 done, 0 failed" in rerun.stdout
     assert sorted(m["caption"] for m in read_split(out)) == [f"picture {i}" for i in range(4)]
+
+
+class _HoldingSecondShard(http.server.SimpleHTTPRequestHandler):
+    """Serves img0 and img1 (the first shard) at once, the others only once `release` is set;
+    `held` gets the path of each request held."""
+
+    held: queue.Queue
+    release: threading.Event
+
+    def do_GET(self):  # noqa: N802  (the base class's name)
+        if self.path not in ("/img0.jpg", "/img1.jpg"):
+            type(self).held.put(self.path)
+            type(self).release.wait(timeout=60)
+        super().do_GET()
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+
+class _HeldFetch:
+    """`grr data fetch cc12m` of 4 images in 2 shards by 3 workers, in a process group of its own,
+    from a local server holding the second shard's downloads: `start()` returns once the first shard
+    is done, the second is downloading and a worker waits for work."""
+
+    REPO = Path(__file__).resolve().parent.parent
+    ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}
+
+    def __init__(self, tmp_path: Path):
+        root = tmp_path / "www"
+        root.mkdir()
+        for i in range(4):
+            Image.new("RGB", (320, 300), (60 * i, 90, 120)).save(root / f"img{i}.jpg")
+        self.handler = type("Held", (_HoldingSecondShard,), {"held": queue.Queue(), "release": threading.Event()})
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                      functools.partial(self.handler, directory=str(root)))
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None  # a client stopped mid-download
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.tsv = tmp_path / "cc12m.tsv"
+        self.tsv.write_text("".join(f"{base}/img{i}.jpg\tpicture {i}\n" for i in range(4)))
+        self.out = tmp_path / "out"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self, folder: Path) -> list[str]:
+        return [sys.executable, "-m", "grr_cli.main", "data", "fetch", "cc12m", "--from", str(self.tsv), "--out",
+                str(folder), "--workers", "3", "--threads", "2", "--retries", "0", "--timeout", "30",
+                "--shard-size", "2"]
+
+    def start(self, command: list[str] | None = None) -> list[int]:
+        """Start it (`command`: another than the CLI's); returns the processes of its group then
+        (the fetch and img2dataset's)."""
+        self.proc = subprocess.Popen(command or self.command(self.out), cwd=self.REPO, env=self.ENV,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        for _ in range(2):  # both downloads of the second shard have started
+            self.handler.held.get(timeout=120)
+        deadline = time.monotonic() + 60
+        while not (self.out / "00000_stats.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (self.out / "00000_stats.json").exists(), "the first shard never finished"
+        processes = running_in_group(self.proc.pid)
+        assert len(processes) > 1, processes
+        return processes
+
+    def run(self, folder: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(folder), cwd=self.REPO, env=self.ENV, capture_output=True, text=True,
+                              timeout=300)
+
+    def close(self) -> None:
+        self.handler.release.set()
+        if self.proc is not None and running_in_group(self.proc.pid):  # not for the next test to meet
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _samples(out: Path) -> dict:
+    """Each tar's samples (key, members), by key: img2dataset writes them in the order they arrive."""
+    return {tar.name: sorted(iter_tar_samples(tar), key=lambda sample: sample[0]) for tar in sorted(out.glob("*.tar"))}
+
+
+@pytest.mark.slow  # three img2dataset runs, each with its spawned logger process
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to list the fetch's processes")
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-process", "to-its-group"])
+def test_sigterm_stops_an_img2dataset_fetch_and_leaves_no_process(tmp_path, to_group):
+    """SIGTERM, as Slurm or Kubernetes sends it, mid-fetch with one shard done, one downloading and a
+    worker waiting for work. Old code: killed outright (exit -15, the lock left; sent to the process
+    alone, img2dataset's logger and workers outlived it). img2dataset's own pool, given a SIGTERM
+    handler in the main process only, hung in its terminate() when the group got the signal (LOG)."""
+    held = _HeldFetch(tmp_path)
+    out = held.out
+    try:
+        processes = held.start()
+        (os.killpg if to_group else os.kill)(held.proc.pid, signal.SIGTERM)
+        stdout, stderr = held.proc.communicate(timeout=60)
+        assert held.proc.returncode == 143, stdout + stderr
+        assert stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM: the fetch into {out} was interrupted. "
+                                                   "Finished shards are kept; rerun the same command to continue.")
+        assert "Traceback" not in stderr
+        assert left_running(held.proc.pid, processes) == []
+        assert not (out / ".grr.lock").exists() and not (out / "fetch_manifest.json").exists()
+        assert not (out / "_tmp").exists()  # img2dataset's temporary folder, removed as on Ctrl-C
+        assert (out / "00000_stats.json").exists() and not (out / "00001_stats.json").exists()
+        first_shard = (out / "00000.tar").read_bytes()
+        held.handler.release.set()
+        rerun, unbroken = held.run(out), held.run(tmp_path / "unbroken")
+    finally:
+        held.close()
+    assert rerun.returncode == 0 and unbroken.returncode == 0, rerun.stderr + unbroken.stderr
+    assert "all: 4 done, 0 failed" in rerun.stdout
+    assert (out / "00000.tar").read_bytes() == first_shard  # kept, not fetched again
+    assert _samples(out) == _samples(tmp_path / "unbroken")
+    assert sorted(m["caption"] for m in read_split(out)) == [f"picture {i}" for i in range(4)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it has ended
+        return b""
+
+
+PYTHON_CALLER = """
+import sys
+from pathlib import Path
+from grr_data.fetch import FetchError, FetchOptions, fetch
+try:
+    fetch("cc12m", FetchOptions(out=Path(sys.argv[2]), source=Path(sys.argv[1]), workers=3, threads=2, retries=0,
+                                timeout=30, shard_size=2))
+except FetchError as err:
+    print("caught:", err, flush=True)
+    sys.stdin.read()  # the caller lives on until the test closes its stdin
+"""
+
+
+@pytest.mark.slow  # two img2dataset runs
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to list the fetch's processes")
+def test_a_dead_download_worker_is_a_fetch_error_and_leaves_the_caller_no_process(tmp_path):
+    """A worker killed mid-shard (the OOM killer), under a Python caller that goes on. Old code:
+    img2dataset's pool lost that shard's task and waited for it forever. Without ending the
+    processes img2dataset started, its logger process ran on beside the caller."""
+    held = _HeldFetch(tmp_path)
+    try:
+        processes = held.start([sys.executable, "-c", PYTHON_CALLER, str(held.tsv), str(held.out)])
+        cmdlines = {pid: _cmdline(pid) for pid in processes}
+        workers = [pid for pid in processes  # forked: the caller's command line
+                   if pid != held.proc.pid and cmdlines[pid] == cmdlines[held.proc.pid]]
+        assert len(workers) == 3, processes
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        ready, _, _ = select.select([held.proc.stdout], [], [], 60)
+        assert ready, "the fetch neither finished nor failed in 60 s after its workers were killed"
+        line = held.proc.stdout.readline()
+        assert line.startswith("caught: worker process ") and "killed by SIGKILL" in line, line
+        assert "rerun the same command" in line
+        # multiprocessing's resource tracker serves the caller's whole life (and ends with it)
+        tracker = [pid for pid in processes if b"resource_tracker" in cmdlines[pid]]
+        assert left_running(held.proc.pid, processes, but=(held.proc.pid, *tracker)) == []
+        assert not (held.out / ".grr.lock").exists()
+        _, stderr = held.proc.communicate("", timeout=60)
+        assert held.proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+        held.handler.release.set()
+        rerun = held.run(held.out)
+    finally:
+        held.close()
+    assert rerun.returncode == 0 and "all: 4 done, 0 failed" in rerun.stdout, rerun.stderr
+
+
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_a_pool_worker_is_replaced_after_its_maximum_of_items():
+    """`max_items_per_worker`, multiprocessing.Pool's maxtasksperchild, which img2dataset's pool had
+    (5 shards): each worker process does at most that many items; results stay in order."""
+    with WorkerPool(_pid_after, 2, max_items_per_worker=3) as pool:
+        pids = list(pool.imap([0.01] * 11))
+        workers = [pid for pid, _ in pool._workers]
+    per_process = Counter(pids)
+    assert max(per_process.values()) <= 3 and len(per_process) >= 4, per_process  # 11 items, 3 each at most
+    assert os.getpid() not in per_process and not any(map(running, [*per_process, *workers]))
+
+
+def test_img2dataset_shards_run_once_each_and_failed_ones_are_retried(tmp_path, capsys):
+    """grr's distributor (forked workers, grr_data.fetch.img2ds.distribute_shards) does what
+    img2dataset's own did: every shard once, failed ones again up to `max_shard_retry` times."""
+    calls = tmp_path / "calls"
+
+    def downloader(row):  # img2dataset's Downloader: (ok, row); shard 1 fails once, shard 3 always
+        with open(calls, "a") as f:
+            f.write(f"{row[0]}\n")
+        tries = calls.read_text().split().count(str(row[0]))
+        return (row[0] != 3 and not (row[0] == 1 and tries == 1)), row
+
+    rows = [(i, f"shard-{i}.feather") for i in range(5)]
+    img2ds.distribute_shards(2, downloader, iter(rows), None, 2)
+    assert Counter(calls.read_text().split()) == {"0": 1, "1": 2, "2": 1, "3": 3, "4": 1}
+    assert "1 shards still failed after 2 retries" in capsys.readouterr().out

@@ -5,17 +5,27 @@ img2dataset resizes so that the *shorter* side equals `image_size` with `resize_
 `incremental` mode a rerun skips every shard whose `_stats.json` exists, which is how an interrupted
 fetch resumes; that needs the same URL list, so the list is kept in `OUT/_work/` and reused.
 
-img2dataset's logger and workers are *spawned* processes, which re-import the main script; a script
-read on stdin (`python - < x.py`) cannot be re-imported and the children die while the parent waits
-forever, so that case is refused up front (`check_main_is_importable`).
+img2dataset's logger is a *spawned* process, which re-imports the main script; a script read on
+stdin (`python - < x.py`) cannot be re-imported and the child dies at its start, so that case is
+refused up front (`check_main_is_importable`).
+
+The shards of the `multiprocessing` distributor are downloaded by grr's WorkerPool
+(`distribute_shards`), not by img2dataset's spawned multiprocessing.Pool: a stop signal must stop
+the fetch cleanly, and that Pool cannot be stopped so when its workers got the signal too (a
+SIGTERM to the process group): one that died waiting for work leaves the Pool's queue lock taken,
+and its terminate() waits for it forever (docs/LOG.md). SIGTERM and Ctrl-C reach img2dataset's own
+SIGINT handler (grr_data.infra.procs.stop_on_signals), which removes its temporary folder and ends
+its logger process; its SystemExit(0) becomes KeyboardInterrupt here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -34,7 +44,8 @@ from grr_data.fetch.common import (
     complete_shards,
 )
 from grr_data.infra.files import publish, tmp_path_for, write_text_atomic
-from grr_data.infra.procs import usable_cores
+from grr_data.infra.procs import WorkerPool, usable_cores
+from grr_data.infra.progress import progress
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 # What each distributor needs installed, and how (img2dataset imports these only when asked, and with
@@ -223,6 +234,73 @@ def img2dataset_options(options: FetchOptions, extra_columns: list[str] | None,
     }
 
 
+def distribute_shards(processes_count: int, downloader, reader, subjob_size, max_shard_retry: int) -> None:
+    """img2dataset's `multiprocessing` distributor (its arguments; `subjob_size` is pyspark's), on
+    grr's WorkerPool: forked workers that leave SIGTERM and SIGINT to the main process, die with it,
+    and are killed by it on a stop (a partial shard has no `_stats.json`, so a rerun fetches it
+    again). As img2dataset's own: one shard per worker at a time, a worker replaced after 5 shards,
+    failed shards retried `max_shard_retry` times."""
+    with WorkerPool(functools.partial(_download_shard, downloader), processes_count, max_items_per_worker=5) as pool, \
+            progress(desc="img2dataset", unit="shard") as bar:
+        failed = _run_shards(pool, reader, bar)
+        for attempt in range(max_shard_retry):
+            if not failed:
+                break
+            print(f"Retrying {len(failed)} shards, try {attempt + 1}")
+            failed = _run_shards(pool, failed, bar)
+        if failed:
+            print(f"{len(failed)} shards still failed after {max_shard_retry} retries")
+
+
+def _download_shard(downloader, row) -> tuple[bool, tuple]:
+    try:
+        return downloader(row)
+    finally:
+        sys.stdout.flush()  # a worker ends with os._exit: its img2dataset log lines must be out first
+
+
+def _run_shards(pool: WorkerPool, rows, bar) -> list:
+    """Each of `rows` (shard id, shard file) through `pool`; the rows that failed."""
+    failed, rows = [], iter(rows)
+    while True:
+        while pool.num_idle and (row := next(rows, None)) is not None:
+            pool.submit(row)
+        if not pool.num_busy:
+            return failed
+        try:
+            _, (ok, row) = pool.next_done()
+        except RuntimeError as err:  # a worker died (the OOM killer): the shard stays unfinished
+            raise FetchError(str(err)) from None
+        if not ok:
+            failed.append(row)
+        bar.update()
+
+
+@contextlib.contextmanager
+def _img2dataset_processes():
+    """For the block, img2dataset's `multiprocessing` distributor is `distribute_shards`; on an
+    exception, the processes img2dataset started in it are ended: its logger process loops until
+    told to finish, which img2dataset does only on success and in its SIGINT handler, so it would
+    run on beside a Python caller that goes on after a FetchError (and one still starting fails
+    with a traceback once this process has ended)."""
+    main = importlib.import_module("img2dataset.main")  # the package's `main` attribute is its function
+    saved = main.multiprocessing_distributor
+    main.multiprocessing_distributor = distribute_shards
+    before = set(multiprocessing.active_children())
+    try:
+        yield
+    except BaseException:
+        for child in set(multiprocessing.active_children()) - before:
+            child.terminate()
+            child.join(timeout=10)
+            if child.is_alive():
+                child.kill()
+                child.join()
+        raise
+    finally:
+        main.multiprocessing_distributor = saved
+
+
 def run_img2dataset(url_list: Path, out_dir: Path, options: FetchOptions, num_rows: int,
                     extra_columns: list[str] | None = None) -> dict:
     """Fetch every row of `url_list` (parquet: url, caption, extra columns) into `out_dir`.
@@ -253,15 +331,16 @@ def run_img2dataset(url_list: Path, out_dir: Path, options: FetchOptions, num_ro
     if len(complete_shards(out_dir)) < expected_shards:
         # img2dataset's own bar counts shards and has no label: say what it counts
         print(f"downloading {num_rows:,} images into {expected_shards} shard(s) in {out_dir} "
-              "(img2dataset's bar counts shards)", file=sys.stderr, flush=True)
+              "(the bar counts shards)", file=sys.stderr, flush=True)
         sigint = signal.getsignal(signal.SIGINT)
         try:
-            with _stdout_to(log_path):
+            with _stdout_to(log_path), _img2dataset_processes():
                 download(url_list=str(url_list), output_folder=str(out_dir), input_format="parquet",
                          url_col="url", caption_col="caption", **opts)
         except SystemExit as err:
-            # img2dataset's SIGINT handler removes its temporary folder and calls sys.exit(0), which
-            # would end a fetch that finished nothing with status 0; it is an interrupt.
+            # img2dataset's SIGINT handler (Ctrl-C, and SIGTERM: grr_data.infra.procs.stop_on_signals)
+            # removes its temporary folder and calls sys.exit(0), which would end a fetch that
+            # finished nothing with status 0; it is an interrupt.
             if err.code not in (0, None):
                 raise
             raise KeyboardInterrupt from err
