@@ -397,3 +397,16 @@ def test_img2dataset_shards_run_once_each_and_failed_ones_are_retried(tmp_path, 
     img2ds.distribute_shards(2, downloader, iter(rows), None, 2)
     assert Counter(calls.read_text().split()) == {"0": 1, "1": 2, "2": 1, "3": 3, "4": 1}
     assert "1 shards still failed after 2 retries" in capsys.readouterr().out
+
+
+def test_an_img2dataset_without_the_distributor_grr_replaces_is_a_clear_error(monkeypatch):
+    import importlib
+
+    from grr_data.fetch.common import FetchError
+
+    main = importlib.import_module("img2dataset.main")
+    monkeypatch.delattr(main, "multiprocessing_distributor")
+    with pytest.raises(FetchError, match=r"^img2dataset \S+ has no img2dataset\.main\.multiprocessing_distributor, "
+                                         r".*pip install 'img2dataset==1\.47\.0'$"):
+        with img2ds._img2dataset_processes():
+            pass

@@ -284,7 +284,11 @@ def _img2dataset_processes():
     run on beside a Python caller that goes on after a FetchError (and one still starting fails
     with a traceback once this process has ended)."""
     main = importlib.import_module("img2dataset.main")  # the package's `main` attribute is its function
-    saved = main.multiprocessing_distributor
+    saved = getattr(main, "multiprocessing_distributor", None)
+    if saved is None:  # an img2dataset whose internals moved: say so rather than fetch without the stop handling
+        raise FetchError(f"img2dataset {version('img2dataset')} has no img2dataset.main.multiprocessing_distributor, "
+                         "which grr replaces with its own worker pool; install the version grr is tested with: "
+                         "pip install 'img2dataset==1.47.0'")
     main.multiprocessing_distributor = distribute_shards
     before = set(multiprocessing.active_children())
     try:
