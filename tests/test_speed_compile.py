@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from grad_capture import captured_grads
 from torch._dynamo.utils import counters
 
 from grr_data.format.layout import SpecialIds, build_layout
@@ -100,12 +101,8 @@ def test_the_whole_compiled_step_has_no_graph_break_and_few_graphs(dynamo_strict
 def step_grads(model, settings, batches):
     """The metrics of each step and the gradients of the last (lr 0: the weights stay, so each step
     starts where the other model's does; AdamW's update would turn rounding into sign flips)."""
-    grads = {}
-    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, p.grad.clone()))
-             for n, p in model.named_parameters()]
-    metrics = run_steps(model, settings, batches, lr=0.0)
-    for h in hooks:
-        h.remove()
+    with captured_grads(model) as grads:
+        metrics = run_steps(model, settings, batches, lr=0.0)
     return metrics, grads
 
 

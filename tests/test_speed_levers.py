@@ -9,6 +9,7 @@ torch's own functions (F.cross_entropy, clip_grad_norm_, torch.optim.AdamW) or t
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_capture import captured_grads
 
 import grr_train.model.attention as attention
 from grr_data.format.layout import SpecialIds
@@ -175,12 +176,8 @@ def test_clipping_folded_into_fused_adamw_equals_clipping_then_a_plain_step(max_
     folded = step_with(folded_model, b, StepSettings(2.0, 1.0, max_norm, 0.07, clip_in_optimizer=True))
     # the reference: the same loss's gradients (the unfolded step at lr 0 leaves them), torch's
     # clip_grad_norm_, then a for-loop AdamW
-    kept = {}
-    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: kept.__setitem__(n, p.grad.clone()))
-             for n, p in model.named_parameters()]
-    step_with(model, b, StepSettings(2.0, 1.0, 1e9, 0.07), lr=0.0)
-    for h in hooks:
-        h.remove()
+    with captured_grads(model) as kept:
+        step_with(model, b, StepSettings(2.0, 1.0, 1e9, 0.07), lr=0.0)
     for n, p in model.named_parameters():
         p.grad = kept[n]
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=False)
@@ -192,12 +189,8 @@ def test_clipping_folded_into_fused_adamw_equals_clipping_then_a_plain_step(max_
 
 
 def grads_of_step(model, micro_batches, settings):
-    kept = {}
-    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: kept.__setitem__(n, p.grad.clone()))
-             for n, p in model.named_parameters()]
-    metrics = step_with(model, micro_batches, settings, lr=0.0)
-    for h in hooks:
-        h.remove()
+    with captured_grads(model) as kept:
+        metrics = step_with(model, micro_batches, settings, lr=0.0)
     return metrics, kept
 
 

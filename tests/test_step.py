@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_capture import captured_grads
 
 import grr_train.train.losses as losses
 from grr_data.format.layout import SpecialIds
@@ -39,14 +40,8 @@ def run_step(model, micro_batches, lambda_con=2.0, lr=1e-3, stop=False):
 
 
 def grads_after(model, micro_batches, lambda_con):
-    # the gradients as AdamW receives them: each hook fires after a micro-batch's backward has
-    # accumulated into .grad, so the last capture is the step's whole gradient (before the update)
-    captured = {}
-    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: captured.__setitem__(n, p.grad.clone()))
-             for n, p in model.named_parameters()]
-    metrics = run_step(model, micro_batches, lambda_con=lambda_con, lr=1e-3)
-    for h in hooks:
-        h.remove()
+    with captured_grads(model) as captured:
+        metrics = run_step(model, micro_batches, lambda_con=lambda_con, lr=1e-3)
     return metrics, captured
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import reference_losses as reference
 import torch
+from grad_capture import captured_grads
 
 from grr_data.format.layout import SpecialIds, build_layout
 from grr_train.model import build_model, get_config
@@ -42,15 +43,6 @@ def micro_batch(word_counts, seed: int) -> dict:
     return {"images": torch.randn(len(rows), 3, 288, 288, generator=g), "ids": torch.tensor(rows)}
 
 
-def capture_grads(model) -> tuple[dict, list]:
-    """Each parameter's gradient as the optimizer receives it (after the last micro-batch's
-    backward, before clipping changes it in place); returns (the dict it fills, the hooks)."""
-    captured = {}
-    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: captured.__setitem__(n, p.grad.clone()))
-             for n, p in model.named_parameters()]
-    return captured, hooks
-
-
 def test_step_gradients_are_eq6_with_the_contrastive_term_averaged_over_micro_batches():
     """Two micro-batches of different caption lengths: the gradient is that of
     0.7 x mean_k(contrastive_k) + 1.3 x (sum_k caption_sum_k) / (all counted tokens)."""
@@ -60,10 +52,8 @@ def test_step_gradients_are_eq6_with_the_contrastive_term_averaged_over_micro_ba
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     step = TrainStep(model, optimizer, SPECIAL, StepSettings(LAMBDA_CON, LAMBDA_CAP, 1e9, TEMPERATURE),
                      torch.device("cpu"))
-    captured, hooks = capture_grads(model)
-    metrics = step(micro)
-    for h in hooks:
-        h.remove()
+    with captured_grads(model) as captured:
+        metrics = step(micro)
 
     contrastives, caption_sums, tokens = [], [], 0
     for b in micro:
@@ -113,12 +103,8 @@ def two_steps(tmp_path_factory):
         model = unwrap(self.model)
         record = {"weights": {n: t.clone() for n, t in model.state_dict().items()},
                   "optimizer": copy.deepcopy(self.optimizer.state_dict())}
-        captured, hooks = capture_grads(model)
-        try:
+        with captured_grads(model) as captured:
             metrics = real_train_step(self, micro_batches)
-        finally:
-            for h in hooks:
-                h.remove()
         records.append({**record, "grads": captured, "metrics": metrics})
         return metrics
 
@@ -218,10 +204,8 @@ def test_a_bf16_training_step_on_the_cpu():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         step = TrainStep(model, optimizer, SPECIAL, StepSettings(LAMBDA_CON, LAMBDA_CAP, 1e9, TEMPERATURE,
                                                                  autocast_dtype=dtype), torch.device("cpu"))
-        captured, hooks = capture_grads(model)
-        metrics = step(micro)
-        for h in hooks:
-            h.remove()
+        with captured_grads(model) as captured:
+            metrics = step(micro)
         assert metrics["finite"]
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert all(g.dtype == torch.float32 for g in captured.values())

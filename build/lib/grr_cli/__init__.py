@@ -1,1 +1,0 @@
-"""The `grr` command line: parses, calls library functions, prints."""

@@ -1,1 +1,0 @@
-"""grr_data: dataset sources, fetching, tokenization, sharding and loaders. Never imports the model."""

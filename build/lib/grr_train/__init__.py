@@ -1,1 +1,0 @@
-"""grr_train: the CoCa models, losses, training, checkpoints and evaluation."""

@@ -1,1 +1,0 @@
-"""`grr demo`: the whole path on the shapes set (run), its training jobs (jobs) and its report."""

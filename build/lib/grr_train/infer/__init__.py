@@ -1,2 +1,0 @@
-"""Using a trained model: caption decoding (generate), captions of image files (captioning) and
-the Hugging Face export (export)."""
