@@ -77,8 +77,8 @@ def destroy_distributed() -> None:
     worker threads free a finished collective's tensors after its caller has moved on, and freeing a
     tensor Python owned takes the GIL; were the group's C++ destructor (which joins those threads)
     to run now, from the last reference (DDP's reducer, dropped as the trainer goes, with the GIL
-    held), a worker still waiting for the GIL would wait forever (seen: 2-process CI runs hung at
-    exit, every time under load, after the run's last all_gather_object)."""
+    held), a worker still waiting for the GIL would wait forever (seen: 2-process runs hung at exit
+    under load, after the run's last all_gather_object; docs/LOG.md)."""
     if dist.is_initialized():
         _RETIRED_GROUPS.append(dist.group.WORLD)
         dist.destroy_process_group()
